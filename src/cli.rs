@@ -1,0 +1,206 @@
+//! The command line: `holdfast run | check | demo | ...`.
+//!
+//! Exit codes follow sysexits.h: 0 ok, 64 usage, 69 an address cannot be
+//! bound (unavailable), 70 internal error, 71 an OS resource failed, 78 the
+//! config (or its command) is wrong.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Address, Config, Overrides};
+use crate::runtime::Runtime;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Graceful-restart supervisor for Unix app servers: holds the listening sockets, replaces workers start-before-stop."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Bind the listeners and run the workers.
+    Run(RunArgs),
+    /// Validate a config file and exit (0 valid, 78 invalid).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a demo: two test workers on 127.0.0.1:8080.
+    Demo {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// The HTTP test worker (used by the tests, benchmarks and the demo).
+    #[command(hide = true, disable_help_flag = true)]
+    TestWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The TOML config file.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// A listening address ("127.0.0.1:8080", "[::1]:8080", "unix:/path"); repeatable; replaces [[listen]].
+    #[arg(long, value_parser = parse_address)]
+    pub listen: Vec<Address>,
+    /// How many workers; overrides [app] workers.
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// The worker command, after `--`; overrides [app] command.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+fn parse_address(s: &str) -> Result<Address, String> {
+    s.parse()
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn code(c: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(c).unwrap_or(70))
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::TestWorker { args } => crate::testworker::main(args),
+        Command::Check { config } => match Config::load(Some(&config), &Overrides::default()) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listener(s), {} worker(s) of {:?})",
+                    config.display(),
+                    c.listen.len(),
+                    c.app.workers,
+                    c.app.command.0
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("holdfast: {e}");
+                code(exitcode::CONFIG)
+            }
+        },
+        Command::Run(args) => {
+            init_logging();
+            let overrides = Overrides {
+                listen: args.listen,
+                workers: args.workers,
+                command: args.command,
+            };
+            match Config::load(args.config.as_deref(), &overrides) {
+                Ok(config) => code(run(config, overrides)),
+                Err(e) => {
+                    eprintln!("holdfast: {e}");
+                    code(exitcode::CONFIG)
+                }
+            }
+        }
+        Command::Demo { port } => {
+            init_logging();
+            code(demo(port))
+        }
+    }
+}
+
+/// Runs holdfast with `config` until it is stopped; returns the exit code.
+pub fn run(config: Config, overrides: Overrides) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("holdfast: tokio runtime: {e}");
+            return exitcode::OSERR;
+        }
+    };
+    rt.block_on(async move {
+        match Runtime::new(config, overrides) {
+            Ok(runtime) => runtime.run().await,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("holdfast: {e}");
+                e.exit_code()
+            }
+        }
+    })
+}
+
+fn demo(port: u16) -> i32 {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("holdfast demo: cannot find my own executable: {e}");
+            return exitcode::OSERR;
+        }
+    };
+    let dir = match tempfile::Builder::new().prefix("holdfast-demo-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("holdfast demo: temp dir: {e}");
+            return exitcode::CANTCREAT;
+        }
+    };
+    let config_path = dir.path().join("holdfast.toml");
+    let text = format!(
+        r#"# holdfast demo: two test workers behind 127.0.0.1:{port}
+control_socket = "holdfast.sock"
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:{port}"
+
+[app]
+command = [{exe:?}, "test-worker", "--sleep-ms", "20"]
+workers = 2
+ready = "notify"
+drain_timeout = "10s"
+"#
+    );
+    if let Err(e) = std::fs::write(&config_path, text) {
+        eprintln!("holdfast demo: {}: {e}", config_path.display());
+        return exitcode::CANTCREAT;
+    }
+    let pid = std::process::id();
+    println!(
+        r#"
+holdfast demo (pid {pid}): 2 test workers behind http://127.0.0.1:{port}/  config: {config}
+
+Try, in another terminal:
+  curl http://127.0.0.1:{port}/                 # answers with the worker's pid, slot and generation
+  kill -HUP {pid}                               # rolling restart: new pids, no request lost
+  kill -TTIN {pid}; kill -TTOU {pid}            # one worker more / fewer
+  while curl -fsS http://127.0.0.1:{port}/?sleep=50; do :; done   # keep load on while you HUP
+  kill -TERM {pid}  (or Ctrl-C)                 # graceful stop
+"#,
+        config = config_path.display()
+    );
+    match Config::load(Some(&config_path), &Overrides::default()) {
+        Ok(config) => run(config, Overrides::default()),
+        Err(e) => {
+            eprintln!("holdfast demo: {e}");
+            exitcode::SOFTWARE
+        }
+    }
+}

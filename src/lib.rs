@@ -1,0 +1,29 @@
+//! holdfast: a graceful-restart supervisor for Unix app servers.
+//!
+//! holdfast binds the listening sockets once and never closes them; workers
+//! (N copies of the app server's command) inherit them at fds 3.. and are
+//! replaced start-before-stop, so a restart never refuses or resets a request.
+//! holdfast is never on the data path: it holds sockets, it never accepts.
+//!
+//! # Layout
+//! - [`config`]: TOML schema, defaults, validation, positioned errors.
+//! - [`listener`]: binding and holding the sockets; restoring unlinked unix paths.
+//! - [`supervisor`]: the pure state machine (events in, actions out).
+//! - [`runtime`]: the one event loop that feeds the supervisor and acts.
+//! - [`spawn`] / [`sys`]: the worker's fd plan and environment; fork/exec (the only `unsafe`).
+//! - [`notify`]: holdfast's NOTIFY_SOCKET for workers.
+//! - [`tree`]: process trees and socket inodes from /proc.
+//! - [`cli`]: the command line.
+//! - [`testworker`]: the HTTP test worker used by tests, benchmarks and the demo.
+#![warn(clippy::unwrap_used)]
+
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod notify;
+pub mod runtime;
+pub mod spawn;
+pub mod supervisor;
+pub mod sys;
+pub mod testworker;
+pub mod tree;

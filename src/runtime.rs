@@ -1,0 +1,606 @@
+//! The edge: the one event loop that feeds the supervisor and carries out
+//! its actions.
+//!
+//! It only does: receive (signal, child exit, notify datagram, probe result,
+//! timer) → `Supervisor::step` → run the actions → feed their results back as
+//! events. A failed action becomes an event (`SpawnFailed`), never an early
+//! return, so one bad worker cannot take the loop down.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use signal_hook::consts::signal::*;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{AppConfig, Config, Overrides, ReadyMode};
+use crate::listener::{self, Listener};
+use crate::notify::{self, NotifySocket};
+use crate::spawn::{self, Spec, Start};
+use crate::supervisor::{
+    Action, Event, ExitReason, Generation, Pid, Policy, ReplyTo, Request, Supervisor, WorkerId,
+};
+
+/// Why holdfast could not start; each maps to a sysexits code.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    #[error("{0}")]
+    Command(#[from] crate::sys::SpawnError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) | StartError::Command(_) => exitcode::CONFIG,
+            StartError::Listen(_) => exitcode::UNAVAILABLE,
+            StartError::Io { .. } => exitcode::OSERR,
+        }
+    }
+}
+
+pub fn policy(app: &AppConfig) -> Policy {
+    Policy {
+        workers: app.workers.get(),
+        max_surge: app.max_surge,
+        ready: app.ready,
+        ready_delay: app.ready_delay,
+        ready_timeout: app.ready_timeout,
+        drain_signal: app.drain_signal.0,
+        drain_timeout: app.drain_timeout,
+        backoff_max: app.restart_backoff_max,
+    }
+}
+
+/// A reply channel the edge holds for a request it fed to the supervisor.
+pub type Reply = oneshot::Sender<Result<String, String>>;
+
+/// Messages into the loop from its helpers (probes, control connections).
+pub enum Input {
+    Event(Event),
+    Request {
+        request: Request,
+        reply: Option<Reply>,
+    },
+    Reload {
+        reply: Option<Reply>,
+    },
+}
+
+pub struct Runtime {
+    config: Config,
+    overrides: Overrides,
+    sv: Supervisor,
+    specs: BTreeMap<Generation, Spec>,
+    listeners: Vec<Rc<Listener>>,
+    pids: HashMap<i32, WorkerId>,
+    probes: HashMap<WorkerId, Probe>,
+    notify: NotifySocket,
+    rundir: tempfile::TempDir,
+    devnull: OwnedFd,
+    tx: mpsc::UnboundedSender<Input>,
+    rx: mpsc::UnboundedReceiver<Input>,
+    replies: HashMap<ReplyTo, Reply>,
+    next_reply: u64,
+    pending: VecDeque<Event>,
+    exit: Option<i32>,
+    ignored_senders: std::collections::HashSet<i32>,
+}
+
+struct Probe {
+    path: PathBuf,
+    fd: OwnedFd,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn runtime_base() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
+        _ => std::env::temp_dir(),
+    }
+}
+
+impl Runtime {
+    /// Binds the listeners and prepares everything; spawns nothing yet.
+    pub fn new(config: Config, overrides: Overrides) -> Result<Runtime, StartError> {
+        let listeners: Vec<Rc<Listener>> = listener::bind_all(&config.listen)?
+            .into_iter()
+            .map(Rc::new)
+            .collect();
+        for l in &listeners {
+            info!(name = %l.name, address = %l.address, backlog = l.backlog, fd = l.raw_fd(), "listening");
+        }
+        let spec = Spec::new(config.app.clone(), listeners.clone())?;
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| StartError::Io { what, source }
+        };
+        let rundir = tempfile::Builder::new()
+            .prefix("holdfast-")
+            .tempdir_in(runtime_base())
+            .map_err(io("runtime directory"))?;
+        let notify =
+            NotifySocket::bind(&rundir.path().join("notify.sock")).map_err(io("notify socket"))?;
+        let devnull = std::fs::File::open("/dev/null")
+            .map_err(io("/dev/null"))?
+            .into();
+        crate::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut specs = BTreeMap::new();
+        specs.insert(Generation(1), spec);
+        Ok(Runtime {
+            sv: Supervisor::new(policy(&config.app)),
+            config,
+            overrides,
+            specs,
+            listeners,
+            pids: HashMap::new(),
+            probes: HashMap::new(),
+            notify,
+            rundir,
+            devnull,
+            tx,
+            rx,
+            replies: HashMap::new(),
+            next_reply: 1,
+            pending: VecDeque::new(),
+            exit: None,
+            ignored_senders: Default::default(),
+        })
+    }
+
+    /// A sender for helpers that feed the loop.
+    pub fn sender(&self) -> mpsc::UnboundedSender<Input> {
+        self.tx.clone()
+    }
+
+    /// Runs until every worker has exited after a stop; returns the exit code.
+    pub async fn run(mut self) -> i32 {
+        let signals = signal_hook_tokio::Signals::new([
+            SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+        ]);
+        let mut signals = match signals {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot install signal handlers");
+                return exitcode::OSERR;
+            }
+        };
+        info!(pid = std::process::id(), workers = self.sv.policy().workers, command = ?self.config.app.command.0, "holdfast started");
+        self.feed(Event::Tick);
+        let mut repair = tokio::time::interval(Duration::from_secs(1));
+        while self.exit.is_none() {
+            let deadline = self.sv.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(sig) = signals.next() => self.on_signal(sig),
+                Some(input) = self.rx.recv() => self.on_input(input),
+                msg = self.notify.recv() => match msg {
+                    Ok(m) => self.on_notify(m),
+                    Err(e) => warn!(error = %e, "notify socket receive failed"),
+                },
+                _ = sleep => self.feed(Event::Tick),
+                _ = repair.tick() => self.repair_paths(),
+            }
+        }
+        let code = self.exit.unwrap_or(0);
+        info!(code, "holdfast exiting");
+        code
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        match sig {
+            SIGCHLD => self.reap(),
+            SIGTERM | SIGINT => {
+                info!(signal = %signame(sig), "stop requested");
+                self.feed(Event::Request {
+                    request: Request::Stop,
+                    reply: None,
+                });
+            }
+            SIGHUP => {
+                info!("SIGHUP: re-reading the config and rolling every worker");
+                self.reload(None);
+            }
+            SIGTTIN | SIGTTOU => {
+                let n = self.sv.policy().workers;
+                let workers = if sig == SIGTTIN {
+                    n + 1
+                } else {
+                    n.saturating_sub(1)
+                };
+                if workers == 0 {
+                    warn!("SIGTTOU ignored: there is only one worker");
+                    return;
+                }
+                info!(signal = %signame(sig), from = n, to = workers, "scaling");
+                self.feed(Event::Request {
+                    request: Request::Scale { workers },
+                    reply: None,
+                });
+            }
+            SIGUSR1 => info!("SIGUSR1: no log files are configured, nothing to reopen"),
+            _ => {}
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Event(e) => self.feed(e),
+            Input::Request { request, reply } => {
+                let reply = reply.map(|r| self.hold_reply(r));
+                self.feed(Event::Request { request, reply });
+            }
+            Input::Reload { reply } => self.reload(reply),
+        }
+    }
+
+    fn hold_reply(&mut self, r: Reply) -> ReplyTo {
+        let to = ReplyTo(self.next_reply);
+        self.next_reply += 1;
+        self.replies.insert(to, r);
+        to
+    }
+
+    /// Re-reads the config; on success binds new listeners and starts a rollout.
+    /// A bad config changes nothing.
+    fn reload(&mut self, reply: Option<Reply>) {
+        let reject = |reply: Option<Reply>, msg: String| {
+            error!("reload rejected, still running the previous config: {msg}");
+            if let Some(r) = reply {
+                let _ = r.send(Err(format!("reload rejected: {msg}")));
+            }
+        };
+        if self.sv.is_stopping() {
+            return reject(reply, "holdfast is stopping".into());
+        }
+        let new = match Config::load(self.config.path.as_deref(), &self.overrides) {
+            Ok(c) => c,
+            Err(e) => return reject(reply, e.to_string()),
+        };
+        let mut listeners = Vec::new();
+        for l in &new.listen {
+            match self.listeners.iter().find(|x| x.address == l.address) {
+                Some(existing) => listeners.push(existing.clone()),
+                None => match Listener::bind(l) {
+                    Ok(b) => {
+                        info!(name = %l.name, address = %l.address, "listening (new in this config)");
+                        listeners.push(Rc::new(b));
+                    }
+                    Err(e) => return reject(reply, e.to_string()),
+                },
+            }
+        }
+        let spec = match Spec::new(new.app.clone(), listeners.clone()) {
+            Ok(s) => s,
+            Err(e) => return reject(reply, e.to_string()),
+        };
+        if new.control_socket != self.config.control_socket {
+            warn!(old = %self.config.control_socket.display(), new = %new.control_socket.display(), "control_socket changes take effect only on a restart of holdfast");
+        }
+        let generation = Generation(
+            self.sv
+                .stable()
+                .0
+                .max(self.specs.keys().last().map_or(0, |g| g.0))
+                + 1,
+        );
+        self.specs.insert(generation, spec);
+        self.listeners = listeners;
+        let policy = policy(&new.app);
+        self.config = new;
+        let reply = reply.map(|r| self.hold_reply(r));
+        self.feed(Event::Request {
+            request: Request::Rollout { policy },
+            reply,
+        });
+    }
+
+    /// Steps the supervisor with `event` and everything its actions produce.
+    fn feed(&mut self, event: Event) {
+        self.pending.push_back(event);
+        while let Some(e) = self.pending.pop_front() {
+            let now = Instant::now();
+            for action in self.sv.step(now, e) {
+                self.act(action);
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Spawn {
+                id,
+                slot,
+                generation,
+            } => {
+                let result = self.spawn(id, slot, generation);
+                self.pending.push_back(match result {
+                    Ok(pid) => Event::Spawned { id, pid },
+                    Err(error) => Event::SpawnFailed { id, error },
+                });
+            }
+            Action::Signal { id, pid, signal } => {
+                debug!(worker = %id, %pid, %signal, "signal");
+                if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), signal) {
+                    warn!(%pid, %signal, error = %e, "signal failed");
+                }
+            }
+            Action::Kill { id, pid } => {
+                debug!(worker = %id, %pid, "SIGKILL to process group");
+                let _ =
+                    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid.0), Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), Signal::SIGKILL);
+            }
+            Action::Verify { id, pid } => {
+                self.probes.remove(&id);
+                self.repair_paths();
+                self.verify(pid);
+            }
+            Action::RolloutDone {
+                generation,
+                outcome,
+                keep,
+            } => {
+                if let Err(e) = &outcome {
+                    debug!(%generation, error = %e, "rollout done with failure");
+                }
+                let live: std::collections::HashSet<Generation> =
+                    self.sv.workers().map(|w| w.generation).collect();
+                let target = self.sv.rollout().map(|r| r.generation);
+                self.specs.retain(|g, _| {
+                    *g == keep || *g >= generation || live.contains(g) || Some(*g) == target
+                });
+            }
+            Action::AllReady => {
+                if std::env::var_os("NOTIFY_SOCKET").is_some() {
+                    let status = format!("{} workers ready", self.sv.ready_count());
+                    let _ = sd_notify::notify(&[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status(&status),
+                    ]);
+                }
+            }
+            Action::Reply { to, outcome } => {
+                if let Some(r) = self.replies.remove(&to) {
+                    let _ = r.send(outcome);
+                }
+            }
+            Action::Exit { code } => self.exit = Some(code),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        id: WorkerId,
+        slot: crate::supervisor::Slot,
+        generation: Generation,
+    ) -> Result<Pid, String> {
+        let Some(spec) = self.specs.get(&generation) else {
+            return Err(format!(
+                "no spec for generation {generation} (internal error)"
+            ));
+        };
+        let probe = if spec.app.ready == ReadyMode::Probe {
+            let path = self.rundir.path().join(format!("probe-{id}.sock"));
+            let fd = listener::bind_probe(&path)
+                .map_err(|e| format!("probe socket {}: {e}", path.display()))?;
+            Some(Probe {
+                path,
+                fd,
+                task: None,
+            })
+        } else {
+            None
+        };
+        let start = Start {
+            slot,
+            generation,
+            notify_socket: self.notify.path(),
+            probe: probe.as_ref().map(|p| p.fd.as_raw_fd()),
+            stdio: [self.devnull.as_raw_fd(), 1, 2],
+        };
+        let pid = spawn::start(spec, &start).map_err(|e| e.to_string())?;
+        self.pids.insert(pid.as_raw(), id);
+        if let Some(mut p) = probe {
+            let path = spec.app.ready_path.clone();
+            p.task = Some(tokio::spawn(probe_until_ready(
+                p.path.clone(),
+                path,
+                id,
+                self.tx.clone(),
+            )));
+            self.probes.insert(id, p);
+        }
+        Ok(Pid(pid.as_raw()))
+    }
+
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.reaped(pid.as_raw(), ExitReason::Code(code))
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.reaped(pid.as_raw(), ExitReason::Signal(sig as i32))
+                }
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "waitpid failed");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn reaped(&mut self, pid: i32, reason: ExitReason) {
+        match self.pids.remove(&pid) {
+            Some(id) => {
+                self.probes.remove(&id);
+                self.feed(Event::Exited {
+                    pid: Pid(pid),
+                    reason,
+                });
+                self.repair_paths();
+            }
+            None => debug!(pid, %reason, "reaped an orphaned descendant"),
+        }
+    }
+
+    fn on_notify(&mut self, m: notify::Message) {
+        let pids = &self.pids;
+        let Some(owner) = notify::owning_worker(m.pid, |p| pids.contains_key(&p)) else {
+            if self.ignored_senders.insert(m.pid) {
+                warn!(sender = m.pid, message = ?m.fields, "ignoring a notify message from a process that is not a worker of holdfast");
+            }
+            return;
+        };
+        let Some(&id) = self.pids.get(&owner) else {
+            return;
+        };
+        if let Some(status) = m.get("STATUS") {
+            self.feed(Event::Status {
+                id,
+                status: status.to_string(),
+            });
+        }
+        if m.get("READY") == Some("1") && self.sv.policy().ready == ReadyMode::Notify {
+            debug!(worker = %id, sender = m.pid, "READY=1");
+            self.feed(Event::Ready { id });
+        }
+        if m.get("STOPPING") == Some("1") {
+            debug!(worker = %id, sender = m.pid, "STOPPING=1");
+        }
+    }
+
+    fn repair_paths(&self) {
+        for l in &self.listeners {
+            match l.repair() {
+                Ok(true) => {
+                    warn!(address = %l.address, "the unix socket path was removed or replaced (a worker unlinked it; Puma does this to inherited unix sockets it does not bind with a matching -b); restored it to holdfast's listening socket")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    error!(address = %l.address, error = %e, "cannot restore the unix socket path")
+                }
+            }
+        }
+    }
+
+    /// After READY: does the worker's process tree hold the listening sockets?
+    fn verify(&self, pid: Pid) {
+        let want: Vec<(String, u64)> = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.socket_inode().ok().map(|i| (l.address.to_string(), i)))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let held = crate::tree::socket_inodes(pid.0);
+            let missing: Vec<&str> = want
+                .iter()
+                .filter(|(_, inode)| !held.contains(inode))
+                .map(|(a, _)| a.as_str())
+                .collect();
+            if missing.len() == want.len() && !want.is_empty() {
+                error!(%pid, listeners = ?missing,
+                    "worker is ready but no process in its tree holds any of holdfast's listening sockets: a wrapper probably closed the inherited fds (e.g. `bundle exec` of Bundler < 2 without --keep-file-descriptors), or the server bound a socket of its own. Requests to these addresses are not served by this worker");
+            } else if !missing.is_empty() {
+                debug!(%pid, listeners = ?missing, "worker does not hold some listening sockets");
+            }
+        });
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.probes.clear();
+        let _ = &self.rundir;
+    }
+}
+
+/// GETs `path` on the probe socket every 100 ms until it answers below 500.
+async fn probe_until_ready(
+    sock: PathBuf,
+    path: String,
+    id: WorkerId,
+    tx: mpsc::UnboundedSender<Input>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(Duration::from_secs(5), probe_once(&sock, &path)).await {
+            Ok(Ok(status)) if status < 500 => {
+                let _ = tx.send(Input::Event(Event::Ready { id }));
+                return;
+            }
+            Ok(Ok(status)) => debug!(worker = %id, status, "probe: not ready yet"),
+            Ok(Err(e)) => debug!(worker = %id, error = %e, "probe: not ready yet"),
+            Err(_) => debug!(worker = %id, "probe: timed out"),
+        }
+    }
+}
+
+async fn probe_once(sock: &Path, path: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(sock).await?;
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.0\r\nHost: holdfast-probe\r\nUser-Agent: holdfast-probe\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        let k = s.read(&mut buf[n..]).await?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP status line: {line:?}"),
+            )
+        })
+}
+
+fn signame(sig: i32) -> String {
+    Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string())
+}

@@ -1,0 +1,143 @@
+//! What a worker is started with: the listeners at fds 3.., and the
+//! environment conventions servers already read (sd_listen_fds(3),
+//! Server::Starter, Einhorn, Unicorn), plus holdfast's own variables.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::config::{Address, AppConfig, Handoff, PROBE_NAME};
+use crate::listener::Listener;
+use crate::supervisor::{Generation, Slot};
+use crate::sys::{self, ExecPlan, SpawnError};
+
+/// Variables holdfast sets itself; inherited values of these never reach a worker.
+const OWN_VARS: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "SERVER_STARTER_PORT",
+    "EINHORN_FD_COUNT",
+    "UNICORN_FD",
+    "HOLDFAST_WORKER_ID",
+    "HOLDFAST_GENERATION",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// Everything needed to start workers of one generation.
+#[derive(Debug)]
+pub struct Spec {
+    pub app: AppConfig,
+    /// Resolved path of `app.command[0]`.
+    pub program: PathBuf,
+    pub listeners: Vec<Rc<Listener>>,
+}
+
+impl Spec {
+    pub fn new(app: AppConfig, listeners: Vec<Rc<Listener>>) -> Result<Spec, SpawnError> {
+        let path_var = app
+            .env
+            .get("PATH")
+            .map(OsString::from)
+            .or_else(|| std::env::var_os("PATH"));
+        let program = sys::resolve(&app.command.0[0], path_var.as_deref(), app.cwd.as_deref())
+            .map_err(|reason| SpawnError::NotFound {
+                program: app.command.0[0].clone(),
+                reason,
+            })?;
+        Ok(Spec {
+            app,
+            program,
+            listeners,
+        })
+    }
+}
+
+/// One worker's start: which slot, which generation, and its private fds.
+pub struct Start<'a> {
+    pub slot: Slot,
+    pub generation: Generation,
+    pub notify_socket: &'a Path,
+    /// The private readiness-probe listener, passed last, if `ready = "probe"`.
+    pub probe: Option<RawFd>,
+    pub stdio: [RawFd; 3],
+}
+
+/// The environment a worker gets, in order; LISTEN_PID is added by `sys`.
+pub fn environment(spec: &Spec, start: &Start<'_>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| !OWN_VARS.contains(&k.as_str()) && !k.starts_with("EINHORN_FD_"))
+        .filter(|(k, _)| !spec.app.env.contains_key(k))
+        .collect();
+    env.extend(spec.app.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let n = spec.listeners.len() + usize::from(start.probe.is_some());
+    let names: Vec<&str> = spec
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .chain(start.probe.map(|_| PROBE_NAME))
+        .collect();
+    for h in &spec.app.handoff {
+        match h {
+            Handoff::Systemd => {
+                env.push(("LISTEN_FDS".into(), n.to_string()));
+                env.push(("LISTEN_FDNAMES".into(), names.join(":")));
+            }
+            Handoff::ServerStarter => {
+                let ports: Vec<String> = spec
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| match &l.address {
+                        Address::Unix(p) => format!("{}={}", p.display(), 3 + i),
+                        other => format!("{other}={}", 3 + i),
+                    })
+                    .collect();
+                env.push(("SERVER_STARTER_PORT".into(), ports.join(";")));
+            }
+            Handoff::Einhorn => {
+                env.push(("EINHORN_FD_COUNT".into(), spec.listeners.len().to_string()));
+                for i in 0..spec.listeners.len() {
+                    env.push((format!("EINHORN_FD_{i}"), (3 + i).to_string()));
+                }
+            }
+            Handoff::Unicorn => {
+                let fds: Vec<String> = (0..spec.listeners.len())
+                    .map(|i| (3 + i).to_string())
+                    .collect();
+                env.push(("UNICORN_FD".into(), fds.join(",")));
+            }
+        }
+    }
+    env.push((
+        "NOTIFY_SOCKET".into(),
+        start.notify_socket.display().to_string(),
+    ));
+    env.push(("HOLDFAST_WORKER_ID".into(), start.slot.to_string()));
+    env.push(("HOLDFAST_GENERATION".into(), start.generation.to_string()));
+    env
+}
+
+/// Forks and execs one worker of `spec`.
+pub fn start(spec: &Spec, start: &Start<'_>) -> Result<nix::unistd::Pid, SpawnError> {
+    let fds: Vec<RawFd> = spec
+        .listeners
+        .iter()
+        .map(|l| l.raw_fd())
+        .chain(start.probe)
+        .collect();
+    let plan = ExecPlan {
+        program: &spec.app.command.0[0],
+        args: &spec.app.command.0[1..],
+        env: environment(spec, start),
+        listen_pid: spec.app.handoff.contains(&Handoff::Systemd),
+        cwd: spec.app.cwd.as_deref(),
+        stdio: start.stdio,
+        fds: &fds,
+        parent_death_signal: nix::sys::signal::Signal::SIGTERM,
+    };
+    sys::spawn(&plan, &spec.program)
+}

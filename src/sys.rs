@@ -1,0 +1,373 @@
+//! The only module with `unsafe`: fork/exec of a worker with an exact fd plan.
+//!
+//! Everything the child needs is prepared before `fork()` (paths, argv, envp,
+//! the fd table, a buffer for `LISTEN_PID`), because between fork and exec
+//! only async-signal-safe calls are allowed: no allocation, no locks, no
+//! logging. `LISTEN_PID` must be the worker's own pid (sd_listen_fds(3)), which
+//! is only known in the child, so the child writes its pid into a buffer that
+//! envp already points at. An exec failure is reported back over a CLOEXEC
+//! pipe (EOF means exec succeeded), so a missing program is one clear error,
+//! not a mystery exit 127.
+
+use std::ffi::{CString, OsStr};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::Pid;
+
+/// Why a spawn failed, naming the program and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("exec {program}: {reason}")]
+    NotFound { program: String, reason: String },
+    #[error("{stage} for {program}: {source}")]
+    Child {
+        program: String,
+        stage: &'static str,
+        source: io::Error,
+    },
+    #[error("fork for {program}: {source}")]
+    Fork { program: String, source: io::Error },
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+const PID_DIGITS: usize = 20;
+
+/// What a child becomes. `fds[i]` becomes fd `3 + i`; `stdio` become 0, 1, 2.
+/// Every other fd is closed in the child. The caller keeps ownership of all fds.
+pub struct ExecPlan<'a> {
+    pub program: &'a str,
+    pub args: &'a [String],
+    /// `NAME=value` entries, without LISTEN_PID (see `listen_pid`).
+    pub env: Vec<(String, String)>,
+    /// Add `LISTEN_PID=<child pid>` to the environment.
+    pub listen_pid: bool,
+    pub cwd: Option<&'a Path>,
+    pub stdio: [RawFd; 3],
+    pub fds: &'a [RawFd],
+    /// Sent to the child when holdfast dies (PR_SET_PDEATHSIG).
+    pub parent_death_signal: nix::sys::signal::Signal,
+}
+
+/// Finds `program` the way execvp(3) would, in `path_var`, relative to `cwd`
+/// when it contains a slash.
+pub fn resolve(
+    program: &str,
+    path_var: Option<&OsStr>,
+    cwd: Option<&Path>,
+) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = match cwd {
+            Some(c) if !program.starts_with('/') => c.join(program),
+            _ => PathBuf::from(program),
+        };
+        return if executable(&p) {
+            Ok(p)
+        } else if p.exists() {
+            Err(format!("{} is not an executable file", p.display()))
+        } else {
+            Err(format!("{} does not exist", p.display()))
+        };
+    }
+    let path_var = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(path_var) {
+        let candidate = dir.join(program);
+        if executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(format!(
+        "not found in PATH ({})",
+        path_var.to_string_lossy()
+    ))
+}
+
+fn cstring(s: &[u8]) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument"))
+}
+
+/// Forks and execs `plan`; returns the child's pid once exec has succeeded.
+/// The child is its own process-group leader.
+pub fn spawn(plan: &ExecPlan<'_>, path: &Path) -> Result<Pid, SpawnError> {
+    let program = plan.program.to_string();
+    let child_err = |stage, source| SpawnError::Child {
+        program: program.clone(),
+        stage,
+        source,
+    };
+
+    // Everything the child touches, allocated here.
+    let exe = cstring(path.as_os_str().as_bytes()).map_err(|e| child_err("argv", e))?;
+    let argv: Vec<CString> = std::iter::once(plan.program)
+        .chain(plan.args.iter().map(String::as_str))
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<io::Result<_>>()
+        .map_err(|e| child_err("argv", e))?;
+    let mut envs: Vec<CString> = plan
+        .env
+        .iter()
+        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+        .collect::<io::Result<_>>()
+        .map_err(|e| child_err("env", e))?;
+    let mut pid_buf = vec![0u8; LISTEN_PID_PREFIX.len() + PID_DIGITS + 1];
+    pid_buf[..LISTEN_PID_PREFIX.len()].copy_from_slice(LISTEN_PID_PREFIX);
+    let pid_buf_ptr = pid_buf.as_mut_ptr();
+    let cwd = plan
+        .cwd
+        .map(|c| cstring(c.as_os_str().as_bytes()))
+        .transpose()
+        .map_err(|e| child_err("cwd", e))?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = envs.iter_mut().map(|e| e.as_ptr()).collect();
+    if plan.listen_pid {
+        env_ptrs.push(pid_buf_ptr as *const libc::c_char);
+    }
+    env_ptrs.push(std::ptr::null());
+
+    // Sources in target order: stdin, stdout, stderr, listeners...
+    let sources: Vec<RawFd> = plan.stdio.iter().chain(plan.fds).copied().collect();
+    let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
+    let scratch_ptr = scratch.as_mut_ptr();
+    let first_free = sources.len() as RawFd; // fds 0..first_free are the plan
+    let err_target = first_free; // the error pipe sits right above the plan
+    let scratch_base = first_free + 1;
+
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| child_err("pipe", e.into()))?;
+    let err_w_raw = err_w.as_raw_fd();
+    let parent = nix::unistd::getpid();
+    let pdeath = plan.parent_death_signal as libc::c_int;
+
+    // SAFETY: the child branch only calls async-signal-safe functions on
+    // memory prepared above (no allocation, no locks, no logging) and ends in
+    // execve or _exit; the parent branch is ordinary code.
+    let fork = unsafe { nix::unistd::fork() };
+    match fork {
+        Ok(nix::unistd::ForkResult::Child) => {
+            // SAFETY: see `child_after_fork`: async-signal-safe only; every
+            // pointer refers to memory allocated before fork and still alive.
+            unsafe {
+                child_after_fork(ChildArgs {
+                    exe: exe.as_ptr(),
+                    argv: argv_ptrs.as_ptr(),
+                    envp: env_ptrs.as_ptr(),
+                    cwd: cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                    pid_digits: if plan.listen_pid {
+                        pid_buf_ptr.add(LISTEN_PID_PREFIX.len())
+                    } else {
+                        std::ptr::null_mut()
+                    },
+                    sources: sources.as_ptr(),
+                    scratch: scratch_ptr,
+                    count: sources.len(),
+                    scratch_base,
+                    err_w: err_w_raw,
+                    err_target,
+                    parent: parent.as_raw(),
+                    pdeath,
+                })
+            }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(err_w);
+            let mut report = [0u8; 8];
+            let mut f = std::fs::File::from(err_r);
+            let n = read_full(&mut f, &mut report);
+            drop((argv, envs, pid_buf, scratch));
+            match n {
+                0 => Ok(child),
+                _ => {
+                    // The child exits 127 after reporting; the reaper collects it.
+                    let stage = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
+                    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+                    Err(child_err(
+                        stage_name(stage),
+                        io::Error::from_raw_os_error(errno),
+                    ))
+                }
+            }
+        }
+        Err(e) => Err(SpawnError::Fork {
+            program,
+            source: e.into(),
+        }),
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+const STAGES: [&str; 6] = ["setpgid", "prctl", "dup", "close", "chdir", "execve"];
+
+fn stage_name(i: u32) -> &'static str {
+    STAGES.get(i as usize).copied().unwrap_or("spawn")
+}
+
+struct ChildArgs {
+    exe: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    pid_digits: *mut u8,
+    sources: *const RawFd,
+    scratch: *mut RawFd,
+    count: usize,
+    scratch_base: RawFd,
+    err_w: RawFd,
+    err_target: RawFd,
+    parent: libc::pid_t,
+    pdeath: libc::c_int,
+}
+
+/// # Safety
+/// Must only be called in the child right after fork. All pointers must point
+/// to memory allocated before the fork; `scratch` must have `count` slots.
+unsafe fn child_after_fork(a: ChildArgs) -> ! {
+    let mut err_fd = a.err_w;
+    let fail = |fd: RawFd, stage: u32| -> ! {
+        let errno = *libc::__errno_location();
+        let mut buf = [0u8; 8];
+        let s = stage.to_ne_bytes();
+        let e = errno.to_ne_bytes();
+        let mut i = 0;
+        while i < 4 {
+            buf[i] = s[i];
+            buf[4 + i] = e[i];
+            i += 1;
+        }
+        libc::write(fd, buf.as_ptr().cast(), 8);
+        libc::_exit(127)
+    };
+
+    // A fresh signal state: empty mask; SIGPIPE back to default (Rust ignores it,
+    // and an ignored disposition survives exec).
+    let mut set: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut set);
+    libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+    if libc::setpgid(0, 0) != 0 {
+        fail(err_fd, 0);
+    }
+    if libc::prctl(libc::PR_SET_PDEATHSIG, a.pdeath as libc::c_ulong, 0, 0, 0) != 0 {
+        fail(err_fd, 1);
+    }
+    if libc::getppid() != a.parent {
+        // holdfast died between fork and prctl.
+        libc::_exit(1);
+    }
+
+    // Move every source above the target range first, so no dup2 clobbers a
+    // source that has not been placed yet.
+    let mut i = 0;
+    while i < a.count {
+        let fd = libc::fcntl(*a.sources.add(i), libc::F_DUPFD_CLOEXEC, a.scratch_base);
+        if fd < 0 {
+            fail(err_fd, 2);
+        }
+        *a.scratch.add(i) = fd;
+        i += 1;
+    }
+    let moved = libc::fcntl(err_fd, libc::F_DUPFD_CLOEXEC, a.scratch_base);
+    if moved < 0 {
+        fail(err_fd, 2);
+    }
+    err_fd = moved;
+    let mut i = 0;
+    while i < a.count {
+        // dup2 clears FD_CLOEXEC on the target: these are what exec passes on.
+        if libc::dup2(*a.scratch.add(i), i as RawFd) < 0 {
+            fail(err_fd, 2);
+        }
+        i += 1;
+    }
+    if libc::dup3(err_fd, a.err_target, libc::O_CLOEXEC) < 0 {
+        fail(err_fd, 2);
+    }
+    err_fd = a.err_target;
+    // Nothing else is inherited: close everything above the error pipe.
+    if libc::syscall(
+        libc::SYS_close_range,
+        (a.err_target + 1) as libc::c_uint,
+        libc::c_uint::MAX,
+        0,
+    ) != 0
+    {
+        // Kernels before 5.9: close one by one up to the soft limit.
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < 1 << 20 {
+            lim.rlim_cur as RawFd
+        } else {
+            1 << 16
+        };
+        let mut fd = a.err_target + 1;
+        while fd < max {
+            libc::close(fd);
+            fd += 1;
+        }
+    }
+    if !a.cwd.is_null() && libc::chdir(a.cwd) != 0 {
+        fail(err_fd, 4);
+    }
+    if !a.pid_digits.is_null() {
+        write_decimal(a.pid_digits, libc::getpid() as u64);
+    }
+    libc::execve(a.exe, a.argv, a.envp);
+    fail(err_fd, 5)
+}
+
+/// Writes `n` in decimal followed by NUL at `out` (room for 21 bytes).
+///
+/// # Safety
+/// `out` must be valid for 21 bytes of writes.
+unsafe fn write_decimal(out: *mut u8, mut n: u64) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        n /= 10;
+        len += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut i = 0;
+    while i < len {
+        *out.add(i) = digits[len - 1 - i];
+        i += 1;
+    }
+    *out.add(len) = 0;
+}
+
+/// Makes holdfast the reaper of orphaned descendants (PR_SET_CHILD_SUBREAPER).
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// Duplicates `fd` (CLOEXEC) into a new owned fd.
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    let new = nix::fcntl::fcntl(
+        // SAFETY: the caller's fd is open for the duration of this call.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3),
+    )?;
+    // SAFETY: fcntl just returned this fd and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
