@@ -267,14 +267,99 @@ fn default_backoff_max() -> Duration {
     Duration::from_secs(30)
 }
 
+/// Which memory figure is compared to the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Rss,
+    Pss,
+    Uss,
+}
+
+/// What one memory figure covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// The worker and all its descendants, summed.
+    #[default]
+    Tree,
+    /// Each process under the worker on its own.
+    Process,
+}
+
+/// `[memory]`: recycling bloated and old workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    pub limit: Option<bytesize::ByteSize>,
+    /// Default: pss for scope = "tree", uss for scope = "process".
+    pub metric: Option<Metric>,
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_grace")]
+    pub grace: u32,
+    #[serde(default = "default_min_lifetime", with = "humantime_serde")]
+    pub min_lifetime: Duration,
+    #[serde(default = "default_child_signal")]
+    pub child_signal: SignalName,
+    #[serde(default, with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub lifetime_jitter: Option<Duration>,
+}
+
+impl MemoryConfig {
+    pub fn metric(&self) -> Metric {
+        self.metric.unwrap_or(match self.scope {
+            Scope::Tree => Metric::Pss,
+            Scope::Process => Metric::Uss,
+        })
+    }
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_grace() -> u32 {
+    3
+}
+fn default_min_lifetime() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_child_signal() -> SignalName {
+    SignalName(Signal::SIGQUIT)
+}
+
+/// `[logs]`: where workers' stdout/stderr go.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogsConfig {
+    pub stdout: Option<PathBuf>,
+    pub stderr: Option<PathBuf>,
+    #[serde(default = "default_true")]
+    pub prefix: bool,
+    pub reopen_signal: Option<SignalName>,
+    pub holdfast_log: Option<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub control_socket: Option<PathBuf>,
+    /// Prometheus text format at `/metrics`; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub listen: Vec<ListenConfig>,
     pub app: Option<AppConfig>,
+    pub memory: Option<MemoryConfig>,
+    pub logs: Option<LogsConfig>,
 }
 
 /// What the command line may say instead of, or on top of, the file.
@@ -300,8 +385,12 @@ pub struct Config {
     /// The file it came from, if any; relative paths in it are relative to its directory.
     pub path: Option<PathBuf>,
     pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
     pub listen: Vec<Listen>,
     pub app: AppConfig,
+    pub memory: Option<MemoryConfig>,
+    /// `[logs]`, with relative paths made absolute.
+    pub logs: LogsConfig,
 }
 
 impl Config {
@@ -347,8 +436,11 @@ impl Config {
             .unwrap_or_default();
         let file = file.unwrap_or(FileConfig {
             control_socket: None,
+            metrics_listen: None,
             listen: Vec::new(),
             app: None,
+            memory: None,
+            logs: None,
         });
 
         let mut app = match (file.app, o.command.is_empty()) {
@@ -440,11 +532,35 @@ impl Config {
             Some(p) => p,
             None => default_control_socket(path),
         };
+        if let Some(m) = &file.memory {
+            if m.limit.is_none() && m.max_lifetime.is_none() {
+                return Err(invalid(
+                    "[memory] needs `limit` or `max_lifetime` (or both)".into(),
+                ));
+            }
+            if m.grace == 0 || m.interval.is_zero() {
+                return Err(invalid(
+                    "[memory] `grace` and `interval` must be above zero".into(),
+                ));
+            }
+        }
+        let mut logs = file.logs.unwrap_or_default();
+        for p in [&mut logs.stdout, &mut logs.stderr, &mut logs.holdfast_log]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         Ok(Config {
             path: path.map(Path::to_path_buf),
             control_socket,
+            metrics_listen: file.metrics_listen,
             listen,
             app,
+            memory: file.memory,
+            logs,
         })
     }
 }
@@ -598,5 +714,36 @@ mod tests {
         assert_eq!(c.control_socket, PathBuf::from("/etc/holdfast.sock"));
         assert_eq!(c.app.ready, ReadyMode::Notify);
         assert_eq!(c.app.max_surge, 1);
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+
+    #[test]
+    fn memory_and_logs_sections_parse() {
+        let f = parse(
+            Path::new("/etc/h.toml"),
+            "[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n[memory]\nlimit = \"512MiB\"\nscope = \"process\"\nmax_lifetime = \"24h\"\nlifetime_jitter = \"1h\"\n[logs]\nstdout = \"app.log\"\nreopen_signal = \"USR1\"\n",
+        )
+        .expect("parses");
+        let c = Config::build(
+            Some(Path::new("/etc/h.toml")),
+            Some(f),
+            &Overrides::default(),
+        )
+        .expect("valid");
+        let m = c.memory.expect("memory");
+        assert_eq!(m.limit, Some(bytesize::ByteSize::mib(512)));
+        assert_eq!(m.metric(), Metric::Uss);
+        assert_eq!(m.max_lifetime, Some(Duration::from_secs(86400)));
+        assert_eq!(c.logs.stdout, Some(PathBuf::from("/etc/app.log")));
+        assert!(c.logs.prefix);
+        let f = parse(Path::new("h.toml"), "[memory]\nlimit = \"1.5GiB\"\n").expect("parses");
+        assert_eq!(
+            f.memory.expect("memory").limit,
+            Some(bytesize::ByteSize::b(1024 * 1024 * 1024 * 3 / 2))
+        );
     }
 }
