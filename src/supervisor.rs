@@ -358,6 +358,10 @@ impl Supervisor {
     pub fn stable(&self) -> Generation {
         self.stable
     }
+    /// The generation the next `Request::Rollout` will create.
+    pub fn next_generation(&self) -> Generation {
+        Generation(self.newest.0 + 1)
+    }
     pub fn is_stopping(&self) -> bool {
         matches!(self.phase, Phase::Stopping { .. })
     }
