@@ -13,7 +13,8 @@ use crate::supervisor::{Event, Generation, Pid, Policy, Request, WorkerId};
 #[test]
 fn listen_vars_follow_sd_listen_fds() {
     let me = 4242;
-    let table: &[(Option<&str>, Option<&str>, Result<ListenVars, ()>)] = &[
+    type Row<'a> = (Option<&'a str>, Option<&'a str>, Result<ListenVars, ()>);
+    let table: &[Row] = &[
         (None, None, Ok(ListenVars::None)),
         (None, Some("2"), Ok(ListenVars::None)),
         (Some("4242"), None, Ok(ListenVars::None)),
@@ -84,8 +85,9 @@ fn choose_matches_by_name_then_store_then_address() {
     let http = tcp("127.0.0.1:8080");
     let sock = unix("/run/app.sock");
     let other = tcp("127.0.0.1:9090");
-    // (entry, offers, in_use, expected index or error fd)
-    let table: Vec<(Listen, Vec<Offer>, Vec<u64>, Result<Option<usize>, RawFd>)> = vec![
+    /// (entry, offers, inodes in use, the offer taken or the fd an error names)
+    type Row = (Listen, Vec<Offer>, Vec<u64>, Result<Option<usize>, RawFd>);
+    let table: Vec<Row> = vec![
         // By name, at the entry's address.
         (
             entry("http", http.clone()),
