@@ -683,8 +683,8 @@ command = ["{holdfast}", "test-worker"]
         .collect();
     assert!(steady.len() >= 8, "{gaps:?}");
     assert!(
-        steady.iter().all(|g| *g < 0.9),
-        "a gap near WATCHDOG_USEC: {gaps:?}"
+        steady.iter().all(|g| *g < 1.0),
+        "a gap of WATCHDOG_USEC or more, which would trip the watchdog: {gaps:?}"
     );
     steady.sort_by(f64::total_cmp);
     let median = steady[steady.len() / 2];
