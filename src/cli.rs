@@ -125,6 +125,16 @@ pub fn main() -> ExitCode {
 
 /// Runs holdfast with `config` until it is stopped; returns the exit code.
 pub fn run(config: Config, overrides: Overrides) -> i32 {
+    // First, before any thread or fd of holdfast's own exists: the sockets
+    // systemd passed, with LISTEN_* taken out of the environment.
+    let inherited = match crate::systemd::Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("holdfast: {e}");
+            return exitcode::CONFIG;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -136,7 +146,7 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
         }
     };
     rt.block_on(async move {
-        match Runtime::new(config, overrides) {
+        match Runtime::with_inherited(config, overrides, inherited) {
             Ok(runtime) => runtime.run().await,
             Err(e) => {
                 tracing::error!("{e}");

@@ -12,6 +12,7 @@
 //! - [`runtime`]: the one event loop that feeds the supervisor and acts.
 //! - [`spawn`] / [`sys`]: the worker's fd plan and environment; fork/exec (the only `unsafe`).
 //! - [`notify`]: holdfast's NOTIFY_SOCKET for workers.
+//! - [`systemd`]: socket activation, the fd store, and notifications to systemd.
 //! - [`tree`]: process trees and socket inodes from /proc.
 //! - [`cli`]: the command line.
 //! - [`testworker`]: the HTTP test worker used by tests, benchmarks and the demo.
@@ -25,5 +26,6 @@ pub mod runtime;
 pub mod spawn;
 pub mod supervisor;
 pub mod sys;
+pub mod systemd;
 pub mod testworker;
 pub mod tree;

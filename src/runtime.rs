@@ -26,6 +26,7 @@ use crate::spawn::{self, Spec, Start};
 use crate::supervisor::{
     Action, Event, ExitReason, Generation, Pid, Policy, ReplyTo, Request, Supervisor, WorkerId,
 };
+use crate::systemd::{ActivationError, Inherited, Notifier};
 
 /// Why holdfast could not start; each maps to a sysexits code.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum StartError {
     Listen(#[from] listener::ListenError),
     #[error("{0}")]
     Command(#[from] crate::sys::SpawnError),
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -46,7 +49,9 @@ pub enum StartError {
 impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config(_) | StartError::Command(_) => exitcode::CONFIG,
+            StartError::Config(_) | StartError::Command(_) | StartError::Activation(_) => {
+                exitcode::CONFIG
+            }
             StartError::Listen(_) => exitcode::UNAVAILABLE,
             StartError::Io { .. } => exitcode::OSERR,
         }
@@ -99,6 +104,10 @@ pub struct Runtime {
     pending: VecDeque<Event>,
     exit: Option<i32>,
     ignored_senders: std::collections::HashSet<i32>,
+    /// What systemd is told (READY, RELOADING, STOPPING, STATUS, WATCHDOG, FDSTORE).
+    systemd: Notifier,
+    /// Sockets systemd passed that no entry holds now (claimable on reload).
+    inherited: Inherited,
 }
 
 struct Probe {
@@ -123,16 +132,40 @@ fn runtime_base() -> PathBuf {
     }
 }
 
+/// The environment variable of the test hook that stalls the event loop.
+pub const STALL_HOOK: &str = "HOLDFAST_TEST_STALL_ON_USR2";
+
 impl Runtime {
-    /// Binds the listeners and prepares everything; spawns nothing yet.
+    /// Takes the sockets systemd passed (see [`Inherited::from_env`]), binds
+    /// the rest and prepares everything; spawns nothing yet.
     pub fn new(config: Config, overrides: Overrides) -> Result<Runtime, StartError> {
-        let listeners: Vec<Rc<Listener>> = listener::bind_all(&config.listen)?
-            .into_iter()
-            .map(Rc::new)
-            .collect();
-        for l in &listeners {
-            info!(name = %l.name, address = %l.address, backlog = l.backlog, fd = l.raw_fd(), "listening");
+        let inherited = Inherited::from_env()?;
+        Runtime::with_inherited(config, overrides, inherited)
+    }
+
+    /// Like [`Runtime::new`], with the passed sockets already taken (before
+    /// the tokio runtime opened fds of its own).
+    pub fn with_inherited(
+        config: Config,
+        overrides: Overrides,
+        mut inherited: Inherited,
+    ) -> Result<Runtime, StartError> {
+        let mut systemd = Notifier::from_env(Instant::now());
+        let mut listeners: Vec<Rc<Listener>> = Vec::new();
+        for spec in &config.listen {
+            let in_use = inodes(&listeners);
+            let l = match inherited.claim(spec, &in_use)? {
+                Some(l) => l,
+                None => Listener::bind(spec)?,
+            };
+            listeners.push(Rc::new(l));
         }
+        inherited.settle(&listeners, &mut systemd);
+        for l in &listeners {
+            info!(name = %l.name, address = %l.address, backlog = l.backlog, fd = l.raw_fd(),
+                origin = %l.origin, inode = l.socket_inode().unwrap_or(0), "listening");
+        }
+        systemd.store(&listeners);
         let spec = Spec::new(config.app.clone(), listeners.clone())?;
         let io = |what: &str| {
             let what = what.to_string();
@@ -169,6 +202,8 @@ impl Runtime {
             pending: VecDeque::new(),
             exit: None,
             ignored_senders: Default::default(),
+            systemd,
+            inherited,
         })
     }
 
@@ -190,12 +225,22 @@ impl Runtime {
             }
         };
         info!(pid = std::process::id(), workers = self.sv.policy().workers, command = ?self.config.app.command.0, "holdfast started");
+        let mut stall = stall_hook();
         self.feed(Event::Tick);
         let mut repair = tokio::time::interval(Duration::from_secs(1));
         while self.exit.is_none() {
             let deadline = self.sv.next_deadline();
             let sleep = async {
                 match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // WATCHDOG=1 and EXTEND_TIMEOUT_USEC come from this timer, so a
+            // loop that stops turning stops them too.
+            let systemd_due = self.systemd.next_due();
+            let systemd_sleep = async {
+                match systemd_due {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
                     None => std::future::pending().await,
                 }
@@ -209,6 +254,15 @@ impl Runtime {
                 },
                 _ = sleep => self.feed(Event::Tick),
                 _ = repair.tick() => self.repair_paths(),
+                _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
+                Some(d) = next_signal(&mut stall) => stall_loop(d),
+            }
+        }
+        if self.systemd.uses_fd_store() {
+            // The sockets live on in systemd's fd store: the next holdfast
+            // adopts them by these paths.
+            for l in &self.listeners {
+                l.keep_path();
             }
         }
         let code = self.exit.unwrap_or(0);
@@ -273,35 +327,36 @@ impl Runtime {
     /// Re-reads the config; on success binds new listeners and starts a rollout.
     /// A bad config changes nothing.
     fn reload(&mut self, reply: Option<Reply>) {
-        let reject = |reply: Option<Reply>, msg: String| {
-            error!("reload rejected, still running the previous config: {msg}");
-            if let Some(r) = reply {
-                let _ = r.send(Err(format!("reload rejected: {msg}")));
-            }
-        };
         if self.sv.is_stopping() {
-            return reject(reply, "holdfast is stopping".into());
+            return self.reject_reload(reply, "holdfast is stopping".into());
         }
         let new = match Config::load(self.config.path.as_deref(), &self.overrides) {
             Ok(c) => c,
-            Err(e) => return reject(reply, e.to_string()),
+            Err(e) => return self.reject_reload(reply, e.to_string()),
         };
-        let mut listeners = Vec::new();
+        let mut listeners: Vec<Rc<Listener>> = Vec::new();
         for l in &new.listen {
-            match self.listeners.iter().find(|x| x.address == l.address) {
-                Some(existing) => listeners.push(existing.clone()),
-                None => match Listener::bind(l) {
-                    Ok(b) => {
-                        info!(name = %l.name, address = %l.address, "listening (new in this config)");
-                        listeners.push(Rc::new(b));
-                    }
-                    Err(e) => return reject(reply, e.to_string()),
-                },
+            if let Some(existing) = self.listeners.iter().find(|x| x.serves(&l.address)) {
+                listeners.push(existing.clone());
+                continue;
             }
+            let claimed = match self.inherited.claim(l, &inodes(&listeners)) {
+                Ok(c) => c,
+                Err(e) => return self.reject_reload(reply, e.to_string()),
+            };
+            let adopted = match claimed {
+                Some(a) => a,
+                None => match Listener::bind(l) {
+                    Ok(b) => b,
+                    Err(e) => return self.reject_reload(reply, e.to_string()),
+                },
+            };
+            info!(name = %l.name, address = %adopted.address, origin = %adopted.origin, "listening (new in this config)");
+            listeners.push(Rc::new(adopted));
         }
         let spec = match Spec::new(new.app.clone(), listeners.clone()) {
             Ok(s) => s,
-            Err(e) => return reject(reply, e.to_string()),
+            Err(e) => return self.reject_reload(reply, e.to_string()),
         };
         if new.control_socket != self.config.control_socket {
             warn!(old = %self.config.control_socket.display(), new = %new.control_socket.display(), "control_socket changes take effect only on a restart of holdfast");
@@ -314,6 +369,7 @@ impl Runtime {
                 + 1,
         );
         self.specs.insert(generation, spec);
+        self.systemd.store_changes(&self.listeners, &listeners);
         self.listeners = listeners;
         let policy = policy(&new.app);
         self.config = new;
@@ -324,7 +380,16 @@ impl Runtime {
         });
     }
 
-    /// Steps the supervisor with `event` and everything its actions produce.
+    fn reject_reload(&mut self, reply: Option<Reply>, msg: String) {
+        error!("reload rejected, still running the previous config: {msg}");
+        self.systemd.reload_rejected(&self.sv, &msg);
+        if let Some(r) = reply {
+            let _ = r.send(Err(format!("reload rejected: {msg}")));
+        }
+    }
+
+    /// Steps the supervisor with `event` and everything its actions produce,
+    /// then tells systemd what changed.
     fn feed(&mut self, event: Event) {
         self.pending.push_back(event);
         while let Some(e) = self.pending.pop_front() {
@@ -333,6 +398,7 @@ impl Runtime {
                 self.act(action);
             }
         }
+        self.systemd.sync(&self.sv);
     }
 
     fn act(&mut self, action: Action) {
@@ -380,15 +446,8 @@ impl Runtime {
                     *g == keep || *g >= generation || live.contains(g) || Some(*g) == target
                 });
             }
-            Action::AllReady => {
-                if std::env::var_os("NOTIFY_SOCKET").is_some() {
-                    let status = format!("{} workers ready", self.sv.ready_count());
-                    let _ = sd_notify::notify(&[
-                        sd_notify::NotifyState::Ready,
-                        sd_notify::NotifyState::Status(&status),
-                    ]);
-                }
-            }
+            // READY=1 goes out with the sync at the end of this feed.
+            Action::AllReady => self.systemd.all_ready(),
             Action::Reply { to, outcome } => {
                 if let Some(r) = self.replies.remove(&to) {
                     let _ = r.send(outcome);
@@ -546,6 +605,48 @@ impl Drop for Runtime {
         self.probes.clear();
         let _ = &self.rundir;
     }
+}
+
+/// Inodes of `listeners`' sockets: a passed socket already held is not claimed twice.
+fn inodes(listeners: &[Rc<Listener>]) -> Vec<u64> {
+    listeners
+        .iter()
+        .filter_map(|l| l.socket_inode().ok())
+        .collect()
+}
+
+/// The test hook: with `HOLDFAST_TEST_STALL_ON_USR2=SECONDS` set, SIGUSR2
+/// blocks the event loop's thread for that long (so tests can see the
+/// watchdog pings stop). Not for production use.
+fn stall_hook() -> Option<(signal_hook_tokio::Signals, Duration)> {
+    let secs: f64 = std::env::var(STALL_HOOK).ok()?.trim().parse().ok()?;
+    let stall = Duration::try_from_secs_f64(secs).ok()?;
+    match signal_hook_tokio::Signals::new([SIGUSR2]) {
+        Ok(s) => {
+            warn!(hook = STALL_HOOK, stall = ?stall, "test hook enabled: SIGUSR2 stalls the event loop");
+            Some((s, stall))
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGUSR2 test hook");
+            None
+        }
+    }
+}
+
+async fn next_signal(
+    hook: &mut Option<(signal_hook_tokio::Signals, Duration)>,
+) -> Option<Duration> {
+    match hook {
+        Some((s, d)) => s.next().await.map(|_| *d),
+        None => std::future::pending().await,
+    }
+}
+
+/// Blocks the loop's thread on purpose (the SIGUSR2 test hook).
+fn stall_loop(d: Duration) {
+    warn!(stall = ?d, "test hook: stalling the event loop");
+    std::thread::sleep(d);
+    warn!("test hook: event loop stall over");
 }
 
 /// GETs `path` on the probe socket every 100 ms until it answers below 500.

@@ -25,6 +25,8 @@ const OWN_VARS: &[&str] = &[
     "HOLDFAST_GENERATION",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
+    // systemd ≥ 254: the size of holdfast's fd store, not a worker's.
+    "FDSTORE",
 ];
 
 /// Everything needed to start workers of one generation.

@@ -371,3 +371,37 @@ pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: fcntl just returned this fd and nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
+
+/// Whether [`take_listen_fds`] has run in this process.
+static LISTEN_FDS_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Takes ownership of the `count` fds a service manager passed at exec,
+/// 3..3+count (sd_listen_fds(3)), marking each close-on-exec. Runs once per
+/// process: a second call gets nothing, so no fd is ever owned twice. An entry
+/// is an error when that fd is not open.
+pub fn take_listen_fds(count: usize) -> Vec<io::Result<OwnedFd>> {
+    use std::sync::atomic::Ordering;
+    if LISTEN_FDS_TAKEN.swap(true, Ordering::SeqCst) {
+        return Vec::new();
+    }
+    (0..count)
+        .map(|i| {
+            let fd =
+                RawFd::try_from(3 + i).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+            // SAFETY: fcntl(F_GETFD/F_SETFD) on an fd number reads and writes
+            // no memory of ours; an fd that is not open gives EBADF.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            if flags < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: as above.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: the fd is open (F_GETFD succeeded) and was inherited at
+            // exec under LISTEN_FDS, so nothing in this process opened it; the
+            // once-only guard above means no other OwnedFd is made for it.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        })
+        .collect()
+}

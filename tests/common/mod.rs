@@ -154,6 +154,20 @@ fn pid_of(pid: u32) -> Pid {
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
+/// How [`Holdfast::launch`] starts holdfast through another program.
+/// Strings may use the placeholders, plus `{tag}` (`HOLDFAST_TEST_TAG=...`,
+/// for launchers that clear the environment, e.g. `-E {tag}`).
+pub struct Launch<'a> {
+    /// The launcher, or `{holdfast}` itself.
+    pub program: &'a str,
+    pub args: &'a [&'a str],
+    /// Set on top of the test's environment (NOTIFY_SOCKET, LISTEN_*,
+    /// WATCHDOG_* are removed first, so these are the only ones holdfast sees).
+    pub env: &'a [(&'a str, &'a str)],
+    /// holdfast's stdin; /dev/null when `None`.
+    pub stdin: Option<std::os::fd::OwnedFd>,
+}
+
 /// A running `holdfast` with its own temp dir, log file and ports.
 ///
 /// Placeholders replaced in configs and args: `{dir}` (the temp dir),
@@ -241,6 +255,84 @@ impl Holdfast {
         for var in SCRUBBED_ENV {
             cmd.env_remove(var);
         }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", h.command_line));
+        h.pid = child.id();
+        h.child = Some(child);
+        h
+    }
+
+    /// Starts holdfast through `launch.program`, a launcher that ends by
+    /// exec'ing holdfast (so its pid is holdfast's), e.g.
+    /// `systemd-socket-activate`. Like [`Holdfast::start_args`] otherwise:
+    /// `config` is written to `config_path` first, holdfast's output goes to
+    /// the log, and `Drop` cleans up.
+    pub fn launch(launch: Launch<'_>, config: Option<&str>) -> Holdfast {
+        let dir = tempfile::Builder::new()
+            .prefix("holdfast-test-")
+            .tempdir()
+            .expect("create temp dir");
+        let port = free_port();
+        let port2 = loop {
+            let p = free_port();
+            if p != port {
+                break p;
+            }
+        };
+        let mut h = Holdfast {
+            config_path: dir.path().join("holdfast.toml"),
+            log_path: dir.path().join("holdfast.log"),
+            dir,
+            port,
+            port2,
+            child: None,
+            pid: 0,
+            status: None,
+            command_line: String::new(),
+            tag: format!(
+                "HOLDFAST_TEST_TAG={}-{}",
+                std::process::id(),
+                INSTANCE.fetch_add(1, Ordering::SeqCst)
+            ),
+        };
+        if let Some(config) = config {
+            fs::write(&h.config_path, h.fill(config))
+                .unwrap_or_else(|e| panic!("write {}: {e}", h.config_path.display()));
+        }
+        let fill = |s: &str| h.fill(&s.replace("{tag}", &h.tag));
+        let program = fill(launch.program);
+        let args: Vec<String> = launch.args.iter().map(|a| fill(a)).collect();
+        let env: Vec<(String, String)> = launch
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), fill(v)))
+            .collect();
+        h.command_line = std::iter::once(program.clone())
+            .chain(args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", h.log_path.display()));
+        let log2 = log.try_clone().expect("dup log fd");
+        let (tag_key, tag_value) = h.tag.split_once('=').expect("tag has =");
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
+            .current_dir(h.dir.path())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        for var in SCRUBBED_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env(tag_key, tag_value).env("NO_COLOR", "1").envs(env);
+        match launch.stdin {
+            Some(fd) => cmd.stdin(Stdio::from(fd)),
+            None => cmd.stdin(Stdio::null()),
+        };
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", h.command_line));
