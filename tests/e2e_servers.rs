@@ -343,10 +343,13 @@ fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut
     }
 }
 
+/// The error holdfast logs when a ready worker's tree holds none of its sockets.
+const NO_SOCKET: &str = "no process in its tree holds any of holdfast's listening sockets";
+
 /// Stops holdfast with SIGTERM, checks that it exits 0, and that every
 /// worker it started ended with `reason` (e.g. `exit status 0`): a drain that
 /// ran into drain_timeout shows up as `killed by SIGKILL`.
-fn finish(h: &mut Holdfast, reason: &str) {
+fn stop(h: &mut Holdfast, reason: &str) {
     h.signal(Signal::SIGTERM);
     let status = h.wait_exit(READY);
     assert!(status.success(), "holdfast exited with {status}");
@@ -361,6 +364,19 @@ fn finish(h: &mut Holdfast, reason: &str) {
             "how worker {pid} ended (all: {reasons:?})"
         );
     }
+}
+
+/// [`stop`], after checking that holdfast raised no false alarm about a
+/// well-configured server: no worker without sockets, no unlinked path.
+fn finish(h: &mut Holdfast, reason: &str) {
+    let log = h.log();
+    for alarm in [NO_SOCKET, "restored it to holdfast's listening socket"] {
+        assert!(
+            !log.contains(alarm),
+            "holdfast logged `{alarm}` for a well-configured server"
+        );
+    }
+    stop(h, reason);
 }
 
 /// Through a proxy: 8 keep-alive clients, 8 with one request per
@@ -494,10 +510,9 @@ drain_timeout = "10s"
     let good = generation_pids(&log, 1);
     let bad = generation_pids(&log, 2);
     assert_eq!((good.len(), bad.len()), (1, 1), "one worker per generation");
-    const ERROR: &str = "no process in its tree holds any of holdfast's listening sockets";
     let line = wait_log(&h, READY, "the error about the closed fds", |log| {
         log.lines()
-            .find(|l| l.contains(ERROR) && field_u32(l, "pid") == Some(bad[0]))
+            .find(|l| l.contains(NO_SOCKET) && field_u32(l, "pid") == Some(bad[0]))
             .map(str::to_string)
     });
     assert!(line.contains("ERROR"), "not logged as an error: {line}");
@@ -509,11 +524,11 @@ drain_timeout = "10s"
     let flagged: Vec<u32> = h
         .log()
         .lines()
-        .filter(|l| l.contains(ERROR))
+        .filter(|l| l.contains(NO_SOCKET))
         .filter_map(|l| field_u32(l, "pid"))
         .collect();
     assert_eq!(flagged, bad, "workers reported as holding no socket");
-    finish(&mut h, "exit status 0");
+    stop(&mut h, "exit status 0");
 }
 
 // ---------------------------------------------------------------------------
@@ -616,7 +631,8 @@ fn puma_unlinking_the_unix_path_is_repaired() {
         answer.starts_with("HTTP/1.1 200") && answer.contains(&format!("pid={pid}")),
         "the queued request was not answered by generation {last} (pid {pid}): {answer:?}"
     );
-    finish(&mut h, "killed by SIGTERM");
+    assert!(!h.log().contains(NO_SOCKET), "Puma holds the TCP socket");
+    stop(&mut h, "killed by SIGTERM");
 }
 
 /// One unix listener (mode 0666, so a proxy's unprivileged workers can
