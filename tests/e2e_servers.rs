@@ -351,6 +351,11 @@ const NO_SOCKET: &str = "no process in its tree holds any of holdfast's listenin
 /// ran into drain_timeout shows up as `killed by SIGKILL`.
 fn stop(h: &mut Holdfast, reason: &str) {
     h.signal(Signal::SIGTERM);
+    check_stopped(h, reason);
+}
+
+/// The checks of [`stop`] once SIGTERM was sent.
+fn check_stopped(h: &mut Holdfast, reason: &str) {
     let status = h.wait_exit(READY);
     assert!(status.success(), "holdfast exited with {status}");
     let log = h.log();
@@ -369,6 +374,11 @@ fn stop(h: &mut Holdfast, reason: &str) {
 /// [`stop`], after checking that holdfast raised no false alarm about a
 /// well-configured server: no worker without sockets, no unlinked path.
 fn finish(h: &mut Holdfast, reason: &str) {
+    assert_no_alarm(h);
+    stop(h, reason);
+}
+
+fn assert_no_alarm(h: &Holdfast) {
     let log = h.log();
     for alarm in [NO_SOCKET, "restored it to holdfast's listening socket"] {
         assert!(
@@ -376,30 +386,117 @@ fn finish(h: &mut Holdfast, reason: &str) {
             "holdfast logged `{alarm}` for a well-configured server"
         );
     }
-    stop(h, reason);
 }
 
-/// Through a proxy: 8 keep-alive clients, 8 with one request per
-/// connection, and 4 keep-alive clients POSTing 4 KiB (a proxy may retry a
-/// GET on a fresh connection by itself, a POST only when told to).
-fn proxied_load(target: Target) -> Vec<LoadSpec> {
+/// The accept queue of the TCP listener on 127.0.0.1:`port` (the rx_queue
+/// column of /proc/net/tcp for a socket in state LISTEN).
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.get(1) != Some(&local.as_str()) || cols.get(3) != Some(&"0A") {
+            return None;
+        }
+        let rx = cols.get(4)?.split(':').nth(1)?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
+/// The socket inode of holdfast's listener named `name` (its `listening`
+/// line gives the fd; /proc/PID/fd/FD links to `socket:[INODE]`).
+fn listener_inode(h: &Holdfast, name: &str) -> String {
+    let log = h.log();
+    let fd = log
+        .lines()
+        .find(|l| l.contains("listening") && field(l, "name") == Some(name))
+        .and_then(|l| field(l, "fd"))
+        .unwrap_or_else(|| panic!("no `listening name={name}` line with fd="));
+    let link = fs::read_link(format!("/proc/{}/fd/{fd}", h.pid())).expect("read holdfast's fd");
+    link.to_string_lossy().into_owned()
+}
+
+/// Whether `pid` has `socket` (`socket:[INODE]`) open.
+fn holds(pid: u32, socket: &str) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .any(|e| fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == socket))
+        })
+        .unwrap_or(false)
+}
+
+/// [`finish`], proving on the way that a draining server answers the
+/// connections it accepted before its drain signal whose request came after.
+/// Opens `n` connections to the listener `http` that send nothing, waits
+/// until the workers have accepted every one (the accept queue is empty),
+/// stops holdfast, waits until every serving process (each live worker, or
+/// its children when it has some: a cluster master's workers) has closed
+/// its copy of the listener, which a draining Puma does after its reactor
+/// has shut down, and only then sends a request on each. All must be
+/// answered 200.
+fn finish_with_silent_connections(h: &mut Holdfast, n: usize, reason: &str) {
+    assert_no_alarm(h);
+    let socket = listener_inode(h, "http");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], h.port));
+    let mut conns: Vec<std::net::TcpStream> = (0..n)
+        .map(|i| std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect #{i}: {e}")))
+        .collect();
+    wait_until(
+        READY,
+        "the workers to accept every silent connection",
+        || (accept_queue(h.port) == Some(0)).then_some(()),
+    );
+    let serving: Vec<u32> = h
+        .worker_pids()
+        .into_iter()
+        .filter(|p| pid_alive(*p))
+        .flat_map(|p| {
+            let tree = process_tree(p);
+            if tree.len() > 1 {
+                tree[1..].to_vec()
+            } else {
+                tree
+            }
+        })
+        .collect();
+    assert!(
+        serving.iter().any(|p| holds(*p, &socket)),
+        "no serving process {serving:?} holds {socket}"
+    );
+    h.signal(Signal::SIGTERM);
+    wait_until(READY, "the draining servers to close the listener", || {
+        (!serving.iter().any(|p| holds(*p, &socket))).then_some(())
+    });
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap_or_else(|e| panic!("write on silent connection #{i}: {e}"));
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(READY)).expect("read timeout");
+        let mut answer = Vec::new();
+        let read = c.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            read.is_ok() && text.starts_with("HTTP/1.1 200"),
+            "silent connection #{i}, whose request came during the drain: {read:?} {text:?}"
+        );
+    }
+    eprintln!(
+        "e2e: {n} connections accepted before the drain, request sent during it: all answered 200"
+    );
+    check_stopped(h, reason);
+}
+
+/// 8 keep-alive clients, 8 with one request per connection, and 4
+/// keep-alive clients POSTing 4 KiB (a proxy may retry a failed GET on a
+/// fresh connection by itself, a POST only when told to).
+fn load_mix(target: Target) -> Vec<LoadSpec> {
     let post = LoadSpec {
         post_body: Some(vec![b'x'; 4096]),
         ..load(target.clone(), 4, true)
     };
     vec![load(target.clone(), 8, true), load(target, 8, false), post]
-}
-
-/// 16 clients straight to the server, one request per connection.
-///
-/// Not keep-alive: Puma closes its idle keep-alive connections about 1 ms
-/// after its drain signal, and a client that reuses one in that instant gets
-/// no answer (seen: 2 resets in about 60 drains with 8 keep-alive clients).
-/// HTTP lets a client retry then, browsers and nginx do, and holdfast cannot
-/// prevent it (the proxy tests run keep-alive clients); this load client never retries. Unicorn and Gunicorn's sync
-/// workers close after every response anyway.
-fn direct_load(target: Target) -> Vec<LoadSpec> {
-    vec![load(target, 16, false)]
 }
 
 // ---------------------------------------------------------------------------
@@ -410,10 +507,10 @@ fn puma_single_mode_ready_by_notify() {
     require_puma();
     let mut h = Holdfast::start(&example_config("puma.toml"));
     wait_all_ready(&h);
-    let rolled = rollouts_under_load(&h, direct_load(h.tcp()), |_| {});
+    let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
     rolled.assert_clean("puma single", 300);
     // Puma finishes its requests on TERM, then re-raises it.
-    finish(&mut h, "killed by SIGTERM");
+    finish_with_silent_connections(&mut h, 8, "killed by SIGTERM");
 }
 
 #[test]
@@ -421,9 +518,9 @@ fn puma_cluster_mode() {
     require_puma();
     let mut h = Holdfast::start(&example_config("puma-cluster.toml"));
     wait_all_ready(&h);
-    let rolled = rollouts_under_load(&h, direct_load(h.tcp()), |_| {});
+    let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
     rolled.assert_clean("puma cluster", 300);
-    finish(&mut h, "killed by SIGTERM");
+    finish_with_silent_connections(&mut h, 8, "killed by SIGTERM");
 }
 
 #[test]
@@ -431,7 +528,7 @@ fn unicorn_quit_through_listen_fds_exits_0() {
     require("unicorn", "unicorn");
     let mut h = Holdfast::start(&example_config("unicorn.toml"));
     wait_all_ready(&h);
-    let rolled = rollouts_under_load(&h, direct_load(h.tcp()), |_| {});
+    let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
     rolled.assert_clean("unicorn", 300);
     // Not 1 (EBADF), which is what Unicorn does on QUIT when it gets the
     // sockets through both LISTEN_FDS and UNICORN_FD.
@@ -443,7 +540,7 @@ fn gunicorn_through_listen_fds_ready_by_probe() {
     require("gunicorn", "gunicorn");
     let mut h = Holdfast::start(&example_config("gunicorn.toml"));
     wait_all_ready(&h);
-    let rolled = rollouts_under_load(&h, direct_load(h.tcp()), |_| {});
+    let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
     rolled.assert_clean("gunicorn", 300);
     finish(&mut h, "exit status 0");
 }
@@ -554,7 +651,7 @@ address = "unix:{{dir}}/app.sock"
 mode = "0666"
 
 [app]
-command = ["puma", {puma_args}, "-t", "16:16", "config.ru"]
+command = ["puma", "-C", "puma.rb", {puma_args}, "-t", "16:16", "config.ru"]
 cwd = "{apps}"
 workers = 1
 env = {{ RACK_ENV = "production" }}
@@ -562,7 +659,7 @@ handoff = ["systemd"]
 ready = "notify"
 ready_timeout = "60s"
 drain_signal = "TERM"
-drain_timeout = "30s"
+drain_timeout = "35s"
 "#,
         apps = apps_dir()
     )
@@ -584,7 +681,7 @@ fn puma_unlinking_the_unix_path_is_repaired() {
     // Generations 2..=6 bind only TCP: each Puma closes the unix socket at
     // boot and unlinks its path, and holdfast must put back the same socket.
     h.rewrite_config(&puma_two_listeners(r#""-b", "tcp://127.0.0.1:{port}""#));
-    let rolled = rollouts_under_load(&h, direct_load(h.tcp()), |generation| {
+    let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |generation| {
         let now = wait_until(
             Duration::from_secs(5),
             &format!("app.sock back after rollout to generation {generation}"),
@@ -646,7 +743,7 @@ address = "unix:{{dir}}/app.sock"
 mode = "0666"
 
 [app]
-command = ["puma", "--bind-to-activated-sockets=only", "-t", "32:32", "config.ru"]
+command = ["puma", "-C", "puma.rb", "--bind-to-activated-sockets=only", "-t", "32:32", "config.ru"]
 cwd = "{apps}"
 workers = 2
 env = {{ RACK_ENV = "production" }}
@@ -654,7 +751,7 @@ handoff = ["systemd"]
 ready = "notify"
 ready_timeout = "60s"
 drain_signal = "TERM"
-drain_timeout = "30s"
+drain_timeout = "35s"
 "#,
         apps = apps_dir()
     )
@@ -667,7 +764,7 @@ fn nginx_in_front_of_puma_on_a_unix_socket() {
     let mut h = Holdfast::start(&puma_on_unix());
     wait_all_ready(&h);
     let proxy = Proxy::nginx(&h, &nginx);
-    let rolled = rollouts_under_load(&h, proxied_load(proxy.target()), |_| {});
+    let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
     rolled.assert_clean("nginx -> puma", 300);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
@@ -683,7 +780,7 @@ fn apache_in_front_of_puma_on_a_unix_socket() {
     let mut h = Holdfast::start(&puma_on_unix());
     wait_all_ready(&h);
     let proxy = Proxy::apache(&h, &apache);
-    let rolled = rollouts_under_load(&h, proxied_load(proxy.target()), |_| {});
+    let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
     rolled.assert_clean("apache -> puma", 300);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
