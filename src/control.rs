@@ -481,7 +481,11 @@ pub async fn fetch_status(
     tx: &mpsc::UnboundedSender<Input>,
     baseline: Option<(u64, u64)>,
 ) -> Result<Snapshot, Response> {
+    /// /proc walks at once; more status requests wait their turn here
+    /// instead of each taking a blocking thread.
+    static ENRICH: Semaphore = Semaphore::const_new(2);
     let mut snap = loop_status(tx).await?;
+    let _permit = ENRICH.acquire().await.map_err(|_| gone())?;
     tokio::task::spawn_blocking(move || {
         crate::status::enrich(&mut snap, baseline);
         snap
@@ -685,15 +689,18 @@ impl Client {
         stream
             .set_read_timeout(timeout)
             .map_err(self.io("set timeout"))?;
-        self.reader
-            .get_mut()
-            .write_all(&line)
-            .map_err(self.io("send"))?;
+        // A refused peer gets its error line and a close before it writes:
+        // the send fails, and the reason is in the line still to be read.
+        let sent = self.reader.get_mut().write_all(&line);
         let mut reply = Vec::new();
-        let n = (&mut self.reader)
+        let read = (&mut self.reader)
             .take(256 * 1024 * 1024)
-            .read_until(b'\n', &mut reply)
-            .map_err(self.io("read the response"))?;
+            .read_until(b'\n', &mut reply);
+        let n = match (sent, read) {
+            (_, Ok(n)) if n > 0 => n,
+            (Err(e), _) => return Err(self.io("send")(e)),
+            (Ok(()), r) => r.map_err(self.io("read the response"))?,
+        };
         if n == 0 {
             return Err(ClientError::Protocol {
                 path: self.path.clone(),

@@ -401,14 +401,62 @@ fn count_connections(
     n
 }
 
+/// TCP sockets that are not listening, in TIME_WAIT or half-open, from an
+/// INET_DIAG dump: the kernel skips the others, so a host with tens of
+/// thousands of TIME_WAIT sockets costs nothing (formatting /proc/net/tcp for
+/// them takes seconds). Falls back to /proc/net/tcp{,6}.
 fn tcp_sockets() -> TcpTable {
-    let mut out = HashMap::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        if let Ok(text) = std::fs::read_to_string(file) {
-            out.extend(parse_proc_net_tcp(&text));
+    match inet_sockets() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag for TCP failed; reading /proc/net/tcp");
+            let mut out = HashMap::new();
+            for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+                if let Ok(text) = std::fs::read_to_string(file) {
+                    out.extend(parse_proc_net_tcp(&text));
+                }
+            }
+            out
         }
     }
-    out
+}
+
+fn inet_sockets() -> std::io::Result<TcpTable> {
+    const TIME_WAIT: u32 = 6;
+    const SYN_RECV: u32 = 3;
+    let states: u32 = 0xFFF & !(1 << TIME_WAIT | 1 << SYN_RECV | 1u32 << TCP_LISTEN);
+    let mut out = HashMap::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        // inet_diag_req_v2: family, protocol, ext, pad, states, sockid (48 bytes).
+        let mut req = vec![family as u8, libc::IPPROTO_TCP as u8, 0, 0];
+        req.extend_from_slice(&states.to_ne_bytes());
+        req.extend_from_slice(&[0; 48]);
+        sock_diag_dump(&req, |msg, _| {
+            // inet_diag_msg: family, state, timer, retrans, sockid {sport be16,
+            // dport be16, src [be32; 4], dst [be32; 4], if, cookie [u32; 2]},
+            // expires, rqueue, wqueue, uid, inode.
+            let (Some(head), Some(src), Some(inode)) =
+                (msg.get(..4), msg.get(8..24), msg.get(68..72))
+            else {
+                return;
+            };
+            let port = msg
+                .get(4..6)
+                .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]));
+            let ip = if i32::from(head[0]) == libc::AF_INET {
+                IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3]))
+            } else {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(src);
+                IpAddr::V6(Ipv6Addr::from(b))
+            };
+            let inode = u32::from_ne_bytes([inode[0], inode[1], inode[2], inode[3]]);
+            if inode != 0 {
+                out.insert(u64::from(inode), (SocketAddr::new(ip, port), head[1]));
+            }
+        })?;
+    }
+    Ok(out)
 }
 
 /// Parses /proc/net/tcp or tcp6 (proc_net_tcp(5)); inode 0 (TIME_WAIT) is skipped.
@@ -564,10 +612,41 @@ pub fn parse_netstat(text: &str) -> Option<(u64, u64)> {
 }
 
 /// Accept queues of every listening unix socket, by inode: (queued now,
-/// max), from a NETLINK_SOCK_DIAG dump with `UDIAG_SHOW_RQLEN` (for a
-/// listening socket the kernel reports its pending connections and
+/// max), from a sock_diag dump with `UDIAG_SHOW_RQLEN` (for a listening
+/// socket the kernel reports its pending connections and
 /// `sk_max_ack_backlog`).
 pub fn unix_listen_queues() -> std::io::Result<HashMap<u64, (u32, u32)>> {
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    // unix_diag_req: family, protocol, pad u16, states, ino, show, cookie [u32; 2].
+    let mut req = vec![libc::AF_UNIX as u8, 0, 0, 0];
+    req.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&UDIAG_SHOW_RQLEN.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]);
+    let mut out = HashMap::new();
+    sock_diag_dump(&req, |msg, attrs| {
+        // unix_diag_msg: family, type, state, pad, ino u32, cookie [u32; 2].
+        let Some(ino) = msg.get(4..8) else { return };
+        let ino = u64::from(u32::from_ne_bytes([ino[0], ino[1], ino[2], ino[3]]));
+        for (kind, data) in attrs {
+            if let (UNIX_DIAG_RQLEN, Some(q)) = (kind, data.get(..8)) {
+                let rq = u32::from_ne_bytes([q[0], q[1], q[2], q[3]]);
+                let wq = u32::from_ne_bytes([q[4], q[5], q[6], q[7]]);
+                out.insert(ino, (rq, wq));
+            }
+        }
+    })?;
+    Ok(out)
+}
+
+/// Sends one NETLINK_SOCK_DIAG dump request with `payload` (a
+/// `*_diag_req`) and calls `each` with every reply's fixed part (16 bytes
+/// for unix, 72 for inet) and its attributes (type, data).
+fn sock_diag_dump(
+    payload: &[u8],
+    mut each: impl FnMut(&[u8], Vec<(u16, &[u8])>),
+) -> std::io::Result<()> {
     use nix::sys::socket::{
         recv, sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag,
         SockProtocol, SockType,
@@ -578,10 +657,13 @@ pub fn unix_listen_queues() -> std::io::Result<HashMap<u64, (u32, u32)>> {
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
-    const TCP_LISTEN_STATE: u32 = 10;
-    const UDIAG_SHOW_RQLEN: u32 = 0x10;
-    const UNIX_DIAG_RQLEN: u16 = 4;
+    const HDR: usize = 16;
 
+    let fixed = if payload.first() == Some(&(libc::AF_UNIX as u8)) {
+        16
+    } else {
+        72
+    };
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
@@ -593,19 +675,14 @@ pub fn unix_listen_queues() -> std::io::Result<HashMap<u64, (u32, u32)>> {
         sockopt::ReceiveTimeout,
         &nix::sys::time::TimeVal::new(2, 0),
     )?;
-    let mut req = Vec::with_capacity(40);
-    req.extend_from_slice(&40u32.to_ne_bytes()); // nlmsg_len
+    let len = u32::try_from(HDR + payload.len()).unwrap_or(u32::MAX);
+    let mut req = Vec::with_capacity(HDR + payload.len());
+    req.extend_from_slice(&len.to_ne_bytes());
     req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    req.push(libc::AF_UNIX as u8); // sdiag_family
-    req.push(0); // sdiag_protocol
-    req.extend_from_slice(&0u16.to_ne_bytes()); // pad
-    req.extend_from_slice(&(1u32 << TCP_LISTEN_STATE).to_ne_bytes()); // udiag_states
-    req.extend_from_slice(&0u32.to_ne_bytes()); // udiag_ino
-    req.extend_from_slice(&UDIAG_SHOW_RQLEN.to_ne_bytes());
-    req.extend_from_slice(&[0xff; 8]); // udiag_cookie: none
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
+    req.extend_from_slice(payload);
     sendto(
         fd.as_raw_fd(),
         &req,
@@ -617,48 +694,49 @@ pub fn unix_listen_queues() -> std::io::Result<HashMap<u64, (u32, u32)>> {
         b.get(i..i + 4)
             .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
     };
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "short sock_diag reply");
-    let mut out = HashMap::new();
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed sock_diag reply");
     let mut buf = vec![0u8; 64 * 1024];
     // Bounded: a dump of a busy host ends well within this many datagrams.
-    for _ in 0..10_000 {
+    for _ in 0..100_000 {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Err(bad());
+        }
         let mut off = 0;
-        while off + 16 <= n {
+        while off + HDR <= n {
             let msg = &buf[off..n];
             let len = u32_at(msg, 0).ok_or_else(bad)? as usize;
             let kind = u16_at(msg, 4).ok_or_else(bad)?;
-            if len < 16 || len > msg.len() {
+            if len < HDR || len > msg.len() {
                 return Err(bad());
             }
             match kind {
-                NLMSG_DONE => return Ok(out),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
-                    let errno = u32_at(msg, 16).ok_or_else(bad)? as i32;
-                    return Err(std::io::Error::from_raw_os_error(-errno));
+                    let errno = u32_at(msg, HDR).ok_or_else(bad)? as i32;
+                    return Err(std::io::Error::from_raw_os_error(errno.saturating_neg()));
                 }
                 _ => {}
             }
-            // unix_diag_msg: family, type, state, pad, ino u32, cookie [u32; 2]
-            let ino = u64::from(u32_at(msg, 16 + 4).ok_or_else(bad)?);
-            let mut a = 16 + 16;
-            while a + 4 <= len {
-                let alen = usize::from(u16_at(msg, a).ok_or_else(bad)?);
-                let atype = u16_at(msg, a + 2).ok_or_else(bad)?;
-                if alen < 4 {
-                    break;
+            let body = &msg[HDR..len];
+            if body.len() >= fixed {
+                let mut attrs = Vec::new();
+                let mut a = fixed;
+                while a + 4 <= body.len() {
+                    let alen = usize::from(u16_at(body, a).ok_or_else(bad)?);
+                    let atype = u16_at(body, a + 2).ok_or_else(bad)?;
+                    if alen < 4 || a + alen > body.len() {
+                        break;
+                    }
+                    attrs.push((atype, &body[a + 4..a + alen]));
+                    a += (alen + 3) & !3;
                 }
-                if atype == UNIX_DIAG_RQLEN {
-                    let rq = u32_at(msg, a + 4).ok_or_else(bad)?;
-                    let wq = u32_at(msg, a + 8).ok_or_else(bad)?;
-                    out.insert(ino, (rq, wq));
-                }
-                a += (alen + 3) & !3;
+                each(&body[..fixed], attrs);
             }
             off += (len + 3) & !3;
         }
     }
-    Ok(out)
+    Err(bad())
 }
 
 /// `3h12m`, `45s`, `2d3h`: the two largest units.
