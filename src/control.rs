@@ -475,17 +475,42 @@ fn gone() -> Response {
     )
 }
 
-/// Asks the loop for the cheap half of a snapshot, then enriches it from
-/// /proc on a blocking thread.
+type StatusResult = Result<Snapshot, Response>;
+
+/// Status requests waiting for the next walk of /proc.
+static WAITING: std::sync::Mutex<Vec<oneshot::Sender<StatusResult>>> =
+    std::sync::Mutex::new(Vec::new());
+/// One walk at a time.
+static WALK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A status snapshot no older than this call: the loop's half is taken after
+/// the call began, then enriched from /proc on a blocking thread.
+///
+/// Concurrent callers share one walk: whoever holds [`WALK`] takes every
+/// caller waiting so far, asks the loop (so the snapshot is newer than all of
+/// them), walks /proc once and answers them all. 200 clients at once cost a
+/// few walks, not 200.
 pub async fn fetch_status(
     tx: &mpsc::UnboundedSender<Input>,
     baseline: Option<(u64, u64)>,
-) -> Result<Snapshot, Response> {
-    /// /proc walks at once; more status requests wait their turn here
-    /// instead of each taking a blocking thread.
-    static ENRICH: Semaphore = Semaphore::const_new(2);
+) -> StatusResult {
+    let (me, rx) = oneshot::channel();
+    WAITING.lock().unwrap_or_else(|e| e.into_inner()).push(me);
+    {
+        let _walk = WALK.lock().await;
+        let batch = std::mem::take(&mut *WAITING.lock().unwrap_or_else(|e| e.into_inner()));
+        if !batch.is_empty() {
+            let result = walk(tx, baseline).await;
+            for w in batch {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+    rx.await.unwrap_or_else(|_| Err(gone()))
+}
+
+async fn walk(tx: &mpsc::UnboundedSender<Input>, baseline: Option<(u64, u64)>) -> StatusResult {
     let mut snap = loop_status(tx).await?;
-    let _permit = ENRICH.acquire().await.map_err(|_| gone())?;
     tokio::task::spawn_blocking(move || {
         crate::status::enrich(&mut snap, baseline);
         snap
