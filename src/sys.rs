@@ -1,5 +1,6 @@
 //! The only module with `unsafe`: fork/exec of a worker with an exact fd plan
-//! (plus the fd flags of inherited sockets and the one `getsockopt(TCP_INFO)` nix does not wrap).
+//! (plus the fd flags of inherited sockets, and the one `getsockopt(TCP_INFO)`
+//! that nix does not wrap).
 //!
 //! Everything the child needs is prepared before `fork()` (paths, argv, envp,
 //! the fd table, a buffer for `LISTEN_PID`), because between fork and exec
