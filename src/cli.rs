@@ -2,7 +2,9 @@
 //!
 //! Exit codes follow sysexits.h: 0 ok, 64 usage, 69 an address cannot be
 //! bound (unavailable), 70 internal error, 71 an OS resource failed, 78 the
-//! config (or its command) is wrong.
+//! config (or its command) is wrong. The control commands (status, restart,
+//! reopen-logs, scale, stop): 0 ok, 1 the request failed, 69 holdfast is not
+//! running, 77 permission denied, 78 the --config file is unreadable.
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -39,6 +41,32 @@ pub enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Show holdfast's workers, listeners and counters (a table, or --json).
+    Status(ControlArgs),
+    /// Rolling restart (as SIGHUP: the config is re-read); --wait returns when it ends.
+    Restart {
+        /// Return when the rollout ends: exit 0 when it succeeded, 1 with the reason when not.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Reopen the log files (as SIGUSR1); returns when they are reopened.
+    ReopenLogs(ControlArgs),
+    /// Run N workers from now on.
+    Scale {
+        /// How many workers (at least 1).
+        workers: u32,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Graceful stop (as SIGTERM); --wait returns when holdfast has exited.
+    Stop {
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// The HTTP test worker (used by the tests, benchmarks and the demo).
     #[command(hide = true, disable_help_flag = true)]
     TestWorker {
@@ -63,6 +91,56 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// How the control commands find holdfast: `--control`, then `--config`'s
+/// `control_socket`, then `$HOLDFAST_CONTROL`, then the default rule
+/// ([`crate::config::default_control_socket`]).
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// The control socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The config file holdfast runs with (its control_socket, or the socket next to it).
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the response as JSON (for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ControlArgs {
+    /// The socket path, or a config error.
+    pub fn socket(&self) -> Result<PathBuf, String> {
+        if let Some(p) = &self.control {
+            return Ok(p.clone());
+        }
+        if let Some(file) = &self.config {
+            let path = std::path::absolute(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("config {}: {e}", path.display()))?;
+            let parsed = crate::config::parse(&path, &text).map_err(|e| e.to_string())?;
+            let base = path.parent().map(PathBuf::from).unwrap_or_default();
+            return Ok(match parsed.control_socket {
+                Some(p) => base.join(p),
+                None => crate::config::default_control_socket(Some(&path)),
+            });
+        }
+        if let Some(p) = std::env::var_os("HOLDFAST_CONTROL").filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(p));
+        }
+        Ok(crate::config::default_control_socket(None))
+    }
+}
+
+fn control(args: &ControlArgs, command: crate::control::Command) -> ExitCode {
+    match args.socket() {
+        Ok(path) => code(crate::control::run_client(&path, command, args.json)),
+        Err(e) => {
+            eprintln!("holdfast: {e}");
+            code(exitcode::CONFIG)
+        }
+    }
+}
+
 fn parse_address(s: &str) -> Result<Address, String> {
     s.parse()
 }
@@ -82,8 +160,36 @@ fn code(c: i32) -> ExitCode {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    ExitCode::SUCCESS
+                }
+                _ => code(exitcode::USAGE),
+            };
+        }
+    };
+    use crate::control::Command as C;
     match cli.command {
+        Command::Status(args) => control(&args, C::Status),
+        Command::Restart { wait, control: a } => control(&a, C::Restart { wait }),
+        Command::ReopenLogs(args) => control(&args, C::ReopenLogs),
+        Command::Scale {
+            workers,
+            control: a,
+        } => {
+            if workers == 0 {
+                eprintln!("holdfast: scale: workers must be at least 1");
+                return code(exitcode::USAGE);
+            }
+            control(&a, C::Scale { workers })
+        }
+        Command::Stop { wait, control: a } => control(&a, C::Stop { wait }),
         Command::TestWorker { args } => crate::testworker::main(args),
         Command::Check { config } => match Config::load(Some(&config), &Overrides::default()) {
             Ok(c) => {

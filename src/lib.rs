@@ -20,10 +20,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod listener;
+pub mod metrics;
 pub mod notify;
 pub mod runtime;
 pub mod spawn;
+pub mod status;
 pub mod supervisor;
 pub mod sys;
 pub mod systemd;

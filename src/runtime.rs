@@ -20,9 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{AppConfig, Config, Overrides, ReadyMode};
+use crate::control::{self, ControlSocket};
 use crate::listener::{self, Listener};
 use crate::notify::{self, NotifySocket};
 use crate::spawn::{self, Spec, Start};
+use crate::status::Snapshot;
 use crate::supervisor::{
     Action, Event, ExitReason, Generation, Pid, Policy, ReplyTo, Request, Supervisor, WorkerId,
 };
@@ -39,6 +41,10 @@ pub enum StartError {
     Command(#[from] crate::sys::SpawnError),
     #[error(transparent)]
     Activation(#[from] ActivationError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -52,7 +58,9 @@ impl StartError {
             StartError::Config(_) | StartError::Command(_) | StartError::Activation(_) => {
                 exitcode::CONFIG
             }
-            StartError::Listen(_) => exitcode::UNAVAILABLE,
+            StartError::Listen(_) | StartError::Control(_) | StartError::Metrics(_) => {
+                exitcode::UNAVAILABLE
+            }
             StartError::Io { .. } => exitcode::OSERR,
         }
     }
@@ -76,6 +84,14 @@ pub type Reply = oneshot::Sender<Result<String, String>>;
 
 /// Messages into the loop from its helpers (probes, control connections).
 pub enum Input {
+    /// The cheap half of a status snapshot (see [`crate::status`]).
+    Status {
+        reply: oneshot::Sender<Snapshot>,
+    },
+    /// Reopen the log files (SIGUSR1).
+    ReopenLogs {
+        reply: Option<Reply>,
+    },
     Event(Event),
     Request {
         request: Request,
@@ -108,6 +124,10 @@ pub struct Runtime {
     systemd: Notifier,
     /// Sockets systemd passed that no entry holds now (claimable on reload).
     inherited: Inherited,
+    started: Instant,
+    /// Bound in `new`, served from `run`.
+    control: Option<ControlSocket>,
+    metrics: Option<std::net::TcpListener>,
 }
 
 struct Probe {
@@ -167,6 +187,21 @@ impl Runtime {
         }
         systemd.store(&listeners);
         let spec = Spec::new(config.app.clone(), listeners.clone())?;
+        let control = match ControlSocket::bind(&config.control_socket) {
+            Ok(s) => Some(s),
+            // Without a config file the path is the default rule's
+            // (/run/holdfast or $XDG_RUNTIME_DIR), which may be unusable or
+            // shared: run on without it rather than refuse to start.
+            Err(e) if config.path.is_none() => {
+                warn!(error = %e, "running without a control socket; signals still work (set control_socket in a config file)");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let metrics = config
+            .metrics_listen
+            .map(crate::metrics::bind)
+            .transpose()?;
         let io = |what: &str| {
             let what = what.to_string();
             move |source| StartError::Io { what, source }
@@ -204,6 +239,9 @@ impl Runtime {
             ignored_senders: Default::default(),
             systemd,
             inherited,
+            started: Instant::now(),
+            control,
+            metrics,
         })
     }
 
@@ -226,6 +264,18 @@ impl Runtime {
         };
         info!(pid = std::process::id(), workers = self.sv.policy().workers, command = ?self.config.app.command.0, "holdfast started");
         let mut stall = stall_hook();
+        let baseline = crate::status::listen_counters();
+        let control = self.control.take().and_then(|socket| {
+            let path = socket.path().display().to_string();
+            control::Server::start(socket, self.tx.clone(), baseline)
+                .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
+                .ok()
+        });
+        let metrics = self.metrics.take().and_then(|l| {
+            crate::metrics::start(l, self.tx.clone(), baseline)
+                .map_err(|e| error!(error = %e, "cannot serve metrics"))
+                .ok()
+        });
         self.feed(Event::Tick);
         let mut repair = tokio::time::interval(Duration::from_secs(1));
         while self.exit.is_none() {
@@ -266,6 +316,17 @@ impl Runtime {
             }
         }
         let code = self.exit.unwrap_or(0);
+        // Answer what is still queued ("holdfast is exiting") and let the
+        // control server write replies already decided (stop --wait).
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+        self.replies.clear();
+        if let Some(m) = metrics {
+            m.abort();
+        }
+        if let Some(c) = control {
+            c.finish().await;
+        }
         info!(code, "holdfast exiting");
         code
     }
@@ -314,7 +375,27 @@ impl Runtime {
                 self.feed(Event::Request { request, reply });
             }
             Input::Reload { reply } => self.reload(reply),
+            Input::Status { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Input::ReopenLogs { reply } => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err("no [logs] configured: nothing to reopen".into()));
+                }
+            }
         }
+    }
+
+    /// The loop's half of a status snapshot: no /proc reads.
+    fn snapshot(&self) -> Snapshot {
+        crate::status::snapshot(crate::status::Sources {
+            sv: &self.sv,
+            config: &self.config,
+            listeners: &self.listeners,
+            started: self.started,
+            now: Instant::now(),
+            log_stats: (0, 0),
+        })
     }
 
     fn hold_reply(&mut self, r: Reply) -> ReplyTo {

@@ -1,4 +1,6 @@
-//! The only module with `unsafe`: fork/exec of a worker with an exact fd plan.
+//! The only module with `unsafe`: fork/exec of a worker with an exact fd plan
+//! (plus the fd flags of inherited sockets, and the one `getsockopt(TCP_INFO)`
+//! that nix does not wrap).
 //!
 //! Everything the child needs is prepared before `fork()` (paths, argv, envp,
 //! the fd table, a buffer for `LISTEN_PID`), because between fork and exec
@@ -404,4 +406,32 @@ pub fn take_listen_fds(count: usize) -> Vec<io::Result<OwnedFd>> {
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         })
         .collect()
+}
+
+/// The accept queue of a listening TCP socket: (connections waiting to be
+/// accepted now, the queue's maximum), from `TCP_INFO` (tcp(7)). For a socket
+/// in LISTEN state the kernel reports `sk_ack_backlog` in `tcpi_unacked` and
+/// `sk_max_ack_backlog` in `tcpi_sacked`. nix has no `TCP_INFO` wrapper.
+pub fn tcp_accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is a borrowed, open descriptor; `info` points at
+    // `len` writable bytes (zero-initialised, so a short write by an older
+    // kernel leaves valid zeros) and `len` is a valid in/out pointer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: tcp_info is plain integers, valid for any bit pattern, and it
+    // was zero-initialised before the kernel wrote its prefix.
+    let info = unsafe { info.assume_init() };
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
