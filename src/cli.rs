@@ -191,7 +191,13 @@ pub fn main() -> ExitCode {
         }
         Command::Stop { wait, control: a } => control(&a, C::Stop { wait }),
         Command::TestWorker { args } => crate::testworker::main(args),
-        Command::Check { config } => match Config::load(Some(&config), &Overrides::default()) {
+        Command::Check { config } => match Config::load(Some(&config), &Overrides::default())
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                // `run` refuses a command it cannot find; so does `check`.
+                crate::spawn::Spec::new(c.app.clone(), Vec::new()).map_err(|e| e.to_string())?;
+                Ok(c)
+            }) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} listener(s), {} worker(s) of {:?})",

@@ -27,6 +27,8 @@ pub enum ListenError {
     Bind { address: Address, reason: String },
     #[error("listen {address}: another process is already listening on {path}")]
     UnixInUse { address: Address, path: PathBuf },
+    #[error("listen {address}: no socket named `{name}` was passed by systemd (LISTEN_FDNAMES); start holdfast from the .socket unit that names it with FileDescriptorName={name}")]
+    NotPassed { address: Address, name: String },
 }
 
 impl ListenError {
@@ -149,11 +151,9 @@ impl Listener {
                 })
             }
             Address::Unix(path) => Self::bind_unix(spec, path, backlog),
-            Address::Systemd(name) => Err(ListenError::Bind {
+            Address::Systemd(name) => Err(ListenError::NotPassed {
                 address: spec.address.clone(),
-                reason: format!(
-                    "no socket named `{name}` was passed by systemd (LISTEN_FDNAMES); start holdfast from its .socket unit"
-                ),
+                name: name.clone(),
             }),
         }
     }

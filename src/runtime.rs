@@ -55,9 +55,10 @@ pub enum StartError {
 impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Config(_) | StartError::Command(_) | StartError::Activation(_) => {
-                exitcode::CONFIG
-            }
+            StartError::Config(_)
+            | StartError::Command(_)
+            | StartError::Activation(_)
+            | StartError::Listen(listener::ListenError::NotPassed { .. }) => exitcode::CONFIG,
             StartError::Listen(_) | StartError::Control(_) | StartError::Metrics(_) => {
                 exitcode::UNAVAILABLE
             }

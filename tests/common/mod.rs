@@ -460,7 +460,7 @@ impl Holdfast {
     }
 
     /// Runs a one-shot `holdfast ARGS` with this instance's placeholders (e.g.
-    /// `status --control-socket {dir}/holdfast.sock`), bounded by 30 s.
+    /// `status --control {dir}/holdfast.sock`), bounded by 30 s.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(holdfast_bin());
         cmd.args(args.iter().map(|a| self.fill(a)));
