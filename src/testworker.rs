@@ -159,6 +159,10 @@ struct Args {
     /// Serve, then exit 3 after this long.
     #[arg(long, value_name = "MS")]
     crash_after_ms: Option<u64>,
+    /// Only crash (`--crash-after-ms`) in the worker whose HOLDFAST_WORKER_ID
+    /// is N, so a test can crash-loop one slot while the others serve.
+    #[arg(long, value_name = "N", requires = "crash_after_ms")]
+    crash_slot: Option<u32>,
     /// Ignore SIGTERM and SIGQUIT (keep serving).
     #[arg(long)]
     ignore_term: bool,
@@ -711,7 +715,11 @@ impl Worker {
         if !self.args.never_ready {
             tokio::spawn(Arc::clone(self).announce_ready());
         }
-        if let Some(ms) = self.args.crash_after_ms {
+        let crash_here = match self.args.crash_slot {
+            Some(slot) => self.slot == slot.to_string(),
+            None => true,
+        };
+        if let Some(ms) = self.args.crash_after_ms.filter(|_| crash_here) {
             tokio::spawn(async move {
                 sleep(Duration::from_millis(ms)).await;
                 say(&format!("test-worker: crashing on purpose after {ms} ms"));
