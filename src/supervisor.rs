@@ -924,7 +924,7 @@ impl Supervisor {
         }
         for id in kill {
             if let Some(w) = self.workers.get(&id) {
-                error!(slot = %w.slot, pid = ?w.pid, generation = %w.generation, timeout = ?self.policy.drain_timeout,
+                error!(slot = %w.slot, pid = w.pid.map_or(0, |p| p.0), generation = %w.generation, timeout = ?self.policy.drain_timeout,
                     "worker did not exit within drain_timeout after {}; sending SIGKILL to its process group", self.policy.drain_signal);
             }
             self.counters.drain_kills += 1;
@@ -943,7 +943,7 @@ impl Supervisor {
                 ReadyMode::Probe => " (ready = \"probe\": GET of ready_path on its private socket never answered below 500. The server must serve every inherited socket, as Gunicorn does; uWSGI needs --protocol http)",
                 ReadyMode::Delay => "",
             };
-            error!(slot = %w.slot, pid = ?w.pid, generation = %w.generation, "worker {why}{hint}; killing it");
+            error!(slot = %w.slot, pid = w.pid.map_or(0, |p| p.0), generation = %w.generation, "worker {why}{hint}; killing it");
             self.kill(id, out);
             // Forget it now: its exit must not count twice.
             if let Some(k) = self.workers.get_mut(&id) {
