@@ -1590,6 +1590,54 @@ fn say(msg: &str) {
 /// Sends `READY=1` and `STATUS=serving` to `NOTIFY_SOCKET` (sd_notify(3));
 /// nothing if it is unset. sd-notify 0.5 treats an `@` name as a path, so
 /// the abstract namespace is handled here.
+/// sd_notify_barrier(3): sends `BARRIER=1` with the write end of a pipe and
+/// waits up to `timeout` for the manager to close it, which it does only
+/// after handling every earlier message of this sender. systemd-notify does
+/// this by default; a sender that exits right after `READY=1` needs it.
+fn notify_barrier(timeout: Duration) -> Result<(), Error> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::{AsFd, AsRawFd};
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let notify_err = |source: io::Error| Error::Notify {
+        socket: socket.to_string_lossy().into_owned(),
+        source,
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound().map_err(notify_err)?;
+    match socket.to_str().and_then(|s| s.strip_prefix('@')) {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                .map_err(notify_err)?;
+            sock.connect_addr(&addr).map_err(notify_err)?;
+        }
+        None => sock.connect(&socket).map_err(notify_err)?,
+    }
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| notify_err(e.into()))?;
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[io::IoSlice::new(b"BARRIER=1\n")],
+        &[ControlMessage::ScmRights(&[write.as_raw_fd()])],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| notify_err(e.into()))?;
+    drop(write);
+    let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, ms) {
+        Ok(0) => Err(notify_err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("BARRIER=1 not released within {timeout:?}"),
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => Err(notify_err(e.into())),
+    }
+}
+
 fn notify_ready() -> Result<(), Error> {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(());
@@ -1628,7 +1676,10 @@ async fn run_child(role: ChildRole, args: &Args) -> ExitCode {
         return ExitCode::SUCCESS; // The parent is already gone.
     }
     if role == ChildRole::Notify {
-        return match notify_ready() {
+        // This child exits right after READY=1: wait until the manager has
+        // handled it, or it may find the sender gone before it can tell whose
+        // descendant it was.
+        return match notify_ready().and_then(|()| notify_barrier(Duration::from_secs(5))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 say(&format!("test-worker {pid} (notify child): {e}"));
