@@ -328,13 +328,24 @@ impl fmt::Display for Error {
 
 /// What the process inherited, captured at the top of [`main`] and served
 /// as JSON by `GET /inherited`.
+///
+/// Only the fd numbers and their link targets are read at start; the sockets
+/// are described on the first `/inherited` ([`Inherited::render`]), because
+/// that reads the whole socket table (/proc/net/tcp), which after a load of
+/// one-shot connections holds tens of thousands of TIME_WAIT entries and
+/// took 1.5-4 s on a busy 2-core box: every worker's start, and so every
+/// rollout step, waited for it.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Inherited {
     /// Every open fd, in order.
     fds: Vec<i32>,
     /// For each fd ≥ 3: `tcp:IP:PORT listening`, `unix:/path listening`,
     /// `... connected`, `... open`, or the `/proc/self/fd` link target.
+    /// Filled by [`Inherited::render`].
     sockets: BTreeMap<i32, String>,
+    /// The `/proc/self/fd` link target of each fd ≥ 3, as captured.
+    #[serde(skip)]
+    targets: BTreeMap<i32, String>,
     /// The socket-activation and holdfast variables that were set.
     env: BTreeMap<String, String>,
 }
@@ -371,12 +382,7 @@ impl Inherited {
             }
         }
         fds.sort_unstable();
-        let table = SocketTable::read();
-        let sockets = targets
-            .into_iter()
-            .filter(|(fd, _)| *fd >= 3)
-            .map(|(fd, target)| (fd, describe_fd(fd, &target, &table)))
-            .collect();
+        targets.retain(|fd, _| *fd >= 3);
         let env = std::env::vars_os()
             .filter_map(|(k, v)| {
                 let k = k.into_string().ok()?;
@@ -386,7 +392,36 @@ impl Inherited {
                 wanted.then(|| (k, v.to_string_lossy().into_owned()))
             })
             .collect();
-        Inherited { fds, sockets, env }
+        Inherited {
+            fds,
+            sockets: BTreeMap::new(),
+            targets,
+            env,
+        }
+    }
+
+    /// The JSON of `/inherited`, describing each inherited fd that is still
+    /// the file it was at start (the worker keeps its inherited fds open).
+    fn render(&self) -> String {
+        let table = SocketTable::read();
+        let sockets = self
+            .targets
+            .iter()
+            .map(|(&fd, target)| {
+                let now = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                    .map(|t| t.to_string_lossy().into_owned());
+                let described = match now {
+                    Ok(now) if now == *target => describe_fd(fd, target, &table),
+                    _ => format!("{target} (closed since start)"),
+                };
+                (fd, described)
+            })
+            .collect();
+        let full = Inherited {
+            sockets,
+            ..self.clone()
+        };
+        serde_json::to_string(&full).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
     fn var(&self, name: &str) -> Option<&str> {
@@ -629,24 +664,22 @@ struct Worker {
     slot: String,
     /// `HOLDFAST_GENERATION` or `-`.
     generation: String,
-    /// `/inherited`'s body, rendered once.
-    inherited_json: String,
+    inherited: Inherited,
+    /// `/inherited`'s body, rendered on first use.
+    inherited_json: std::sync::OnceLock<String>,
     requests: AtomicU64,
     memory: Memory,
 }
 
 impl Worker {
     fn new(args: Args, inherited: Inherited) -> Result<Worker, Error> {
-        let inherited_json = serde_json::to_string(&inherited).map_err(|e| Error::Setup {
-            what: "render /inherited",
-            source: io::Error::other(e),
-        })?;
         let var = |name| inherited.var(name).unwrap_or("-").to_string();
         Ok(Worker {
             pid: std::process::id(),
             slot: var("HOLDFAST_WORKER_ID"),
             generation: var("HOLDFAST_GENERATION"),
-            inherited_json,
+            inherited_json: std::sync::OnceLock::new(),
+            inherited,
             requests: AtomicU64::new(0),
             memory: Memory::default(),
             args,
@@ -988,7 +1021,11 @@ impl Worker {
             return Response {
                 status: 200,
                 content_type: "application/json",
-                body: format!("{}\n", self.inherited_json).into_bytes(),
+                body: format!(
+                    "{}\n",
+                    self.inherited_json.get_or_init(|| self.inherited.render())
+                )
+                .into_bytes(),
             };
         }
         if path == "/grow" {
