@@ -608,6 +608,9 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         if let Some(hint) = suggest(&message) {
             message.push_str(&format!("; did you mean `{hint}`?"));
         }
+        if let Some(place) = e.span().and_then(|span| place(text, span.start, &message)) {
+            message.push_str(&format!(" ({place})"));
+        }
         ConfigError::Parse {
             path: path.to_path_buf(),
             line,
@@ -615,6 +618,35 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             message,
         }
     })
+}
+
+/// Where `offset` is in the TOML: "key `workers` in [app]", or "in [app]"
+/// when the key is not known or `message` already names it. serde's messages
+/// for a bad value ("invalid type: string \"two\", expected a nonzero u32")
+/// do not say which key they are about.
+fn place(text: &str, offset: usize, message: &str) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    let header = |l: &str| {
+        let l = l.trim();
+        (l.starts_with('[')).then(|| l[..l.rfind(']').map_or(l.len(), |i| i + 1)].to_string())
+    };
+    let table = header(line).or_else(|| text[..line_start].lines().rev().find_map(header));
+    let key = match line.find('=') {
+        Some(eq) if header(line).is_none() && line_start + eq < offset => {
+            Some(line[..eq].trim()).filter(|k| !k.is_empty())
+        }
+        _ => None,
+    }
+    .filter(|k| !message.contains(&format!("`{k}`")));
+    match (key, table) {
+        (Some(k), Some(t)) => Some(format!("key `{k}` in {t}")),
+        (Some(k), None) => Some(format!("key `{k}`")),
+        (None, Some(t)) => Some(format!("in {t}")),
+        (None, None) => None,
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -667,8 +699,9 @@ mod tests {
         let e =
             err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\nworkers = 0\n");
         assert!(e.contains("h.toml:5:11") && e.contains("nonzero"), "{e}");
+        assert!(e.ends_with("nonzero u32 (key `workers` in [app])"), "{e}");
         let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\nworkers = 1\n");
-        assert!(e.contains("missing field `command`"), "{e}");
+        assert!(e.contains("missing field `command` (in [app])"), "{e}");
         let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = []\n");
         assert!(
             e.contains("h.toml:4:11") && e.contains("command is empty"),
@@ -681,6 +714,9 @@ mod tests {
         );
         let e = err("[[listen]]\naddress = \"nowhere\"\n[app]\ncommand = [\"x\"]\n");
         assert!(e.contains("h.toml:2:11"), "{e}");
+        assert!(e.ends_with("(key `address` in [[listen]])"), "{e}");
+        let e = err("control_socket = 3\n[app]\ncommand = [\"x\"]\n");
+        assert!(e.ends_with("(key `control_socket`)"), "{e}");
     }
 
     #[test]

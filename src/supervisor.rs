@@ -846,8 +846,9 @@ impl Supervisor {
         self.counters.failed_rollouts += 1;
         let kind = if r.rollback { "rollback" } else { "rollout" };
         error!(%generation, reason = %why, "{kind} failed; the previous generation keeps serving");
-        // Stop everything of this rollout that has not proven itself.
-        let mut kill = Vec::new();
+        // Stop everything of this rollout that has not proven itself,
+        // gracefully: a starting worker may already be serving requests.
+        let mut stop = Vec::new();
         self.inflight.retain(|x| match x.new {
             Some(new) if matches!(x.reason, Reason::Rollout | Reason::Rollback) => {
                 let ready = self
@@ -855,14 +856,14 @@ impl Supervisor {
                     .get(&new)
                     .is_some_and(|w| matches!(w.state, WorkerState::Ready { .. }));
                 if !ready {
-                    kill.push(new);
+                    stop.push(new);
                 }
                 ready // a ready one is already draining its old worker: let it finish
             }
             _ => true,
         });
-        for id in kill {
-            self.kill(id, out);
+        for id in stop {
+            self.drain(id, now, false, out);
         }
         self.queue
             .retain(|(_, r, _)| !matches!(r, Reason::Rollout | Reason::Rollback));
@@ -924,7 +925,7 @@ impl Supervisor {
         }
         for id in kill {
             if let Some(w) = self.workers.get(&id) {
-                error!(slot = %w.slot, pid = ?w.pid, generation = %w.generation, timeout = ?self.policy.drain_timeout,
+                error!(slot = %w.slot, pid = w.pid.map_or(0, |p| p.0), generation = %w.generation, timeout = ?self.policy.drain_timeout,
                     "worker did not exit within drain_timeout after {}; sending SIGKILL to its process group", self.policy.drain_signal);
             }
             self.counters.drain_kills += 1;
@@ -943,12 +944,12 @@ impl Supervisor {
                 ReadyMode::Probe => " (ready = \"probe\": GET of ready_path on its private socket never answered below 500. The server must serve every inherited socket, as Gunicorn does; uWSGI needs --protocol http)",
                 ReadyMode::Delay => "",
             };
-            error!(slot = %w.slot, pid = ?w.pid, generation = %w.generation, "worker {why}{hint}; killing it");
-            self.kill(id, out);
-            // Forget it now: its exit must not count twice.
-            if let Some(k) = self.workers.get_mut(&id) {
-                k.state = WorkerState::Killed;
-            }
+            error!(slot = %w.slot, pid = w.pid.map_or(0, |p| p.0), generation = %w.generation, "worker {why}{hint}; stopping it with {}", self.policy.drain_signal);
+            // Not ready is not idle: a server that never says READY=1 may
+            // already accept from the shared sockets, so it gets the drain
+            // signal (SIGKILL after drain_timeout), as any old worker does.
+            // Draining, its exit does not count as a failure a second time.
+            self.drain(id, now, false, out);
             self.worker_failed(w, format!("{why}{hint}"), now, out);
         }
     }

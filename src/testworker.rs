@@ -159,6 +159,10 @@ struct Args {
     /// Serve, then exit 3 after this long.
     #[arg(long, value_name = "MS")]
     crash_after_ms: Option<u64>,
+    /// Only crash (`--crash-after-ms`) in the worker whose HOLDFAST_WORKER_ID
+    /// is N, so a test can crash-loop one slot while the others serve.
+    #[arg(long, value_name = "N", requires = "crash_after_ms")]
+    crash_slot: Option<u32>,
     /// Ignore SIGTERM and SIGQUIT (keep serving).
     #[arg(long)]
     ignore_term: bool,
@@ -324,13 +328,24 @@ impl fmt::Display for Error {
 
 /// What the process inherited, captured at the top of [`main`] and served
 /// as JSON by `GET /inherited`.
+///
+/// Only the fd numbers and their link targets are read at start; the sockets
+/// are described on the first `/inherited` ([`Inherited::render`]), because
+/// that reads the whole socket table (/proc/net/tcp), which after a load of
+/// one-shot connections holds tens of thousands of TIME_WAIT entries and
+/// took 1.5-4 s on a busy 2-core box: every worker's start, and so every
+/// rollout step, waited for it.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Inherited {
     /// Every open fd, in order.
     fds: Vec<i32>,
     /// For each fd ≥ 3: `tcp:IP:PORT listening`, `unix:/path listening`,
     /// `... connected`, `... open`, or the `/proc/self/fd` link target.
+    /// Filled by [`Inherited::render`].
     sockets: BTreeMap<i32, String>,
+    /// The `/proc/self/fd` link target of each fd ≥ 3, as captured.
+    #[serde(skip)]
+    targets: BTreeMap<i32, String>,
     /// The socket-activation and holdfast variables that were set.
     env: BTreeMap<String, String>,
 }
@@ -367,12 +382,7 @@ impl Inherited {
             }
         }
         fds.sort_unstable();
-        let table = SocketTable::read();
-        let sockets = targets
-            .into_iter()
-            .filter(|(fd, _)| *fd >= 3)
-            .map(|(fd, target)| (fd, describe_fd(fd, &target, &table)))
-            .collect();
+        targets.retain(|fd, _| *fd >= 3);
         let env = std::env::vars_os()
             .filter_map(|(k, v)| {
                 let k = k.into_string().ok()?;
@@ -382,7 +392,36 @@ impl Inherited {
                 wanted.then(|| (k, v.to_string_lossy().into_owned()))
             })
             .collect();
-        Inherited { fds, sockets, env }
+        Inherited {
+            fds,
+            sockets: BTreeMap::new(),
+            targets,
+            env,
+        }
+    }
+
+    /// The JSON of `/inherited`, describing each inherited fd that is still
+    /// the file it was at start (the worker keeps its inherited fds open).
+    fn render(&self) -> String {
+        let table = SocketTable::read();
+        let sockets = self
+            .targets
+            .iter()
+            .map(|(&fd, target)| {
+                let now = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                    .map(|t| t.to_string_lossy().into_owned());
+                let described = match now {
+                    Ok(now) if now == *target => describe_fd(fd, target, &table),
+                    _ => format!("{target} (closed since start)"),
+                };
+                (fd, described)
+            })
+            .collect();
+        let full = Inherited {
+            sockets,
+            ..self.clone()
+        };
+        serde_json::to_string(&full).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
     fn var(&self, name: &str) -> Option<&str> {
@@ -625,24 +664,22 @@ struct Worker {
     slot: String,
     /// `HOLDFAST_GENERATION` or `-`.
     generation: String,
-    /// `/inherited`'s body, rendered once.
-    inherited_json: String,
+    inherited: Inherited,
+    /// `/inherited`'s body, rendered on first use.
+    inherited_json: std::sync::OnceLock<String>,
     requests: AtomicU64,
     memory: Memory,
 }
 
 impl Worker {
     fn new(args: Args, inherited: Inherited) -> Result<Worker, Error> {
-        let inherited_json = serde_json::to_string(&inherited).map_err(|e| Error::Setup {
-            what: "render /inherited",
-            source: io::Error::other(e),
-        })?;
         let var = |name| inherited.var(name).unwrap_or("-").to_string();
         Ok(Worker {
             pid: std::process::id(),
             slot: var("HOLDFAST_WORKER_ID"),
             generation: var("HOLDFAST_GENERATION"),
-            inherited_json,
+            inherited_json: std::sync::OnceLock::new(),
+            inherited,
             requests: AtomicU64::new(0),
             memory: Memory::default(),
             args,
@@ -711,7 +748,11 @@ impl Worker {
         if !self.args.never_ready {
             tokio::spawn(Arc::clone(self).announce_ready());
         }
-        if let Some(ms) = self.args.crash_after_ms {
+        let crash_here = match self.args.crash_slot {
+            Some(slot) => self.slot == slot.to_string(),
+            None => true,
+        };
+        if let Some(ms) = self.args.crash_after_ms.filter(|_| crash_here) {
             tokio::spawn(async move {
                 sleep(Duration::from_millis(ms)).await;
                 say(&format!("test-worker: crashing on purpose after {ms} ms"));
@@ -980,7 +1021,11 @@ impl Worker {
             return Response {
                 status: 200,
                 content_type: "application/json",
-                body: format!("{}\n", self.inherited_json).into_bytes(),
+                body: format!(
+                    "{}\n",
+                    self.inherited_json.get_or_init(|| self.inherited.render())
+                )
+                .into_bytes(),
             };
         }
         if path == "/grow" {
@@ -1582,6 +1627,54 @@ fn say(msg: &str) {
 /// Sends `READY=1` and `STATUS=serving` to `NOTIFY_SOCKET` (sd_notify(3));
 /// nothing if it is unset. sd-notify 0.5 treats an `@` name as a path, so
 /// the abstract namespace is handled here.
+/// sd_notify_barrier(3): sends `BARRIER=1` with the write end of a pipe and
+/// waits up to `timeout` for the manager to close it, which it does only
+/// after handling every earlier message of this sender. systemd-notify does
+/// this by default; a sender that exits right after `READY=1` needs it.
+fn notify_barrier(timeout: Duration) -> Result<(), Error> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::{AsFd, AsRawFd};
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let notify_err = |source: io::Error| Error::Notify {
+        socket: socket.to_string_lossy().into_owned(),
+        source,
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound().map_err(notify_err)?;
+    match socket.to_str().and_then(|s| s.strip_prefix('@')) {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                .map_err(notify_err)?;
+            sock.connect_addr(&addr).map_err(notify_err)?;
+        }
+        None => sock.connect(&socket).map_err(notify_err)?,
+    }
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| notify_err(e.into()))?;
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[io::IoSlice::new(b"BARRIER=1\n")],
+        &[ControlMessage::ScmRights(&[write.as_raw_fd()])],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| notify_err(e.into()))?;
+    drop(write);
+    let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let mut fds = [PollFd::new(read.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, ms) {
+        Ok(0) => Err(notify_err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("BARRIER=1 not released within {timeout:?}"),
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => Err(notify_err(e.into())),
+    }
+}
+
 fn notify_ready() -> Result<(), Error> {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(());
@@ -1620,7 +1713,10 @@ async fn run_child(role: ChildRole, args: &Args) -> ExitCode {
         return ExitCode::SUCCESS; // The parent is already gone.
     }
     if role == ChildRole::Notify {
-        return match notify_ready() {
+        // This child exits right after READY=1: wait until the manager has
+        // handled it, or it may find the sender gone before it can tell whose
+        // descendant it was.
+        return match notify_ready().and_then(|()| notify_barrier(Duration::from_secs(5))) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 say(&format!("test-worker {pid} (notify child): {e}"));

@@ -208,7 +208,7 @@ fn new_worker_exiting_fails_the_rollout_and_old_keeps_serving() {
 }
 
 #[test]
-fn not_ready_by_timeout_kills_new_and_fails() {
+fn not_ready_by_timeout_drains_new_and_fails() {
     let mut sv = running(1, 1);
     play(
         &mut sv,
@@ -219,15 +219,25 @@ fn not_ready_by_timeout_kills_new_and_fails() {
     );
     assert_eq!(sv.next_deadline(), Some(t(11) + Duration::from_secs(60)));
     let out = sv.step(t(11 + 60_000), Event::Tick);
-    assert_eq!(out[0], kill(2, 200));
+    // The drain signal, not SIGKILL: a worker that never said READY=1 may be
+    // serving requests from the shared socket already (bug: they were reset).
+    assert_eq!(out[0], term(2, 200));
     assert!(
         matches!(&out[1], Action::Reply { outcome: Err(e), .. } if e.contains("not ready after 1m") && e.contains("ready = \"delay\"")),
         "{out:?}"
     );
+    // SIGKILL only after drain_timeout, like any worker that does not drain.
+    play(
+        &mut sv,
+        vec![
+            (11 + 60_000 + 29_999, Event::Tick, vec![]),
+            (11 + 90_000, Event::Tick, vec![kill(2, 200)]),
+        ],
+    );
     // Its exit later changes nothing.
     assert_eq!(
         sv.step(
-            t(70_000),
+            t(100_000),
             Event::Exited {
                 pid: Pid(200),
                 reason: ExitReason::Signal(9)
@@ -236,6 +246,57 @@ fn not_ready_by_timeout_kills_new_and_fails() {
         vec![]
     );
     assert_eq!(sv.ready_count(), 1);
+    assert_eq!(sv.counters.failed_rollouts, 1);
+}
+
+#[test]
+fn a_failed_rollout_drains_its_other_starting_workers() {
+    let mut sv = running(2, 2);
+    play(
+        &mut sv,
+        vec![
+            (
+                10,
+                rollout(policy(2, 2)),
+                vec![spawn(3, 0, 2), spawn(4, 1, 2)],
+            ),
+            (11, spawned(3, 200), vec![]),
+            (11, spawned(4, 201), vec![]),
+        ],
+    );
+    let out = sv.step(
+        t(12),
+        Event::Exited {
+            pid: Pid(200),
+            reason: ExitReason::Code(1),
+        },
+    );
+    // Worker 4 has not proven itself but may be serving: drained, not killed.
+    assert_eq!(out[0], term(4, 201), "{out:?}");
+    assert!(
+        matches!(
+            &out[1],
+            Action::Reply {
+                outcome: Err(_),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert!(
+        matches!(
+            &out[2],
+            Action::RolloutDone {
+                outcome: Err(_),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(sv.step(t(20), exited(201)), vec![]);
+    assert_eq!(sv.ready_count(), 2);
+    assert!(sv.rollout().is_none());
 }
 
 #[test]
