@@ -242,7 +242,6 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
     let inherited = match crate::systemd::Inherited::from_env() {
         Ok(i) => i,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("holdfast: {e}");
             return exitcode::CONFIG;
         }
@@ -261,7 +260,7 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
         match Runtime::with_inherited(config, overrides, inherited) {
             Ok(runtime) => runtime.run().await,
             Err(e) => {
-                tracing::error!("{e}");
+                // One report: stderr is the journal under systemd.
                 eprintln!("holdfast: {e}");
                 e.exit_code()
             }

@@ -90,7 +90,10 @@ impl NotifySocket {
 
 fn recv_one(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<Option<Message>> {
     let mut buf = vec![0u8; 4096];
-    let mut cmsg = nix::cmsg_space!(libc::ucred);
+    // Room for fds too: a datagram that carries any (BARRIER=1 from
+    // sd_notify_barrier(3), FDSTORE=1) would otherwise fail with ENOBUFS and
+    // be lost together with its READY=1.
+    let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 16]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(
         fd.as_raw_fd(),
@@ -101,8 +104,15 @@ fn recv_one(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<Option<Message>> {
     let len = msg.bytes;
     let mut pid = None;
     for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmCredentials(cred) = c {
-            pid = Some(cred.pid());
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+            // Workers have no fd store here; closing a barrier fd releases the sender.
+            ControlMessageOwned::ScmRights(fds) => {
+                for fd in fds {
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+            _ => {}
         }
     }
     Ok(pid.map(|pid| Message {

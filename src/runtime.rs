@@ -619,6 +619,10 @@ impl Runtime {
     }
 
     fn on_notify(&mut self, m: notify::Message) {
+        if m.fields.iter().all(|(k, _)| k == "BARRIER") {
+            // sd_notify_barrier(3): receiving it (and closing its fd) is the answer.
+            return;
+        }
         let pids = &self.pids;
         let Some(owner) = notify::owning_worker(m.pid, |p| pids.contains_key(&p)) else {
             if self.ignored_senders.insert(m.pid) {
