@@ -508,7 +508,7 @@ fn puma_single_mode_ready_by_notify() {
     let mut h = Holdfast::start(&example_config("puma.toml"));
     wait_all_ready(&h);
     let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
-    rolled.assert_clean("puma single", 300);
+    rolled.assert_clean("puma single", 100);
     // Puma finishes its requests on TERM, then re-raises it.
     finish_with_silent_connections(&mut h, 8, "killed by SIGTERM");
 }
@@ -519,7 +519,7 @@ fn puma_cluster_mode() {
     let mut h = Holdfast::start(&example_config("puma-cluster.toml"));
     wait_all_ready(&h);
     let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
-    rolled.assert_clean("puma cluster", 300);
+    rolled.assert_clean("puma cluster", 100);
     finish_with_silent_connections(&mut h, 8, "killed by SIGTERM");
 }
 
@@ -529,7 +529,7 @@ fn unicorn_quit_through_listen_fds_exits_0() {
     let mut h = Holdfast::start(&example_config("unicorn.toml"));
     wait_all_ready(&h);
     let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
-    rolled.assert_clean("unicorn", 300);
+    rolled.assert_clean("unicorn", 100);
     // Not 1 (EBADF), which is what Unicorn does on QUIT when it gets the
     // sockets through both LISTEN_FDS and UNICORN_FD.
     finish(&mut h, "exit status 0");
@@ -541,7 +541,7 @@ fn gunicorn_through_listen_fds_ready_by_probe() {
     let mut h = Holdfast::start(&example_config("gunicorn.toml"));
     wait_all_ready(&h);
     let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
-    rolled.assert_clean("gunicorn", 300);
+    rolled.assert_clean("gunicorn", 100);
     finish(&mut h, "exit status 0");
 }
 
@@ -689,7 +689,7 @@ fn puma_unlinking_the_unix_path_is_repaired() {
         );
         assert_eq!(now, inode);
     });
-    rolled.assert_clean("puma unlinking app.sock (TCP load)", 300);
+    rolled.assert_clean("puma unlinking app.sock (TCP load)", 100);
     let log = h.log();
     let closing = log
         .matches("Closing unused activated socket: unix://")
@@ -765,7 +765,7 @@ fn nginx_in_front_of_puma_on_a_unix_socket() {
     wait_all_ready(&h);
     let proxy = Proxy::nginx(&h, &nginx);
     let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
-    rolled.assert_clean("nginx -> puma", 300);
+    rolled.assert_clean("nginx -> puma", 100);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
 }
@@ -781,7 +781,7 @@ fn apache_in_front_of_puma_on_a_unix_socket() {
     wait_all_ready(&h);
     let proxy = Proxy::apache(&h, &apache);
     let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
-    rolled.assert_clean("apache -> puma", 300);
+    rolled.assert_clean("apache -> puma", 100);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
 }
