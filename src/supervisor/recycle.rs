@@ -103,11 +103,16 @@ impl Supervisor {
         self.recycle.as_ref()
     }
 
-    /// When `id` is due for age recycling, if `max_lifetime` is set.
+    /// When ready worker `id` is due for age recycling, if `max_lifetime`
+    /// is set: `max_lifetime` plus its slot's jitter after it became ready
+    /// (so a slow start never makes a worker due the moment it is ready).
     pub fn age_deadline(&self, id: WorkerId) -> Option<Instant> {
         let r = self.recycle.as_ref()?;
         let w = self.workers.get(&id)?;
-        let due = w.started + r.max_lifetime? + r.jitter(w.slot);
+        let WorkerState::Ready { since } = w.state else {
+            return None;
+        };
+        let due = since + r.max_lifetime? + r.jitter(w.slot);
         Some(w.memory.retry_at.map_or(due, |t| t.max(due)))
     }
 
@@ -140,9 +145,12 @@ impl Supervisor {
                 continue;
             };
             w.memory.aged = true;
+            let WorkerState::Ready { since } = w.state else {
+                continue;
+            };
             let detail = format!(
-                "age {} > max_lifetime {} + jitter {}",
-                fmt_duration(now.saturating_duration_since(w.started)),
+                "ready for {} > max_lifetime {} + jitter {}",
+                fmt_duration(now.saturating_duration_since(since)),
                 fmt_duration(max),
                 fmt_duration(r.jitter(w.slot)),
             );
@@ -191,7 +199,7 @@ impl Supervisor {
             state.last = Some(value);
             if !state.sampled {
                 state.sampled = true;
-                info!(%slot, %pid, metric = ?m, value, rss = s.total(Metric::Rss), processes = s.processes.len(),
+                info!(%slot, %pid, metric = metric_name(m), value, rss = s.total(Metric::Rss), processes = s.processes.len(),
                     "worker {slot} (pid {pid}) first memory sample: {what} {}, tree rss {}, {} process(es); limit {}",
                     mib(value), mib(s.total(Metric::Rss)), s.processes.len(), r.limit.map_or("none".into(), mib));
             }

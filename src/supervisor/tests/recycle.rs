@@ -361,32 +361,48 @@ fn aging(workers: u32, max_surge: u32, seed: u64) -> Supervisor {
 fn max_lifetime_plus_jitter_recycles_at_the_deadline() {
     let mut sv = aging(1, 1, 0);
     let r = sv.recycle().cloned().expect("recycle");
-    // Seed 0, slot 0: no jitter. Spawned at t(1).
+    // Seed 0, slot 0: no jitter. Ready at t(2): due 10 s later.
     assert_eq!(r.jitter(Slot(0)), Duration::ZERO);
-    assert_eq!(sv.next_deadline(), Some(t(10_001)));
+    assert_eq!(sv.next_deadline(), Some(t(10_002)));
     play(
         &mut sv,
         vec![
-            (9_000, Event::Tick, vec![]),
-            (10_001, Event::Tick, vec![spawn(2, 0, 1)]),
-            (10_002, spawned(2, 200), vec![]),
+            (10_001, Event::Tick, vec![]),
+            (10_002, Event::Tick, vec![spawn(2, 0, 1)]),
+            (10_003, spawned(2, 200), vec![]),
         ],
     );
     // Worker 1 is already being replaced: its deadline is done with; the
-    // new one's counts from its own start once it is ready.
+    // new one's counts from the moment it is ready.
     assert_eq!(
         sv.next_deadline(),
-        Some(t(10_002) + Duration::from_secs(60))
+        Some(t(10_003) + Duration::from_secs(60))
     );
     play(
         &mut sv,
         vec![(11_000, ready(2), vec![verify(2, 200), term(1, 100)])],
     );
     // Its age deadline comes before worker 1's drain deadline.
-    assert_eq!(sv.next_deadline(), Some(t(20_002)));
+    assert_eq!(sv.next_deadline(), Some(t(21_000)));
     sv.step(t(11_500), exited(100));
-    assert_eq!(sv.next_deadline(), Some(t(20_002)));
+    assert_eq!(sv.next_deadline(), Some(t(21_000)));
     assert_eq!(sv.counters.replacements.get(&Reason::Age), Some(&1));
+}
+
+#[test]
+fn a_worker_slow_to_start_is_not_due_the_moment_it_is_ready() {
+    let mut sv = aging(1, 1, 0);
+    play(
+        &mut sv,
+        vec![
+            (10_002, Event::Tick, vec![spawn(2, 0, 1)]),
+            (10_003, spawned(2, 200), vec![]),
+            // Ready 15 s after its spawn, more than max_lifetime (10 s).
+            (25_003, ready(2), vec![verify(2, 200), term(1, 100)]),
+            (25_004, Event::Tick, vec![]),
+        ],
+    );
+    assert_eq!(sv.age_deadline(WorkerId(2)), Some(t(35_003)));
 }
 
 #[test]
@@ -409,20 +425,24 @@ fn jitter_spreads_slots_over_the_range() {
 
 #[test]
 fn due_workers_wait_for_surge_budget_without_spinning() {
-    // Seed 0: slot 0 due at 10.001 s, slot 1 at 10.001 s + 4 s × 0.618 = 12.473136 s.
+    // Seed 0: ready at t(2), slot 0 due at 10.002 s, slot 1 at 10.002 s +
+    // 4 s × 0.618 = 12.474136 s.
     let mut sv = aging(2, 1, 0);
     play(
         &mut sv,
         vec![
-            (10_001, Event::Tick, vec![spawn(3, 0, 1)]),
-            (10_002, spawned(3, 200), vec![]),
+            (10_002, Event::Tick, vec![spawn(3, 0, 1)]),
+            (10_003, spawned(3, 200), vec![]),
             (12_474, Event::Tick, vec![]),
         ],
     );
+    let due = sv.next_deadline().expect("slot 1's age deadline");
+    assert!(due > t(12_474) && due < t(12_475));
+    play(&mut sv, vec![(12_475, Event::Tick, vec![])]);
     // Slot 1 is queued, waiting: its deadline no longer wakes the loop.
     assert_eq!(
         sv.next_deadline(),
-        Some(t(10_002) + Duration::from_secs(60))
+        Some(t(10_003) + Duration::from_secs(60))
     );
     play(
         &mut sv,
@@ -449,8 +469,8 @@ fn a_failed_age_replacement_is_retried_after_backoff_max() {
     play(
         &mut sv,
         vec![
-            (10_001, Event::Tick, vec![spawn(2, 0, 1)]),
-            (10_002, spawned(2, 200), vec![]),
+            (10_002, Event::Tick, vec![spawn(2, 0, 1)]),
+            (10_003, spawned(2, 200), vec![]),
         ],
     );
     let failed = Event::Exited {
