@@ -1,7 +1,10 @@
 //! Memory of worker process trees, read from /proc.
 //!
-//! One sampling round lists every process once (`/proc/*/stat`, see
-//! [`crate::tree`]), then reads each process under each worker:
+//! One sampling round walks each worker's tree down its
+//! `/proc/PID/task/TID/children` files (so its cost follows the workers'
+//! processes, not every process on the machine; a kernel without
+//! CONFIG_PROC_CHILDREN falls back to one pass over `/proc/*/stat`, see
+//! [`crate::tree`]), then reads each process:
 //! `/proc/PID/smaps_rollup` for PSS and USS (`Rss`, `Pss`, `Private_Clean +
 //! Private_Dirty`), or only `/proc/PID/status` (`VmRSS`) when the metric is
 //! RSS, which needs no page-table walk and is much cheaper. A process that
@@ -136,15 +139,22 @@ pub fn sample(workers: &[(WorkerId, Pid)], metric: Metric) -> Vec<TreeSample> {
     if workers.is_empty() {
         return Vec::new();
     }
-    let parents = crate::tree::parents();
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for (&pid, &ppid) in &parents {
-        children.entry(ppid).or_default().push(pid);
-    }
+    // Without children files: one pass over /proc for the whole round.
+    let scanned: Option<HashMap<i32, Vec<i32>>> = (!children_files()).then(|| {
+        let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+        for (pid, ppid) in crate::tree::parents() {
+            children.entry(ppid).or_default().push(pid);
+        }
+        children
+    });
     workers
         .iter()
         .filter_map(|&(id, pid)| {
-            let processes: Vec<ProcessSample> = subtree(pid.0, &children)
+            let tree = match &scanned {
+                Some(children) => subtree(pid.0, |p| children.get(&p).cloned().unwrap_or_default()),
+                None => subtree(pid.0, children_of),
+            };
+            let processes: Vec<ProcessSample> = tree
                 .into_iter()
                 .filter_map(|p| {
                     read_usage(p, metric).map(|usage| ProcessSample { pid: Pid(p), usage })
@@ -156,17 +166,39 @@ pub fn sample(workers: &[(WorkerId, Pid)], metric: Metric) -> Vec<TreeSample> {
         .collect()
 }
 
-/// `root` and its descendants, breadth first.
-fn subtree(root: i32, children: &HashMap<i32, Vec<i32>>) -> Vec<i32> {
+/// `root` and its descendants, breadth first (at most 100,000: a pid
+/// reused into a loop cannot make it run forever).
+fn subtree(root: i32, children: impl Fn(i32) -> Vec<i32>) -> Vec<i32> {
     let mut out = vec![root];
     let mut i = 0;
-    while i < out.len() {
-        if let Some(c) = children.get(&out[i]) {
-            out.extend(c);
-        }
+    while i < out.len() && out.len() < 100_000 {
+        out.extend(children(out[i]));
         i += 1;
     }
     out
+}
+
+/// Whether this kernel has `/proc/PID/task/TID/children` (CONFIG_PROC_CHILDREN, Linux 3.5+).
+fn children_files() -> bool {
+    let me = std::process::id();
+    std::path::Path::new(&format!("/proc/{me}/task/{me}/children")).exists()
+}
+
+/// The children of every thread of `pid` (a child belongs to the thread
+/// that forked it). Racy by nature: a child forked meanwhile may be missed
+/// until the next round, which is harmless for sampling.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
 
 /// The memory of one process, or `None` if it is gone (or unreadable).
@@ -343,6 +375,37 @@ Swap:                  0 kB
         assert_eq!(tree.total(Metric::Pss), sum);
         assert!(descends);
         assert!(!is_descendant(me, kid));
+    }
+
+    #[test]
+    fn children_files_and_the_proc_scan_agree() {
+        let mut kids: Vec<_> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .expect("spawn sleep")
+            })
+            .collect();
+        let me = std::process::id() as i32;
+        let mut scanned: HashMap<i32, Vec<i32>> = HashMap::new();
+        for (pid, ppid) in crate::tree::parents() {
+            scanned.entry(ppid).or_default().push(pid);
+        }
+        let mut a = subtree(me, children_of);
+        let mut b = subtree(me, |p| scanned.get(&p).cloned().unwrap_or_default());
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        assert!(children_files());
+        a.sort();
+        b.sort();
+        // Other tests' children may come and go meanwhile: compare ours.
+        for k in &kids {
+            let pid = k.id() as i32;
+            assert!(a.contains(&pid) && b.contains(&pid), "{a:?} {b:?}");
+        }
     }
 
     #[test]
