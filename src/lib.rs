@@ -14,6 +14,7 @@
 //! - [`notify`]: holdfast's NOTIFY_SOCKET for workers.
 //! - [`systemd`]: socket activation, the fd store, and notifications to systemd.
 //! - [`tree`]: process trees and socket inodes from /proc.
+//! - [`memory`]: rss / pss / uss of worker trees from /proc (facts for memory recycling).
 //! - [`cli`]: the command line.
 //! - [`testworker`]: the HTTP test worker used by tests, benchmarks and the demo.
 #![warn(clippy::unwrap_used)]
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod runtime;

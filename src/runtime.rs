@@ -19,14 +19,16 @@ use signal_hook::consts::signal::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{AppConfig, Config, Overrides, ReadyMode};
+use crate::config::{AppConfig, Config, MemoryConfig, Overrides, ReadyMode};
 use crate::control::{self, ControlSocket};
 use crate::listener::{self, Listener};
+use crate::memory::{self, Reading};
 use crate::notify::{self, NotifySocket};
 use crate::spawn::{self, Spec, Start};
 use crate::status::Snapshot;
 use crate::supervisor::{
-    Action, Event, ExitReason, Generation, Pid, Policy, ReplyTo, Request, Supervisor, WorkerId,
+    Action, Event, ExitReason, Generation, Pid, Policy, Recycle, ReplyTo, Request, Supervisor,
+    WorkerId, WorkerState,
 };
 use crate::systemd::{ActivationError, Inherited, Notifier};
 
@@ -80,6 +82,29 @@ pub fn policy(app: &AppConfig) -> Policy {
     }
 }
 
+/// The supervisor's view of `[memory]`; `seed` feeds the lifetime jitter.
+pub fn recycle(memory: &MemoryConfig, seed: u64) -> Recycle {
+    Recycle {
+        limit: memory.limit.map(|b| b.as_u64()),
+        metric: memory.metric(),
+        scope: memory.scope,
+        grace: memory.grace,
+        min_lifetime: memory.min_lifetime,
+        child_signal: memory.child_signal.0,
+        max_lifetime: memory.max_lifetime,
+        lifetime_jitter: memory.lifetime_jitter.unwrap_or_default(),
+        seed,
+    }
+}
+
+/// A random u64 from the std hasher's per-process random keys (no RNG crate needed).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
 /// A reply channel the edge holds for a request it fed to the supervisor.
 pub type Reply = oneshot::Sender<Result<String, String>>;
 
@@ -129,6 +154,14 @@ pub struct Runtime {
     /// Bound in `new`, served from `run`.
     control: Option<ControlSocket>,
     metrics: Option<std::net::TcpListener>,
+    /// The latest memory figures of each worker (by worker pid), from the last round.
+    memory: HashMap<Pid, Reading>,
+    /// When the running sampling round started; a new one waits for it.
+    sampling: Option<Instant>,
+    /// Every `[memory] interval`; `None` without `[memory]`.
+    memory_tick: Option<tokio::time::Interval>,
+    /// Random input to the lifetime jitter, drawn once.
+    seed: u64,
 }
 
 struct Probe {
@@ -220,8 +253,11 @@ impl Runtime {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut specs = BTreeMap::new();
         specs.insert(Generation(1), spec);
+        let seed = random_seed();
+        let mut sv = Supervisor::new(policy(&config.app));
+        sv.set_recycle(config.memory.as_ref().map(|m| recycle(m, seed)));
         Ok(Runtime {
-            sv: Supervisor::new(policy(&config.app)),
+            sv,
             config,
             overrides,
             specs,
@@ -243,7 +279,18 @@ impl Runtime {
             started: Instant::now(),
             control,
             metrics,
+            memory: HashMap::new(),
+            sampling: None,
+            memory_tick: None,
+            seed,
         })
+    }
+
+    /// The latest memory figures of the worker whose own pid is `pid`, from
+    /// the last sampling round that found it; `None` without `[memory]` or
+    /// before its first round.
+    pub fn memory_of(&self, pid: Pid) -> Option<&Reading> {
+        self.memory.get(&pid)
     }
 
     /// A sender for helpers that feed the loop.
@@ -278,6 +325,11 @@ impl Runtime {
                 .ok()
         });
         self.feed(Event::Tick);
+        self.memory_tick = self
+            .config
+            .memory
+            .as_ref()
+            .map(|m| memory_interval(m.interval));
         let mut repair = tokio::time::interval(Duration::from_secs(1));
         while self.exit.is_none() {
             let deadline = self.sv.next_deadline();
@@ -307,6 +359,7 @@ impl Runtime {
                 _ = repair.tick() => self.repair_paths(),
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
                 Some(d) = next_signal(&mut stall) => stall_loop(d),
+                _ = tick(&mut self.memory_tick) => self.sample_memory(),
             }
         }
         if self.systemd.uses_fd_store() {
@@ -370,6 +423,11 @@ impl Runtime {
 
     fn on_input(&mut self, input: Input) {
         match input {
+            Input::Event(Event::MemorySample { samples }) => {
+                self.sampling = None;
+                self.record_memory(&samples);
+                self.feed(Event::MemorySample { samples });
+            }
             Input::Event(e) => self.feed(e),
             Input::Request { request, reply } => {
                 let reply = reply.map(|r| self.hold_reply(r));
@@ -454,6 +512,15 @@ impl Runtime {
         self.systemd.store_changes(&self.listeners, &listeners);
         self.listeners = listeners;
         let policy = policy(&new.app);
+        let interval = |c: &Config| c.memory.as_ref().map(|m| m.interval);
+        if interval(&new) != interval(&self.config) {
+            self.memory_tick = new.memory.as_ref().map(|m| memory_interval(m.interval));
+        }
+        if new.memory.is_none() {
+            self.memory.clear();
+        }
+        self.sv
+            .set_recycle(new.memory.as_ref().map(|m| recycle(m, self.seed)));
         self.config = new;
         let reply = reply.map(|r| self.hold_reply(r));
         self.feed(Event::Request {
@@ -500,6 +567,25 @@ impl Runtime {
                 debug!(worker = %id, %pid, %signal, "signal");
                 if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), signal) {
                     warn!(%pid, %signal, error = %e, "signal failed");
+                }
+            }
+            Action::SignalProcess {
+                id,
+                worker,
+                pid,
+                signal,
+            } => {
+                if !self.pids.contains_key(&worker.0) {
+                    return; // the worker was reaped: its pid may be anyone's now
+                }
+                match memory::signal_descendant(worker, pid, signal) {
+                    Ok(memory::Signalled::Sent) => {
+                        debug!(worker = %id, %pid, %signal, "signal to a worker's descendant")
+                    }
+                    Ok(memory::Signalled::NotDescendant) => {
+                        info!(worker_pid = %worker, %pid, %signal, "process {pid} is gone or no longer under worker pid {worker}: not signalled")
+                    }
+                    Err(e) => warn!(%pid, %signal, error = %e, "signal failed"),
                 }
             }
             Action::Kill { id, pid } => {
@@ -662,6 +748,52 @@ impl Runtime {
         }
     }
 
+    /// Starts a sampling round off the loop (spawn_blocking) unless one is
+    /// still running; its result comes back as `Event::MemorySample`.
+    fn sample_memory(&mut self) {
+        let Some(m) = &self.config.memory else {
+            return;
+        };
+        // A round that has not come back in a minute is lost (its thread panicked): start anew.
+        if self
+            .sampling
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            debug!("the previous memory round is still running; skipping this one");
+            return;
+        }
+        let metric = m.metric();
+        let workers: Vec<(WorkerId, Pid)> = self
+            .sv
+            .workers()
+            .filter(|w| w.state != WorkerState::Killed)
+            .filter_map(|w| Some((w.id, w.pid?)))
+            .collect();
+        if workers.is_empty() {
+            return;
+        }
+        self.sampling = Some(Instant::now());
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let samples = memory::sample(&workers, metric);
+            let _ = tx.send(Input::Event(Event::MemorySample { samples }));
+        });
+    }
+
+    /// Keeps the figures of this round for `memory_of`; workers not in it are forgotten.
+    fn record_memory(&mut self, samples: &[memory::TreeSample]) {
+        let Some(m) = &self.config.memory else {
+            return;
+        };
+        let metric = m.metric();
+        let now = Instant::now();
+        self.memory = samples
+            .iter()
+            .filter(|s| self.pids.contains_key(&s.pid.0))
+            .map(|s| (s.pid, Reading::of(s, metric, now)))
+            .collect();
+    }
+
     /// After READY: does the worker's process tree hold the listening sockets?
     fn verify(&self, pid: Pid) {
         let want: Vec<(String, u64)> = self
@@ -786,6 +918,24 @@ async fn probe_once(sock: &Path, path: &str) -> std::io::Result<u16> {
                 format!("not an HTTP status line: {line:?}"),
             )
         })
+}
+
+/// The sampling timer: a late tick is not made up for by a burst (a burst
+/// would count one spike as several samples).
+fn memory_interval(every: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}
+
+/// Waits for the next tick of `interval`, or forever without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn signame(sig: i32) -> String {

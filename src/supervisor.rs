@@ -21,6 +21,10 @@ use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
 use crate::config::ReadyMode;
+use crate::memory::TreeSample;
+
+mod recycle;
+pub use recycle::{MemoryState, Recycle};
 
 macro_rules! id_type {
     ($(#[$m:meta])* $name:ident($t:ty)) => {
@@ -161,6 +165,10 @@ pub enum Event {
         reason: Reason,
         detail: String,
     },
+    /// One memory sampling round (see `crate::memory`): facts, no decisions.
+    MemorySample {
+        samples: Vec<TreeSample>,
+    },
     Request {
         request: Request,
         reply: Option<ReplyTo>,
@@ -177,6 +185,15 @@ pub enum Action {
     /// Send the drain signal to the worker's pid.
     Signal {
         id: WorkerId,
+        pid: Pid,
+        signal: Signal,
+    },
+    /// Send `signal` to `pid`, a descendant of worker `worker` (scope =
+    /// "process": a bloated child). The edge signals it only if it still
+    /// descends from `worker` at that moment.
+    SignalProcess {
+        id: WorkerId,
+        worker: Pid,
         pid: Pid,
         signal: Signal,
     },
@@ -257,6 +274,8 @@ pub struct Worker {
     pub state: WorkerState,
     pub started: Instant,
     pub status: Option<String>,
+    /// Memory and age recycling state.
+    pub memory: MemoryState,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -289,6 +308,8 @@ pub struct Counters {
     pub replacements: BTreeMap<Reason, u64>,
     pub failed_rollouts: u64,
     pub drain_kills: u64,
+    /// Bloated children sent `child_signal` (`[memory]` scope = "process").
+    pub child_signals: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -314,6 +335,8 @@ pub struct Supervisor {
     inflight: Vec<Replacement>,
     next_id: u64,
     phase: Phase,
+    /// `[memory]`: memory limits and lifetimes; `None` when not configured.
+    recycle: Option<Recycle>,
     pub counters: Counters,
 }
 
@@ -333,6 +356,7 @@ impl Supervisor {
             inflight: Vec::new(),
             next_id: 1,
             phase: Phase::Starting,
+            recycle: None,
             counters: Counters::default(),
         }
     }
@@ -388,13 +412,16 @@ impl Supervisor {
             _ => None,
         });
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
-        workers.chain(restarts).min()
+        workers.chain(restarts).chain(self.age_deadlines()).min()
     }
 
     pub fn step(&mut self, now: Instant, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::Tick => self.expire(now, &mut out),
+            Event::Tick => {
+                self.expire(now, &mut out);
+                self.expire_ages(now);
+            }
             Event::Spawned { id, pid } => self.on_spawned(id, pid, now),
             Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error, now, &mut out),
             Event::Ready { id } => self.on_ready(id, now, &mut out),
@@ -409,6 +436,7 @@ impl Supervisor {
                 reason,
                 detail,
             } => self.on_replace(pid, reason, detail),
+            Event::MemorySample { samples } => self.on_memory_sample(samples, now, &mut out),
             Event::Request { request, reply } => self.on_request(request, reply, now, &mut out),
         }
         self.advance(now, &mut out);
@@ -449,6 +477,7 @@ impl Supervisor {
                 state: WorkerState::Spawning,
                 started: now,
                 status: None,
+                memory: MemoryState::default(),
             },
         );
         out.push(Action::Spawn {
@@ -546,7 +575,11 @@ impl Supervisor {
                     out,
                 ),
                 _ => {
-                    warn!(slot = %r.slot, reason = %r.reason, error = %why, "replacement worker failed; the old worker keeps serving")
+                    let retry = self.policy.backoff_max;
+                    warn!(slot = %r.slot, reason = %r.reason, error = %why, retry_in = ?retry, "replacement worker failed; the old worker keeps serving");
+                    if let Some(old) = self.workers.get_mut(&r.old) {
+                        old.memory.replacement_failed(now + retry);
+                    }
                 }
             }
             return;
@@ -660,14 +693,21 @@ impl Supervisor {
     }
 
     fn on_replace(&mut self, pid: Pid, reason: Reason, detail: String) {
-        let Some(id) = self.worker_by_pid(pid) else {
-            return;
-        };
+        if let Some(id) = self.worker_by_pid(pid) {
+            self.queue_replacement(id, reason, detail);
+        }
+    }
+
+    /// Queues a start-before-stop replacement of ready worker `id` for
+    /// `reason`, unless it is already queued or being replaced. Returns
+    /// whether it was queued.
+    fn queue_replacement(&mut self, id: WorkerId, reason: Reason, detail: String) -> bool {
         let Some(w) = self.workers.get(&id) else {
-            return;
+            return false;
         };
+        let Some(pid) = w.pid else { return false };
         if !matches!(w.state, WorkerState::Ready { .. }) || self.is_stopping() {
-            return;
+            return false;
         }
         let slot = w.slot;
         let busy = self.inflight.iter().any(|r| r.slot == slot)
@@ -676,11 +716,12 @@ impl Supervisor {
                 .iter()
                 .any(|(s, _, w)| *s == slot && *w == Some(id));
         if busy {
-            debug!(%slot, %pid, %reason, "already being replaced");
-            return;
+            debug!(%slot, %pid, %reason, %detail, "already being replaced");
+            return false;
         }
-        info!(%slot, %pid, %reason, %detail, "replacing worker");
+        info!(%slot, %pid, %reason, %detail, "worker {slot} (pid {pid}) {detail}: replacing");
         self.queue.push_back((slot, reason, Some(id)));
+        true
     }
 
     fn on_request(

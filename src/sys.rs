@@ -1,6 +1,6 @@
 //! The only module with `unsafe`: fork/exec of a worker with an exact fd plan
-//! (plus the fd flags of inherited sockets, and the one `getsockopt(TCP_INFO)`
-//! that nix does not wrap).
+//! (plus the fd flags of inherited sockets, the one `getsockopt(TCP_INFO)`
+//! and the two pidfd calls that nix does not wrap).
 //!
 //! Everything the child needs is prepared before `fork()` (paths, argv, envp,
 //! the fd table, a buffer for `LISTEN_PID`), because between fork and exec
@@ -434,4 +434,38 @@ pub fn tcp_accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(u32, u32
     // was zero-initialised before the kernel wrote its prefix.
     let info = unsafe { info.assume_init() };
     Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// pidfd_open(2): an fd that refers to exactly this process, so a signal sent
+/// through it can never reach a later process that reuses the pid. ENOSYS on
+/// kernels before 5.3; ESRCH if the process is gone.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags (0) by value, touches no memory
+    // of ours, and returns a new fd or -1 with errno set.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// pidfd_send_signal(2): `signal` to the process `pidfd` refers to; ESRCH if it has exited.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> io::Result<()> {
+    // SAFETY: the fd is open for the duration of the call (borrowed from an
+    // OwnedFd); a null siginfo is allowed and means "as kill(2) would"; flags 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

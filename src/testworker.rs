@@ -12,7 +12,8 @@
 //!   descendant, late, never, or by a probe socket that fails;
 //! - draining on SIGTERM/SIGQUIT with a lame-duck period for idle keep-alive
 //!   connections (see the Puma notes in SERVERS.md for why);
-//! - log volume, partial last lines, memory growth, children, crashes.
+//! - log volume, partial last lines, memory growth (`/grow`, and `/spike`
+//!   that frees it again), children, crashes.
 //!
 //! Layout: [`main`] captures the inherited state, parses flags, takes the
 //! listeners (sd_listen_fds(3) through the `listenfd` crate, or `UNICORN_FD`)
@@ -1028,6 +1029,9 @@ impl Worker {
                 .into_bytes(),
             };
         }
+        if path == "/spike" {
+            return self.spike(req).await;
+        }
         if path == "/grow" {
             return match req.param("mb").map(str::parse::<u64>) {
                 Some(Ok(mb)) if mb <= MAX_GROW_MB => {
@@ -1052,6 +1056,39 @@ impl Worker {
                 self.pid, self.slot, self.generation
             ),
         )
+    }
+}
+
+impl Worker {
+    /// `/spike?mb=N&ms=D`: allocates and touches N MiB, holds it D ms
+    /// (default 500), then frees it (a block this big is its own mmap, so
+    /// freeing it returns the pages to the kernel). A short spike for the
+    /// memory tests' grace check.
+    async fn spike(&self, req: &Request) -> Response {
+        let mb = match req.param("mb").map(str::parse::<u64>) {
+            Some(Ok(mb)) if mb <= MAX_GROW_MB => mb,
+            _ => return Response::text(400, format!("want /spike?mb=N with N <= {MAX_GROW_MB}\n")),
+        };
+        let ms = match req.param("ms").map(str::parse::<u64>) {
+            None => 500,
+            Some(Ok(ms)) if ms <= MAX_SLEEP_MS => ms,
+            Some(_) => return Response::text(400, "bad ms=\n".into()),
+        };
+        let block = match touched(mb * MIB) {
+            Ok(block) => block,
+            Err(e) => return Response::text(500, format!("spike of {mb} MiB: {e}\n")),
+        };
+        say(&format!(
+            "test-worker {}: spike of {mb} MiB for {ms} ms",
+            self.pid
+        ));
+        sleep(Duration::from_millis(ms)).await;
+        drop(std::hint::black_box(block));
+        say(&format!(
+            "test-worker {}: spike of {mb} MiB freed",
+            self.pid
+        ));
+        Response::text(200, format!("pid={} spiked={mb}MiB ms={ms}\n", self.pid))
     }
 }
 
@@ -1478,27 +1515,36 @@ impl Memory {
     /// Returns the total grown so far, in bytes. An allocation the allocator
     /// refuses is skipped (reported on stderr), not fatal.
     fn grow(&self, bytes: u64) -> u64 {
-        let Ok(len) = usize::try_from(bytes) else {
-            return self.total.load(Ordering::Relaxed);
+        let block = match touched(bytes) {
+            Ok(block) => block,
+            Err(e) => {
+                say(&format!(
+                    "test-worker {}: grow {bytes} bytes: {e}",
+                    std::process::id()
+                ));
+                return self.total.load(Ordering::Relaxed);
+            }
         };
-        let mut block = Vec::new();
-        if let Err(e) = block.try_reserve_exact(len) {
-            say(&format!(
-                "test-worker {}: grow {bytes} bytes: {e}",
-                std::process::id()
-            ));
-            return self.total.load(Ordering::Relaxed);
-        }
-        block.resize(len, 0u8);
-        for page in block.iter_mut().step_by(PAGE) {
-            *page = 1;
-        }
-        std::hint::black_box(&block);
         if let Ok(mut blocks) = self.blocks.lock() {
             blocks.push(block);
         }
         self.total.fetch_add(bytes, Ordering::Relaxed) + bytes
     }
+}
+
+/// `bytes` of memory with every page written, so they count in RSS.
+fn touched(bytes: u64) -> Result<Vec<u8>, String> {
+    let len = usize::try_from(bytes).map_err(|e| e.to_string())?;
+    // Ask first, so a refused size is an error rather than an abort; then
+    // take zeroed memory (calloc: fast even unoptimised, unlike `resize`).
+    Vec::<u8>::new()
+        .try_reserve_exact(len)
+        .map_err(|e| e.to_string())?;
+    let mut block = vec![0u8; len];
+    for page in block.iter_mut().step_by(PAGE) {
+        *page = 1;
+    }
+    Ok(std::hint::black_box(block))
 }
 
 /// Grows `memory` by `mb_per_sec` MiB per second, a tenth every 100 ms.
@@ -1751,7 +1797,15 @@ async fn run_child(role: ChildRole, args: &Args) -> ExitCode {
         }
     };
     tokio::select! {
-        _ = signals.next() => {}
+        signal = signals.next() => {
+            let name = match signal {
+                Some(SIGTERM) => "SIGTERM",
+                Some(SIGQUIT) => "SIGQUIT",
+                Some(SIGINT) => "SIGINT",
+                _ => "end of signals",
+            };
+            say(&format!("test-worker {pid} (child): {name}, exiting"));
+        }
         _ = growth => {}
     }
     ExitCode::SUCCESS

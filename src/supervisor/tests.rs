@@ -530,3 +530,5 @@ fn second_rollout_supersedes_the_first() {
         ],
     );
 }
+
+mod recycle;

@@ -1,0 +1,416 @@
+//! Memory of worker process trees, read from /proc.
+//!
+//! One sampling round walks each worker's tree down its
+//! `/proc/PID/task/TID/children` files (so its cost follows the workers'
+//! processes, not every process on the machine; a kernel without
+//! CONFIG_PROC_CHILDREN falls back to one pass over `/proc/*/stat`, see
+//! [`crate::tree`]), then reads each process:
+//! `/proc/PID/smaps_rollup` for PSS and USS (`Rss`, `Pss`, `Private_Clean +
+//! Private_Dirty`), or only `/proc/PID/status` (`VmRSS`) when the metric is
+//! RSS, which needs no page-table walk and is much cheaper. A process that
+//! vanishes between listing and reading is normal: it is left out.
+//!
+//! Nothing is decided here. A round is blocking file I/O, so the edge runs
+//! it off its event loop (`spawn_blocking`) and feeds the result to the
+//! supervisor as [`crate::supervisor::Event::MemorySample`]; grace counting,
+//! limits, biggest-first and child signals are the supervisor's.
+//!
+//! The only action with a side effect, [`signal_descendant`], checks at the
+//! moment of signalling that the process still descends from the worker and
+//! signals it through a pidfd, so a recycled pid is never hit.
+
+use std::collections::HashMap;
+use std::io;
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+
+use crate::config::Metric;
+use crate::supervisor::{Pid, WorkerId};
+
+/// One MiB, the unit of memory figures in logs.
+pub const MIB: u64 = 1024 * 1024;
+
+/// One process's memory, in bytes. `pss` and `uss` are read only when the
+/// metric needs them (they cost a walk of the page tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Usage {
+    /// Resident pages, shared ones counted in full.
+    pub rss: u64,
+    /// Proportional set size: each shared page divided by the number of processes mapping it.
+    pub pss: Option<u64>,
+    /// Unique set size: private pages only (`Private_Clean + Private_Dirty`).
+    pub uss: Option<u64>,
+}
+
+impl Usage {
+    /// The figure for `metric`, if it was read.
+    pub fn get(&self, metric: Metric) -> Option<u64> {
+        match metric {
+            Metric::Rss => Some(self.rss),
+            Metric::Pss => self.pss,
+            Metric::Uss => self.uss,
+        }
+    }
+}
+
+/// One process of a worker's tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSample {
+    pub pid: Pid,
+    pub usage: Usage,
+}
+
+/// One worker's process tree in one round: the worker's own process first,
+/// then its descendants (breadth first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeSample {
+    pub id: WorkerId,
+    pub pid: Pid,
+    pub processes: Vec<ProcessSample>,
+}
+
+impl TreeSample {
+    /// `metric` summed over the tree.
+    pub fn total(&self, metric: Metric) -> u64 {
+        self.processes
+            .iter()
+            .filter_map(|p| p.usage.get(metric))
+            .sum()
+    }
+
+    /// The worker's own process (absent when it vanished during the round).
+    pub fn root(&self) -> Option<&ProcessSample> {
+        self.processes.first().filter(|p| p.pid == self.pid)
+    }
+
+    /// Every process but the worker's own.
+    pub fn descendants(&self) -> &[ProcessSample] {
+        match self.root() {
+            Some(_) => &self.processes[1..],
+            None => &self.processes,
+        }
+    }
+}
+
+/// The latest figures of one worker, as the edge keeps them for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Reading {
+    pub metric: Metric,
+    /// `metric` summed over the worker's tree, in bytes.
+    pub tree: u64,
+    /// `metric` of the worker's own process, in bytes.
+    pub own: u64,
+    /// The largest `metric` of any one process in the tree, in bytes.
+    pub largest: u64,
+    /// RSS summed over the tree, in bytes (over-counts shared pages).
+    pub rss: u64,
+    /// Processes in the tree.
+    pub processes: usize,
+    #[serde(skip)]
+    pub at: Instant,
+}
+
+impl Reading {
+    /// The figures of `sample`, taken at `at`.
+    pub fn of(sample: &TreeSample, metric: Metric, at: Instant) -> Reading {
+        Reading {
+            metric,
+            tree: sample.total(metric),
+            own: sample.root().and_then(|p| p.usage.get(metric)).unwrap_or(0),
+            largest: sample
+                .processes
+                .iter()
+                .filter_map(|p| p.usage.get(metric))
+                .max()
+                .unwrap_or(0),
+            rss: sample.total(Metric::Rss),
+            processes: sample.processes.len(),
+            at,
+        }
+    }
+}
+
+/// One sampling round: the trees of `workers` (worker id and pid), reading
+/// what `metric` needs. A worker whose own process is gone is left out.
+/// Blocking; takes roughly 10 µs per process for RSS and more for PSS/USS
+/// (see `examples/bench_memory.rs`).
+pub fn sample(workers: &[(WorkerId, Pid)], metric: Metric) -> Vec<TreeSample> {
+    if workers.is_empty() {
+        return Vec::new();
+    }
+    // Without children files: one pass over /proc for the whole round.
+    let scanned: Option<HashMap<i32, Vec<i32>>> = (!children_files()).then(|| {
+        let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+        for (pid, ppid) in crate::tree::parents() {
+            children.entry(ppid).or_default().push(pid);
+        }
+        children
+    });
+    workers
+        .iter()
+        .filter_map(|&(id, pid)| {
+            let tree = match &scanned {
+                Some(children) => subtree(pid.0, |p| children.get(&p).cloned().unwrap_or_default()),
+                None => subtree(pid.0, children_of),
+            };
+            let processes: Vec<ProcessSample> = tree
+                .into_iter()
+                .filter_map(|p| {
+                    read_usage(p, metric).map(|usage| ProcessSample { pid: Pid(p), usage })
+                })
+                .collect();
+            let sample = TreeSample { id, pid, processes };
+            sample.root().is_some().then_some(sample)
+        })
+        .collect()
+}
+
+/// `root` and its descendants, breadth first (at most 100,000: a pid
+/// reused into a loop cannot make it run forever).
+fn subtree(root: i32, children: impl Fn(i32) -> Vec<i32>) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() && out.len() < 100_000 {
+        out.extend(children(out[i]));
+        i += 1;
+    }
+    out
+}
+
+/// Whether this kernel has `/proc/PID/task/TID/children` (CONFIG_PROC_CHILDREN, Linux 3.5+).
+fn children_files() -> bool {
+    let me = std::process::id();
+    std::path::Path::new(&format!("/proc/{me}/task/{me}/children")).exists()
+}
+
+/// The children of every thread of `pid` (a child belongs to the thread
+/// that forked it). Racy by nature: a child forked meanwhile may be missed
+/// until the next round, which is harmless for sampling.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// The memory of one process, or `None` if it is gone (or unreadable).
+pub fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
+    match metric {
+        Metric::Rss => {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            Some(Usage {
+                rss: kib_field(&status, "VmRSS:")?,
+                pss: None,
+                uss: None,
+            })
+        }
+        Metric::Pss | Metric::Uss => {
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            parse_smaps_rollup(&rollup)
+        }
+    }
+}
+
+/// Rss, Pss and Private_Clean + Private_Dirty of an `smaps_rollup` text.
+/// A kernel thread or a zombie has an empty one: `None`.
+pub fn parse_smaps_rollup(text: &str) -> Option<Usage> {
+    let rss = kib_field(text, "Rss:")?;
+    let pss = kib_field(text, "Pss:")?;
+    let private = kib_field(text, "Private_Clean:")? + kib_field(text, "Private_Dirty:")?;
+    Some(Usage {
+        rss,
+        pss: Some(pss),
+        uss: Some(private),
+    })
+}
+
+/// The `NAME:   123 kB` line of a /proc text, in bytes.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let mut words = line[name.len()..].split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether `pid` descends from `ancestor` right now (its parent chain reaches
+/// it within 64 levels).
+pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
+    let mut p = pid.0;
+    for _ in 0..64 {
+        let Some((_, parent)) = crate::notify::pgrp_and_parent(p) else {
+            return false;
+        };
+        if parent == ancestor.0 {
+            return true;
+        }
+        if parent <= 1 {
+            return false;
+        }
+        p = parent;
+    }
+    false
+}
+
+/// What became of a signal to a worker's descendant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signalled {
+    Sent,
+    /// The pid is gone or no longer under the worker: nothing was sent.
+    NotDescendant,
+}
+
+/// Sends `signal` to `pid` if, at this moment, it still descends from
+/// `worker`. The pid is pinned with a pidfd before the check, so if it exits
+/// and the pid is reused in between, the signal goes nowhere (ESRCH) rather
+/// than to the new process. Kernels without pidfd (before 5.3) fall back to
+/// kill(2) right after the check.
+pub fn signal_descendant(worker: Pid, pid: Pid, signal: Signal) -> io::Result<Signalled> {
+    let pidfd = match crate::sys::pidfd_open(pid.0) {
+        Ok(fd) => Some(fd),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(Signalled::NotDescendant),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
+        Err(e) => return Err(e),
+    };
+    if !is_descendant(pid, worker) {
+        return Ok(Signalled::NotDescendant);
+    }
+    let sent = match &pidfd {
+        Some(fd) => crate::sys::pidfd_send_signal(fd, signal),
+        None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), signal)
+            .map_err(io::Error::from),
+    };
+    match sent {
+        Ok(()) => Ok(Signalled::Sent),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(Signalled::NotDescendant),
+        Err(e) => Err(e),
+    }
+}
+
+/// `bytes` as whole MiB, for log lines ("611 MiB").
+pub fn mib(bytes: u64) -> String {
+    format!("{} MiB", (bytes + MIB / 2) / MIB)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROLLUP: &str =
+        "55d1c0a3b000-7ffc8b5f1000 ---p 00000000 00:00 0                          [rollup]
+Rss:              104960 kB
+Pss:               35512 kB
+Pss_Dirty:         30000 kB
+Shared_Clean:       1556 kB
+Shared_Dirty:      70000 kB
+Private_Clean:        40 kB
+Private_Dirty:     33364 kB
+Swap:                  0 kB
+";
+
+    #[test]
+    fn smaps_rollup_gives_rss_pss_and_uss() {
+        let u = parse_smaps_rollup(ROLLUP).expect("parses");
+        assert_eq!(u.rss, 104960 * 1024);
+        assert_eq!(u.pss, Some(35512 * 1024));
+        assert_eq!(u.uss, Some((40 + 33364) * 1024));
+        // Pss_Dirty must not be taken for Pss.
+        assert_eq!(u.get(Metric::Pss), Some(35512 * 1024));
+    }
+
+    #[test]
+    fn empty_rollup_is_none() {
+        assert_eq!(parse_smaps_rollup(""), None);
+    }
+
+    #[test]
+    fn this_process_is_measured() {
+        let me = std::process::id() as i32;
+        let rss = read_usage(me, Metric::Rss).expect("own status");
+        let full = read_usage(me, Metric::Pss).expect("own smaps_rollup");
+        assert!(rss.rss > 0 && rss.pss.is_none());
+        let (pss, uss) = (full.pss.expect("pss"), full.uss.expect("uss"));
+        assert!(uss <= pss && pss <= full.rss, "{full:?}");
+    }
+
+    #[test]
+    fn a_vanished_process_is_left_out() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = Pid(child.id() as i32);
+        child.wait().expect("wait");
+        assert_eq!(read_usage(pid.0, Metric::Uss), None);
+        assert_eq!(sample(&[(WorkerId(1), pid)], Metric::Uss), vec![]);
+    }
+
+    #[test]
+    fn a_tree_sums_its_processes() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let me = Pid(std::process::id() as i32);
+        let kid = Pid(child.id() as i32);
+        let round = sample(&[(WorkerId(7), me)], Metric::Pss);
+        let descends = is_descendant(kid, me);
+        let _ = child.kill();
+        let _ = child.wait();
+        let tree = &round[0];
+        assert_eq!(tree.id, WorkerId(7));
+        assert_eq!(tree.root().map(|p| p.pid), Some(me));
+        assert!(tree.descendants().iter().any(|p| p.pid == kid), "{tree:?}");
+        let sum: u64 = tree
+            .processes
+            .iter()
+            .map(|p| p.usage.pss.unwrap_or(0))
+            .sum();
+        assert_eq!(tree.total(Metric::Pss), sum);
+        assert!(descends);
+        assert!(!is_descendant(me, kid));
+    }
+
+    #[test]
+    fn children_files_and_the_proc_scan_agree() {
+        let mut kids: Vec<_> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .expect("spawn sleep")
+            })
+            .collect();
+        let me = std::process::id() as i32;
+        let mut scanned: HashMap<i32, Vec<i32>> = HashMap::new();
+        for (pid, ppid) in crate::tree::parents() {
+            scanned.entry(ppid).or_default().push(pid);
+        }
+        let mut a = subtree(me, children_of);
+        let mut b = subtree(me, |p| scanned.get(&p).cloned().unwrap_or_default());
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        assert!(children_files());
+        a.sort();
+        b.sort();
+        // Other tests' children may come and go meanwhile: compare ours.
+        for k in &kids {
+            let pid = k.id() as i32;
+            assert!(a.contains(&pid) && b.contains(&pid), "{a:?} {b:?}");
+        }
+    }
+
+    #[test]
+    fn mib_rounds() {
+        assert_eq!(mib(611 * MIB + 100), "611 MiB");
+        assert_eq!(mib(MIB / 2), "1 MiB");
+    }
+}
