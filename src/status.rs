@@ -529,21 +529,13 @@ pub fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
 }
 
 /// Sums (scope tree) or takes the largest process (scope process) of the
-/// metric, from /proc/PID/smaps_rollup.
+/// metric, read the same way the memory sampler reads it.
 fn memory(tree: &[i32], sampling: Sampling) -> Option<Memory> {
-    let mut per: Vec<(u64, u64)> = Vec::new();
-    for pid in tree {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
-            continue;
-        };
-        let r = parse_smaps_rollup(&text);
-        let metric = match sampling.metric {
-            Metric::Rss => r.rss,
-            Metric::Pss => r.pss,
-            Metric::Uss => r.private,
-        };
-        per.push((metric, r.rss));
-    }
+    let per: Vec<(u64, u64)> = tree
+        .iter()
+        .filter_map(|&pid| crate::memory::read_usage(pid, sampling.metric))
+        .filter_map(|u| Some((u.get(sampling.metric)?, u.rss)))
+        .collect();
     if per.is_empty() {
         return None;
     }
@@ -561,33 +553,6 @@ fn memory(tree: &[i32], sampling: Sampling) -> Option<Memory> {
         bytes,
         rss_bytes,
     })
-}
-
-/// Figures from one smaps_rollup, in bytes.
-#[derive(Debug, Default, PartialEq)]
-pub struct Rollup {
-    pub rss: u64,
-    pub pss: u64,
-    /// Private_Clean + Private_Dirty (USS).
-    pub private: u64,
-}
-
-pub fn parse_smaps_rollup(text: &str) -> Rollup {
-    let mut r = Rollup::default();
-    for line in text.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(key), Some(kb)) = (f.next(), f.next().and_then(|v| v.parse::<u64>().ok())) else {
-            continue;
-        };
-        let bytes = kb * 1024;
-        match key {
-            "Rss:" => r.rss = bytes,
-            "Pss:" => r.pss = bytes,
-            "Private_Clean:" | "Private_Dirty:" => r.private += bytes,
-            _ => {}
-        }
-    }
-    r
 }
 
 /// `ListenOverflows` and `ListenDrops` from /proc/net/netstat (system-wide).
@@ -966,19 +931,10 @@ mod tests {
     }
 
     #[test]
-    fn parses_netstat_and_smaps_rollup() {
+    fn parses_netstat() {
         let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: InNoRoutes\nIpExt: 0\n";
         assert_eq!(parse_netstat(netstat), Some((7, 9)));
         assert_eq!(parse_netstat("IpExt: A\nIpExt: 1\n"), None);
-        let rollup = "55d0-7ffc ---p 00000000 00:00 0  [rollup]\nRss:                2048 kB\nPss:                1024 kB\nPrivate_Clean:         4 kB\nPrivate_Dirty:       100 kB\n";
-        assert_eq!(
-            parse_smaps_rollup(rollup),
-            Rollup {
-                rss: 2048 * 1024,
-                pss: 1024 * 1024,
-                private: 104 * 1024
-            }
-        );
     }
 
     #[test]

@@ -1076,10 +1076,16 @@ impl Supervisor {
             }
         }
         self.check_rollout_done(now, out);
-        if self.phase == Phase::Starting
-            && self.slots.len() == self.ready_count()
-            && self.workers.len() == self.slots.len()
-        {
+        // Every slot has a ready worker; a replacement already under way
+        // (memory, age) does not hold back the first READY=1.
+        let all_slots_ready = (0..self.slots.len() as u32).all(|s| {
+            self.active_in(Slot(s)).iter().any(|id| {
+                self.workers
+                    .get(id)
+                    .is_some_and(|w| matches!(w.state, WorkerState::Ready { .. }))
+            })
+        });
+        if self.phase == Phase::Starting && all_slots_ready {
             info!(workers = self.slots.len(), generation = %self.stable, "all workers ready");
             self.phase = Phase::Running;
             out.push(Action::AllReady);

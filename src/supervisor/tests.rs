@@ -532,3 +532,29 @@ fn second_rollout_supersedes_the_first() {
 }
 
 mod recycle;
+
+#[test]
+fn first_ready_is_not_held_back_by_a_replacement_under_way() {
+    let mut sv = Supervisor::new(policy(2, 1));
+    play(
+        &mut sv,
+        vec![
+            (0, Event::Tick, vec![spawn(1, 0, 1), spawn(2, 1, 1)]),
+            (0, spawned(1, 100), vec![]),
+            (0, spawned(2, 101), vec![]),
+            (1, ready(1), vec![verify(1, 100)]),
+            // Slot 0 is recycled before slot 1 is ready: its surge worker starts.
+            (
+                2,
+                Event::Replace {
+                    pid: Pid(100),
+                    reason: Reason::Age,
+                    detail: "age".into(),
+                },
+                vec![spawn(3, 0, 1)],
+            ),
+            (2, spawned(3, 102), vec![]),
+            (3, ready(2), vec![verify(2, 101), Action::AllReady]),
+        ],
+    );
+}
