@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -145,14 +145,24 @@ fn parse_address(s: &str) -> Result<Address, String> {
     s.parse()
 }
 
-pub fn init_logging() {
+/// Sends holdfast's log to stderr, or to `own_log` (`[logs] holdfast_log`,
+/// reopened with the workers' logs; see [`crate::logs::OwnLog`]).
+pub fn init_logging(own_log: Option<&Path>) -> Result<(), crate::logs::LogsError> {
+    let ansi = match own_log {
+        Some(path) => {
+            crate::logs::own_log().open(path)?;
+            false
+        }
+        None => std::io::stderr().is_terminal(),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(|| crate::logs::own_log().writer())
+        .with_ansi(ansi)
         .try_init();
+    Ok(())
 }
 
 fn code(c: i32) -> ExitCode {
@@ -214,14 +224,19 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            init_logging();
             let overrides = Overrides {
                 listen: args.listen,
                 workers: args.workers,
                 command: args.command,
             };
             match Config::load(args.config.as_deref(), &overrides) {
-                Ok(config) => code(run(config, overrides)),
+                Ok(config) => match init_logging(config.logs.holdfast_log.as_deref()) {
+                    Ok(()) => code(run(config, overrides)),
+                    Err(e) => {
+                        eprintln!("holdfast: {e}");
+                        code(exitcode::CANTCREAT)
+                    }
+                },
                 Err(e) => {
                     eprintln!("holdfast: {e}");
                     code(exitcode::CONFIG)
@@ -229,7 +244,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Demo { port } => {
-            init_logging();
+            let _ = init_logging(None);
             code(demo(port))
         }
     }
