@@ -13,7 +13,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -110,7 +110,8 @@ fn bench(args: &[String]) -> ExitCode {
         p.seconds,
         dir.path().display()
     );
-    let direct = direct_run(&exe, dir.path(), &p);
+    let direct = direct_run(&exe, dir.path(), &p, false);
+    let own_files = direct_run(&exe, dir.path(), &p, true);
     let plain = holdfast_run(&exe, dir.path(), &p, false);
     let prefixed = holdfast_run(&exe, dir.path(), &p, true);
     println!();
@@ -129,7 +130,8 @@ fn bench(args: &[String]) -> ExitCode {
             f.lines_s() / direct.lines_s()
         );
     };
-    row("straight into a file", &direct);
+    row("straight into one file", &direct);
+    row("straight into a file each", &own_files);
     row("through holdfast, prefix=false", &plain);
     row("through holdfast, prefix=true", &prefixed);
     ExitCode::SUCCESS
@@ -146,16 +148,24 @@ fn worker_args(p: &Params) -> Vec<String> {
     ]
 }
 
-/// The workers with their stdout on the file itself.
-fn direct_run(exe: &Path, dir: &Path, p: &Params) -> Figures {
+/// The workers with their stdout on the file itself (`apart`: one file each;
+/// the figures then cover all of them).
+fn direct_run(exe: &Path, dir: &Path, p: &Params, apart: bool) -> Figures {
     let path = dir.join("direct.log");
+    let file_of = |i: usize| {
+        if apart && i > 0 {
+            dir.join(format!("direct-{i}.log"))
+        } else {
+            path.clone()
+        }
+    };
     let mut children: Vec<Child> = (0..p.workers)
         .map(|i| {
             let out = OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
-                .expect("open direct.log");
+                .open(file_of(i))
+                .expect("open direct log");
             Command::new(exe)
                 .args(worker_args(p))
                 .args(["--bind", "127.0.0.1:0"])
@@ -167,14 +177,19 @@ fn direct_run(exe: &Path, dir: &Path, p: &Params) -> Figures {
                 .expect("spawn test worker")
         })
         .collect();
-    let f = measure(&path, p, None);
+    let files: Vec<PathBuf> = (0..if apart { p.workers } else { 1 })
+        .map(file_of)
+        .collect();
+    let f = measure(&files, p, None);
     for c in &children {
         let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGINT);
     }
     for c in &mut children {
         let _ = c.wait();
     }
-    let _ = fs::remove_file(&path);
+    for f in files {
+        let _ = fs::remove_file(f);
+    }
     f
 }
 
@@ -186,7 +201,7 @@ fn holdfast_run(exe: &Path, dir: &Path, p: &Params, prefix: bool) -> Figures {
         .chain(worker_args(p))
         .collect();
     let text = format!(
-        "[[listen]]\naddress = \"127.0.0.1:0\"\n\n[app]\ncommand = {command:?}\nworkers = {}\nready = \"notify\"\n\n[logs]\nstdout = {:?}\nprefix = {prefix}\n",
+        "[[listen]]\naddress = \"127.0.0.1:0\"\n\n[app]\ncommand = {command:?}\nworkers = {}\nready = \"notify\"\n\n[logs]\nstdout = {:?}\nstderr = \"/dev/null\"\nprefix = {prefix}\n",
         p.workers,
         path.display().to_string()
     );
@@ -199,36 +214,41 @@ fn holdfast_run(exe: &Path, dir: &Path, p: &Params, prefix: bool) -> Figures {
         .spawn()
         .expect("spawn holdfast");
     let pid = child.id();
-    let f = measure(&path, p, Some(pid));
+    let f = measure(std::slice::from_ref(&path), p, Some(pid));
     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
     let _ = child.wait();
     let _ = fs::remove_file(&path);
     f
 }
 
-/// Waits for output, warms up 1 s, then measures growth of `path` (and the
-/// CPU time of `pid`) over `p.seconds`.
-fn measure(path: &Path, p: &Params, pid: Option<u32>) -> Figures {
+/// Waits for output in every file, warms up 1 s, then measures the growth of
+/// `files` (and the CPU time of `pid`) over `p.seconds`.
+fn measure(files: &[PathBuf], p: &Params, pid: Option<u32>) -> Figures {
     let started = Instant::now();
-    while size(path) == 0 {
+    while files.iter().any(|f| size(f) == 0) {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "no output in {} after 30 s",
-            path.display()
+            "no output in {files:?} after 30 s"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let (t0, s0, c0) = (Instant::now(), size(path), pid.map(cpu_seconds));
+    let sizes = || files.iter().map(|f| size(f)).collect::<Vec<_>>();
+    let (t0, s0, c0) = (Instant::now(), sizes(), pid.map(cpu_seconds));
     std::thread::sleep(Duration::from_secs_f64(p.seconds));
-    let (s1, c1) = (size(path), pid.map(cpu_seconds));
+    let (s1, c1) = (sizes(), pid.map(cpu_seconds));
     let secs = t0.elapsed().as_secs_f64();
-    Figures {
-        bytes: s1 - s0,
-        lines: newlines(path, s0, s1),
+    let mut f = Figures {
+        bytes: 0,
+        lines: 0,
         secs,
         cpu: c0.zip(c1).map(|(a, b)| b - a),
+    };
+    for (i, file) in files.iter().enumerate() {
+        f.bytes += s1[i] - s0[i];
+        f.lines += newlines(file, s0[i], s1[i]);
     }
+    f
 }
 
 fn size(path: &Path) -> u64 {

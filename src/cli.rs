@@ -146,15 +146,13 @@ fn parse_address(s: &str) -> Result<Address, String> {
 }
 
 /// Sends holdfast's log to stderr, or to `own_log` (`[logs] holdfast_log`,
-/// reopened with the workers' logs; see [`crate::logs::OwnLog`]).
+/// reopened with the workers' logs); [`run`] moves the writing to a thread of
+/// its own: see [`crate::logs::OwnLog`].
 pub fn init_logging(own_log: Option<&Path>) -> Result<(), crate::logs::LogsError> {
-    let ansi = match own_log {
-        Some(path) => {
-            crate::logs::own_log().open(path)?;
-            false
-        }
-        None => std::io::stderr().is_terminal(),
-    };
+    if let Some(path) = own_log {
+        crate::logs::own_log().open(path)?;
+    }
+    let ansi = own_log.is_none() && std::io::stderr().is_terminal();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -261,6 +259,8 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
             return exitcode::CONFIG;
         }
     };
+    // The first thread of holdfast's own, now that the environment is settled.
+    crate::logs::own_log().start_writer();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -271,7 +271,7 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
             return exitcode::OSERR;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         match Runtime::with_inherited(config, overrides, inherited) {
             Ok(runtime) => runtime.run().await,
             Err(e) => {
@@ -280,7 +280,9 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
                 e.exit_code()
             }
         }
-    })
+    });
+    crate::logs::own_log().flush(std::time::Duration::from_secs(5));
+    code
 }
 
 fn demo(port: u16) -> i32 {
