@@ -382,8 +382,8 @@ impl Sink {
             );
             drop(fds);
             if ready[0] {
-                let mut sink = [0u8; 64];
-                while matches!((&wake).read(&mut sink), Ok(n) if n > 0) {}
+                let mut drain = [0u8; 64];
+                while matches!((&wake).read(&mut drain), Ok(n) if n > 0) {}
             }
             let mut busy = false;
             for (p, _) in pipes.iter_mut().zip(&ready[1..]).filter(|(_, r)| **r) {
@@ -540,6 +540,46 @@ impl WorkerPipes {
     }
 }
 
+/// What a reopen did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reopened {
+    /// The files reopened.
+    pub files: Vec<String>,
+    /// One message per file that could not be (it is still written to).
+    pub failures: Vec<String>,
+}
+
+impl Reopened {
+    /// No file to reopen: neither `[logs] stdout`/`stderr` nor `holdfast_log`.
+    pub fn nothing(&self) -> bool {
+        self.files.is_empty() && self.failures.is_empty()
+    }
+
+    /// The answer to `reopen-logs`; `signalled` names the `reopen_signal`
+    /// and how many workers got it.
+    pub fn reply(
+        &self,
+        signalled: Option<(nix::sys::signal::Signal, usize)>,
+    ) -> Result<String, String> {
+        if !self.failures.is_empty() {
+            return Err(self.failures.join("; "));
+        }
+        let mut parts = Vec::new();
+        if !self.files.is_empty() {
+            parts.push(format!("reopened {}", self.files.join(", ")));
+        }
+        if let Some((sig, n)) = signalled {
+            parts.push(format!("sent {sig} to {n} worker(s)"));
+        }
+        if parts.is_empty() {
+            return Err(
+                "no log files in [logs] (stdout, stderr, holdfast_log): nothing to reopen".into(),
+            );
+        }
+        Ok(parts.join("; "))
+    }
+}
+
 /// The log plumbing the event loop holds: one sink thread per destination.
 pub struct Logs {
     config: LogsConfig,
@@ -671,8 +711,8 @@ impl Logs {
     }
 
     /// Asks every sink (and holdfast's own log) to reopen its file by path.
-    /// The future resolves once all have, to a summary or to every failure.
-    pub fn reopen(&self) -> impl Future<Output = Result<String, String>> + Send + 'static {
+    /// The future resolves once all have.
+    pub fn reopen(&self) -> impl Future<Output = Reopened> + Send + 'static {
         let mut waits = Vec::new();
         for s in &self.sinks {
             let (tx, rx) = oneshot::channel();
@@ -706,10 +746,9 @@ impl Logs {
                     Err(_) => failed.push(format!("{dest}: the log thread is gone")),
                 }
             }
-            match (failed.is_empty(), reopened.is_empty()) {
-                (false, _) => Err(failed.join("; ")),
-                (true, true) => Ok("no log files are configured; nothing to reopen".into()),
-                (true, false) => Ok(format!("reopened {}", reopened.join(", "))),
+            Reopened {
+                files: reopened,
+                failures: failed,
             }
         }
     }

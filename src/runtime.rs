@@ -481,19 +481,24 @@ impl Runtime {
     /// Reopens every log file by path off the loop (a slow disk never stalls
     /// it) and forwards `[logs] reopen_signal` to every worker.
     fn reopen_logs(&mut self, reply: Option<Reply>) {
-        if let Some(sig) = &self.logs.config().reopen_signal {
+        let signalled = self.logs.config().reopen_signal.as_ref().map(|sig| {
             for &pid in self.pids.keys() {
                 debug!(pid, signal = %sig.0, "forwarding the log reopen signal");
                 if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig.0) {
                     warn!(pid, signal = %sig.0, error = %e, "signal failed");
                 }
             }
-        }
+            (sig.0, self.pids.len())
+        });
         let done = self.logs.reopen();
         tokio::spawn(async move {
-            let outcome = done.await;
-            if let Some(r) = reply {
-                let _ = r.send(outcome);
+            let reopened = done.await;
+            match reply {
+                Some(r) => drop(r.send(reopened.reply(signalled))),
+                None if reopened.nothing() && signalled.is_none() => {
+                    info!("no log files in [logs]; nothing to reopen")
+                }
+                None => {}
             }
         });
     }

@@ -1,5 +1,6 @@
 //! holdfast owns the workers' stdout and stderr: lines go to the files whole,
-//! none lost, and log rotation (rename + reopen) never touches a worker.
+//! none lost, and log rotation (rename + reopen, by SIGUSR1, by `holdfast
+//! reopen-logs`, by the real logrotate) never touches a worker.
 //!
 //! Every test has test workers print numbered lines flat out
 //! (`w<slot> <pid> <seq> xxx...`, padded to LINE_BYTES) and, when drained,
@@ -244,6 +245,9 @@ fn every_line_exactly_once_across_20_renames_and_reopens() {
     assert_eq!(pids.len(), 2);
 
     let mut files = rotate_by_rename(&h, &logs, 1, &[]);
+    let status = status_json(&h);
+    assert_eq!(status["counters"]["log_reopens"], REOPENS, "{status:#}");
+    assert_eq!(status["counters"]["log_write_errors"], 0, "{status:#}");
     h.signal(Signal::SIGTERM);
     assert!(h.wait_exit(DEADLINE).success(), "holdfast exit status");
     files.push(app);
@@ -346,16 +350,15 @@ fn real_logrotate_rotates_and_holdfast_reopens_without_losing_a_line() {
     ));
     wait_for_file(&own, "all workers ready", 1);
 
-    // The snippet from units/, paths adapted. Its postrotate runs `holdfast
-    // reopen-logs` (the control socket command); the signal is the same path
-    // into holdfast (Input::ReopenLogs), and this test needs no control socket.
+    // The snippet from units/, paths adapted: its postrotate runs this build's
+    // `holdfast reopen-logs --config`, which answers once every file is reopened.
     let snippet = include_str!("../units/holdfast.logrotate");
     let adapted = replace_checked(snippet, "/var/log/app", &logs.to_string_lossy());
     let adapted = replace_checked(&adapted, "create 0640 app adm", "create 0640");
     let adapted = replace_checked(
         &adapted,
         "/usr/bin/holdfast reopen-logs --config /etc/holdfast/app.toml",
-        &format!("kill -USR1 {}", h.pid()),
+        &h.fill("{holdfast} reopen-logs --config {config}"),
     );
     let conf = logs.with_file_name("logrotate.conf");
     fs::write(&conf, adapted).expect("write logrotate.conf");
@@ -370,6 +373,10 @@ fn real_logrotate_rotates_and_holdfast_reopens_without_losing_a_line() {
         (load.requests_so_far() >= 50).then_some(())
     });
     const ROTATIONS: usize = 3;
+    // `notifempty`: an app.log still empty would not be rotated.
+    wait_until(DEADLINE, "lines in app.log", || {
+        (fs::metadata(&app).ok()?.len() > 0).then_some(())
+    });
     for _ in 0..ROTATIONS {
         let out = Command::new(&logrotate)
             .arg("-f")
@@ -384,8 +391,8 @@ fn real_logrotate_rotates_and_holdfast_reopens_without_losing_a_line() {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        // logrotate created both files empty before the postrotate: holdfast
-        // is the only writer, so lines in them mean it reopened.
+        // logrotate created both files empty before the postrotate, and
+        // holdfast is their only writer: lines in them mean it reopened.
         wait_for_file(&own, "holdfast's log reopened", 1);
         wait_until(DEADLINE, "lines in the new app.log", || {
             (fs::metadata(&app).ok()?.len() > 0).then_some(())
@@ -410,7 +417,14 @@ fn real_logrotate_rotates_and_holdfast_reopens_without_losing_a_line() {
                     .arg(&gz)
                     .output()
                     .expect("gzip");
-                assert!(out.status.success(), "gzip -dc {}", gz.display());
+                assert!(
+                    out.status.success(),
+                    "gzip -dc {}: {}; the directory holds {:?}",
+                    gz.display(),
+                    String::from_utf8_lossy(&out.stderr),
+                    fs::read_dir(&logs)
+                        .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                );
                 (gz.display().to_string(), out.stdout)
             })
             .collect();
@@ -461,7 +475,16 @@ fn reopen_into_a_removed_directory_keeps_the_old_file_and_recovers() {
     // holdfast keeps writing to).
     let gone = logs.with_file_name("logs.gone");
     fs::rename(&logs, &gone).expect("rename logs dir");
-    h.signal(Signal::SIGUSR1);
+    // `holdfast reopen-logs` takes the same path as SIGUSR1 and answers.
+    let reopen = || h.cli(&["reopen-logs", "--config", "{config}"]);
+    let out = reopen();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "reopen-logs: {stderr}");
+    assert!(
+        stderr.contains(&*app.to_string_lossy())
+            && stderr.contains("still writing to the old file"),
+        "reopen-logs: {stderr}"
+    );
     let report = h.wait_log("cannot reopen the log file");
     assert!(report.contains(&*app.to_string_lossy()), "{report}");
     let old = gone.join("app.log");
@@ -471,7 +494,17 @@ fn reopen_into_a_removed_directory_keeps_the_old_file_and_recovers() {
     });
 
     fs::create_dir(&logs).expect("mkdir logs again");
-    h.signal(Signal::SIGUSR1);
+    let out = reopen();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "reopen-logs: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&*app.to_string_lossy()),
+        "reopen-logs: {stdout}"
+    );
     h.wait_log("log file reopened");
     wait_until(DEADLINE, "lines in the new file", || {
         (fs::metadata(&app).ok()?.len() > 0).then_some(())
@@ -539,6 +572,7 @@ fn a_stalled_sink_does_not_stall_rollouts() {
     }
     let resp = http_get(&h.tcp(), "/").expect("a request while logs are stalled");
     assert_eq!(resp.status, 200);
+    status_json(&h);
 
     h.signal(Signal::SIGHUP);
     h.wait_log("rollout finished generation=2");
@@ -548,6 +582,7 @@ fn a_stalled_sink_does_not_stall_rollouts() {
         .filter(|p| !old.contains(p))
         .collect();
     assert_eq!(new.len(), 2, "new workers: {new:?}");
+    status_json(&h);
     let resp = http_get(&h.tcp(), "/").expect("a request after the rollout");
     assert!(
         new.contains(&resp.pid().expect("X-Pid")),
@@ -572,6 +607,18 @@ fn a_stalled_sink_does_not_stall_rollouts() {
             "no lines from {pid}"
         );
     }
+}
+
+/// `holdfast status --json`, which must succeed.
+fn status_json(h: &Holdfast) -> serde_json::Value {
+    let out = h.cli(&["status", "--json", "--config", "{config}"]);
+    assert!(
+        out.status.success(),
+        "status: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// Reads the FIFO: 4 KiB per 20 ms while `reading`, nothing while not, flat
