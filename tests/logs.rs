@@ -79,6 +79,8 @@ struct Lines {
     /// Lines per source (file) in the order given.
     per_source: Vec<(String, u64)>,
     other: u64,
+    /// `test-worker <pid>: USR1` lines: the worker got SIGUSR1.
+    usr1: u64,
 }
 
 impl Lines {
@@ -120,6 +122,9 @@ impl Lines {
         if body.starts_with("test-worker") {
             // The worker's own chatter on stderr.
             self.other += 1;
+            if body.ends_with(": USR1") {
+                self.usr1 += 1;
+            }
             return Ok(());
         }
         let mut f = body.splitn(4, ' ');
@@ -261,6 +266,7 @@ fn every_line_exactly_once_across_20_renames_and_reopens() {
             "worker {pid}: partial last line not written"
         );
     }
+    assert_eq!(lines.usr1, 0, "no reopen_signal, yet a worker got SIGUSR1");
     assert_eq!(h.worker_pids(), pids, "a worker was restarted");
     let with_lines = lines.per_source.iter().filter(|(_, n)| *n > 0).count();
     assert!(
@@ -466,7 +472,7 @@ fn reopen_into_a_removed_directory_keeps_the_old_file_and_recovers() {
         2,
         "",
         "",
-        &format!("stdout = {app:?}\nstderr = {app:?}"),
+        &format!("stdout = {app:?}\nstderr = {app:?}\nreopen_signal = \"USR1\""),
     ));
     h.wait_log("all workers ready");
     let pids = h.worker_pids();
@@ -493,6 +499,17 @@ fn reopen_into_a_removed_directory_keeps_the_old_file_and_recovers() {
         (fs::metadata(&old).ok()?.len() > size).then_some(())
     });
 
+    let usr1_lines = |files: &[&Path]| {
+        files
+            .iter()
+            .filter_map(|f| fs::read_to_string(f).ok())
+            .map(|t| t.matches(": USR1\n").count())
+            .sum::<usize>()
+    };
+    // Signals of one kind coalesce: let the workers take the first USR1.
+    wait_until(DEADLINE, "both workers' USR1 lines", || {
+        (usr1_lines(&[&old]) >= 2).then_some(())
+    });
     fs::create_dir(&logs).expect("mkdir logs again");
     let out = reopen();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -505,7 +522,14 @@ fn reopen_into_a_removed_directory_keeps_the_old_file_and_recovers() {
         stdout.contains(&*app.to_string_lossy()),
         "reopen-logs: {stdout}"
     );
+    assert!(
+        stdout.contains("sent SIGUSR1 to 2 worker(s)"),
+        "reopen-logs: {stdout}"
+    );
     h.wait_log("log file reopened");
+    wait_until(DEADLINE, "the second USR1 lines", || {
+        (usr1_lines(&[&old, &app]) >= 4).then_some(())
+    });
     wait_until(DEADLINE, "lines in the new file", || {
         (fs::metadata(&app).ok()?.len() > 0).then_some(())
     });
@@ -517,6 +541,8 @@ fn reopen_into_a_removed_directory_keeps_the_old_file_and_recovers() {
     assert!(h.wait_exit(DEADLINE).success(), "holdfast exit status");
     let lines = Lines::check(&[read(&old), read(&app)], true);
     lines.assert_complete(&pids);
+    // reopen_signal: both workers got USR1 on both reopens, failed or not.
+    assert_eq!(lines.usr1, 4, "USR1 lines from the workers");
 }
 
 #[test]
