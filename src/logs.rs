@@ -1104,6 +1104,43 @@ mod tests {
     }
 
     #[test]
+    fn reopen_replies() {
+        use nix::sys::signal::Signal::SIGUSR1;
+        let files = |f: &[&str], e: &[&str]| Reopened {
+            files: f.iter().map(|s| s.to_string()).collect(),
+            failures: e.iter().map(|s| s.to_string()).collect(),
+        };
+        let table = [
+            (
+                files(&["/a", "/b"], &[]),
+                None,
+                Ok("reopened /a, /b".to_string()),
+            ),
+            (
+                files(&["/a"], &[]),
+                Some((SIGUSR1, 2)),
+                Ok("reopened /a; sent SIGUSR1 to 2 worker(s)".to_string()),
+            ),
+            (
+                files(&[], &[]),
+                Some((SIGUSR1, 1)),
+                Ok("sent SIGUSR1 to 1 worker(s)".to_string()),
+            ),
+            (
+                files(&["/a"], &["x failed", "y failed"]),
+                None,
+                Err("x failed; y failed".to_string()),
+            ),
+        ];
+        for (i, (r, signalled, want)) in table.into_iter().enumerate() {
+            assert_eq!(r.reply(signalled), want, "row {i}");
+        }
+        let nothing = files(&[], &[]);
+        assert!(nothing.nothing());
+        assert!(nothing.reply(None).is_err_and(|e| e.contains("[logs]")));
+    }
+
+    #[test]
     fn find_newline_agrees_with_position() {
         let mut s = vec![b'a'; 40];
         assert_eq!(find_newline(&s), None);
