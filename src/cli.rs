@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -145,14 +145,22 @@ fn parse_address(s: &str) -> Result<Address, String> {
     s.parse()
 }
 
-pub fn init_logging() {
+/// Sends holdfast's log to stderr, or to `own_log` (`[logs] holdfast_log`,
+/// reopened with the workers' logs); [`run`] moves the writing to a thread of
+/// its own: see [`crate::logs::OwnLog`].
+pub fn init_logging(own_log: Option<&Path>) -> Result<(), crate::logs::LogsError> {
+    if let Some(path) = own_log {
+        crate::logs::own_log().open(path)?;
+    }
+    let ansi = own_log.is_none() && std::io::stderr().is_terminal();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(|| crate::logs::own_log().writer())
+        .with_ansi(ansi)
         .try_init();
+    Ok(())
 }
 
 fn code(c: i32) -> ExitCode {
@@ -214,14 +222,19 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            init_logging();
             let overrides = Overrides {
                 listen: args.listen,
                 workers: args.workers,
                 command: args.command,
             };
             match Config::load(args.config.as_deref(), &overrides) {
-                Ok(config) => code(run(config, overrides)),
+                Ok(config) => match init_logging(config.logs.holdfast_log.as_deref()) {
+                    Ok(()) => code(run(config, overrides)),
+                    Err(e) => {
+                        eprintln!("holdfast: {e}");
+                        code(exitcode::CANTCREAT)
+                    }
+                },
                 Err(e) => {
                     eprintln!("holdfast: {e}");
                     code(exitcode::CONFIG)
@@ -229,7 +242,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Demo { port } => {
-            init_logging();
+            let _ = init_logging(None);
             code(demo(port))
         }
     }
@@ -246,6 +259,8 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
             return exitcode::CONFIG;
         }
     };
+    // The first thread of holdfast's own, now that the environment is settled.
+    crate::logs::own_log().start_writer();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -256,7 +271,7 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
             return exitcode::OSERR;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         match Runtime::with_inherited(config, overrides, inherited) {
             Ok(runtime) => runtime.run().await,
             Err(e) => {
@@ -265,7 +280,9 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
                 e.exit_code()
             }
         }
-    })
+    });
+    crate::logs::own_log().flush(std::time::Duration::from_secs(5));
+    code
 }
 
 fn demo(port: u16) -> i32 {

@@ -333,7 +333,7 @@ fn default_child_signal() -> SignalName {
 }
 
 /// `[logs]`: where workers' stdout/stderr go.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsConfig {
     pub stdout: Option<PathBuf>,
@@ -342,6 +342,19 @@ pub struct LogsConfig {
     pub prefix: bool,
     pub reopen_signal: Option<SignalName>,
     pub holdfast_log: Option<PathBuf>,
+}
+
+/// No `[logs]` table means the same as an empty one (so `prefix` is on).
+impl Default for LogsConfig {
+    fn default() -> LogsConfig {
+        LogsConfig {
+            stdout: None,
+            stderr: None,
+            prefix: true,
+            reopen_signal: None,
+            holdfast_log: None,
+        }
+    }
 }
 
 fn default_true() -> bool {

@@ -13,6 +13,7 @@
 //! - [`spawn`] / [`sys`]: the worker's fd plan and environment; fork/exec (the only `unsafe`).
 //! - [`notify`]: holdfast's NOTIFY_SOCKET for workers.
 //! - [`systemd`]: socket activation, the fd store, and notifications to systemd.
+//! - [`logs`]: workers' stdout/stderr through pipes into files, whole lines, reopen.
 //! - [`tree`]: process trees and socket inodes from /proc.
 //! - [`memory`]: rss / pss / uss of worker trees from /proc (facts for memory recycling).
 //! - [`cli`]: the command line.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod listener;
+pub mod logs;
 pub mod memory;
 pub mod metrics;
 pub mod notify;

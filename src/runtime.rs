@@ -19,9 +19,10 @@ use signal_hook::consts::signal::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{AppConfig, Config, MemoryConfig, Overrides, ReadyMode};
+use crate::config::{AppConfig, Config, LogsConfig, MemoryConfig, Overrides, ReadyMode};
 use crate::control::{self, ControlSocket};
 use crate::listener::{self, Listener};
+use crate::logs::{LogCounters, Logs};
 use crate::memory::{self, Reading};
 use crate::notify::{self, NotifySocket};
 use crate::spawn::{self, Spec, Start};
@@ -47,6 +48,8 @@ pub enum StartError {
     Control(#[from] crate::control::ControlError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -65,9 +68,14 @@ impl StartError {
                 exitcode::UNAVAILABLE
             }
             StartError::Io { .. } => exitcode::OSERR,
+            StartError::Logs(crate::logs::LogsError::Open { .. }) => exitcode::CANTCREAT,
+            StartError::Logs(_) => exitcode::OSERR,
         }
     }
 }
+
+/// How long an exiting holdfast waits for the last worker output to be written.
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn policy(app: &AppConfig) -> Policy {
     Policy {
@@ -114,7 +122,8 @@ pub enum Input {
     Status {
         reply: oneshot::Sender<Snapshot>,
     },
-    /// Reopen the log files (SIGUSR1).
+    /// Reopen every log file by path (what SIGUSR1 does); the reply comes
+    /// once all are reopened, or names each that failed.
     ReopenLogs {
         reply: Option<Reply>,
     },
@@ -139,6 +148,7 @@ pub struct Runtime {
     notify: NotifySocket,
     rundir: tempfile::TempDir,
     devnull: OwnedFd,
+    logs: Logs,
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
     replies: HashMap<ReplyTo, Reply>,
@@ -250,6 +260,7 @@ impl Runtime {
             .map_err(io("/dev/null"))?
             .into();
         crate::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
+        let logs = Logs::start(&config.logs)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut specs = BTreeMap::new();
         specs.insert(Generation(1), spec);
@@ -267,6 +278,7 @@ impl Runtime {
             notify,
             rundir,
             devnull,
+            logs,
             tx,
             rx,
             replies: HashMap::new(),
@@ -291,6 +303,11 @@ impl Runtime {
     /// before its first round.
     pub fn memory_of(&self, pid: Pid) -> Option<&Reading> {
         self.memory.get(&pid)
+    }
+
+    /// The log plumbing's counters, now (for status).
+    pub fn log_stats(&self) -> LogCounters {
+        self.logs.stats()
     }
 
     /// A sender for helpers that feed the loop.
@@ -382,6 +399,8 @@ impl Runtime {
             c.finish().await;
         }
         info!(code, "holdfast exiting");
+        // The workers are gone; what they wrote last is still in the pipes.
+        self.logs.shutdown(LOG_DRAIN_TIMEOUT);
         code
     }
 
@@ -416,7 +435,10 @@ impl Runtime {
                     reply: None,
                 });
             }
-            SIGUSR1 => info!("SIGUSR1: no log files are configured, nothing to reopen"),
+            SIGUSR1 => {
+                info!("SIGUSR1: reopening the log files");
+                self.reopen_logs(None);
+            }
             _ => {}
         }
     }
@@ -437,11 +459,7 @@ impl Runtime {
             Input::Status { reply } => {
                 let _ = reply.send(self.snapshot());
             }
-            Input::ReopenLogs { reply } => {
-                if let Some(r) = reply {
-                    let _ = r.send(Err("no [logs] configured: nothing to reopen".into()));
-                }
-            }
+            Input::ReopenLogs { reply } => self.reopen_logs(reply),
         }
     }
 
@@ -453,8 +471,36 @@ impl Runtime {
             listeners: &self.listeners,
             started: self.started,
             now: Instant::now(),
-            log_stats: (0, 0),
+            log_stats: {
+                let c = self.logs.stats();
+                (c.reopens, c.write_errors)
+            },
         })
+    }
+
+    /// Reopens every log file by path off the loop (a slow disk never stalls
+    /// it) and forwards `[logs] reopen_signal` to every worker.
+    fn reopen_logs(&mut self, reply: Option<Reply>) {
+        let signalled = self.logs.config().reopen_signal.as_ref().map(|sig| {
+            for &pid in self.pids.keys() {
+                debug!(pid, signal = %sig.0, "forwarding the log reopen signal");
+                if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig.0) {
+                    warn!(pid, signal = %sig.0, error = %e, "signal failed");
+                }
+            }
+            (sig.0, self.pids.len())
+        });
+        let done = self.logs.reopen();
+        tokio::spawn(async move {
+            let reopened = done.await;
+            match reply {
+                Some(r) => drop(r.send(reopened.reply(signalled))),
+                None if reopened.nothing() && signalled.is_none() => {
+                    info!("no log files in [logs]; nothing to reopen")
+                }
+                None => {}
+            }
+        });
     }
 
     fn hold_reply(&mut self, r: Reply) -> ReplyTo {
@@ -498,6 +544,9 @@ impl Runtime {
             Ok(s) => s,
             Err(e) => return self.reject_reload(reply, e.to_string()),
         };
+        if !same_logs(&new.logs, self.logs.config()) {
+            warn!("[logs] changes take effect only on a restart of holdfast");
+        }
         if new.control_socket != self.config.control_socket {
             warn!(old = %self.config.control_socket.display(), new = %new.control_socket.display(), "control_socket changes take effect only on a restart of holdfast");
         }
@@ -648,14 +697,17 @@ impl Runtime {
         } else {
             None
         };
+        let pipes = self.logs.pipes().map_err(|e| e.to_string())?;
+        let [out, err] = pipes.child_ends();
         let start = Start {
             slot,
             generation,
             notify_socket: self.notify.path(),
             probe: probe.as_ref().map(|p| p.fd.as_raw_fd()),
-            stdio: [self.devnull.as_raw_fd(), 1, 2],
+            stdio: [self.devnull.as_raw_fd(), out, err],
         };
         let pid = spawn::start(spec, &start).map_err(|e| e.to_string())?;
+        self.logs.attach(pipes, slot, Pid(pid.as_raw()));
         self.pids.insert(pid.as_raw(), id);
         if let Some(mut p) = probe {
             let path = spec.app.ready_path.clone();
@@ -936,6 +988,15 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// Whether two `[logs]` tables ask for the same thing.
+fn same_logs(a: &LogsConfig, b: &LogsConfig) -> bool {
+    a.stdout == b.stdout
+        && a.stderr == b.stderr
+        && a.prefix == b.prefix
+        && a.holdfast_log == b.holdfast_log
+        && a.reopen_signal.as_ref().map(|s| s.0) == b.reopen_signal.as_ref().map(|s| s.0)
 }
 
 fn signame(sig: i32) -> String {
