@@ -745,19 +745,18 @@ mod tests {
         assert!("example.com:80".parse::<Address>().is_err());
     }
 
+    /// Parses and validates `text` as if it were /etc/h.toml.
+    pub(super) fn valid(text: &str) -> Config {
+        let path = Path::new("/etc/h.toml");
+        let f = parse(path, text).expect("parses");
+        Config::build(Some(path), Some(f), &Overrides::default()).expect("valid")
+    }
+
     #[test]
     fn defaults_and_names() {
-        let f = parse(
-            Path::new("/etc/h.toml"),
+        let c = valid(
             "[[listen]]\naddress = \"127.0.0.1:1\"\n[[listen]]\nname = \"u\"\naddress = \"unix:a.sock\"\n[app]\ncommand = [\"x\"]\n",
-        )
-        .expect("parses");
-        let c = Config::build(
-            Some(Path::new("/etc/h.toml")),
-            Some(f),
-            &Overrides::default(),
-        )
-        .expect("valid");
+        );
         assert_eq!(c.listen[0].name, "listen0");
         assert_eq!(c.listen[1].address, Address::Unix("/etc/a.sock".into()));
         assert_eq!(c.control_socket, PathBuf::from("/etc/holdfast.sock"));
@@ -772,17 +771,9 @@ mod section_tests {
 
     #[test]
     fn memory_and_logs_sections_parse() {
-        let f = parse(
-            Path::new("/etc/h.toml"),
+        let c = super::tests::valid(
             "[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n[memory]\nlimit = \"512MiB\"\nscope = \"process\"\nmax_lifetime = \"24h\"\nlifetime_jitter = \"1h\"\n[logs]\nstdout = \"app.log\"\nreopen_signal = \"USR1\"\n",
-        )
-        .expect("parses");
-        let c = Config::build(
-            Some(Path::new("/etc/h.toml")),
-            Some(f),
-            &Overrides::default(),
-        )
-        .expect("valid");
+        );
         let m = c.memory.expect("memory");
         assert_eq!(m.limit, Some(bytesize::ByteSize::mib(512)));
         assert_eq!(m.metric(), Metric::Uss);

@@ -203,38 +203,12 @@ fn exit_reasons(log: &str) -> HashMap<u32, String> {
 // ---------------------------------------------------------------------------
 // Process trees, for telling which generation answered
 
-/// `root` and its descendants, from the ppid field of /proc/PID/stat.
+/// `root` and its descendants (holdfast's own /proc walk).
 fn process_tree(root: u32) -> Vec<u32> {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    for entry in fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(ppid) = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        children.entry(ppid).or_default().push(pid);
-    }
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        if let Some(c) = children.get(&out[i]) {
-            out.extend(c);
-        }
-        i += 1;
-    }
-    out
+    holdfast::tree::descendants(root as i32)
+        .into_iter()
+        .map(|p| p as u32)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
