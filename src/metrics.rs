@@ -323,7 +323,22 @@ pub fn render(s: &Snapshot) -> String {
             c.drain_kills,
         ),
         ("log_reopens", "Log file reopens", c.log_reopens),
+        (
+            "log_reopen_failures",
+            "Log reopens that failed (the old file was kept)",
+            c.log_reopen_failures,
+        ),
         ("log_write_errors", "Log write errors", c.log_write_errors),
+        (
+            "log_lines_lost",
+            "Worker log lines that could not be written",
+            c.log_lines_lost,
+        ),
+        (
+            "child_signals",
+            "Worker children signalled for memory",
+            c.child_signals,
+        ),
     ] {
         r.register(name, help, ConstCounter::new(v));
     }

@@ -471,10 +471,7 @@ impl Runtime {
             listeners: &self.listeners,
             started: self.started,
             now: Instant::now(),
-            log_stats: {
-                let c = self.logs.stats();
-                (c.reopens, c.write_errors)
-            },
+            log_stats: self.logs.stats(),
         })
     }
 

@@ -154,7 +154,12 @@ pub struct Counters {
     /// Workers SIGKILLed because they did not exit within drain_timeout.
     pub drain_kills: u64,
     pub log_reopens: u64,
+    pub log_reopen_failures: u64,
     pub log_write_errors: u64,
+    /// Worker lines that could not be written and were dropped.
+    pub log_lines_lost: u64,
+    /// Worker child processes sent `child_signal` for memory.
+    pub child_signals: u64,
 }
 
 /// How worker memory is measured: the `[memory]` metric and scope, or pss
@@ -182,7 +187,7 @@ pub struct Sources<'a> {
     pub started: Instant,
     pub now: Instant,
     /// (log reopens, log write errors) from the logs module, once there is one.
-    pub log_stats: (u64, u64),
+    pub log_stats: crate::logs::LogCounters,
 }
 
 /// The cheap half, run inside the loop: no /proc reads, one `getsockopt`
@@ -293,8 +298,11 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             replacements,
             failed_rollouts: sv.counters.failed_rollouts,
             drain_kills: sv.counters.drain_kills,
-            log_reopens: log_stats.0,
-            log_write_errors: log_stats.1,
+            log_reopens: log_stats.reopens,
+            log_reopen_failures: log_stats.reopen_failures,
+            log_write_errors: log_stats.write_errors,
+            log_lines_lost: log_stats.lines_lost,
+            child_signals: sv.counters.child_signals,
         },
         sampling: config
             .memory
@@ -893,8 +901,14 @@ pub fn render(s: &Snapshot) -> String {
     let _ = writeln!(out, "replacements: {}", reasons.join(", "));
     let _ = writeln!(
         out,
-        "failed rollouts {}  drain kills {}  log reopens {}  log write errors {}",
-        c.failed_rollouts, c.drain_kills, c.log_reopens, c.log_write_errors
+        "failed rollouts {}  drain kills {}  child signals {}  log reopens {} (failed {})  log write errors {}  log lines lost {}",
+        c.failed_rollouts,
+        c.drain_kills,
+        c.child_signals,
+        c.log_reopens,
+        c.log_reopen_failures,
+        c.log_write_errors,
+        c.log_lines_lost
     );
     out
 }
