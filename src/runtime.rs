@@ -812,10 +812,13 @@ impl Runtime {
             return;
         }
         let metric = m.metric();
+        // Only ready workers: decisions are about them, and a tree read while a
+        // worker was still starting (children not yet forked) must not be
+        // judged after it turned ready.
         let workers: Vec<(WorkerId, Pid)> = self
             .sv
             .workers()
-            .filter(|w| w.state != WorkerState::Killed)
+            .filter(|w| matches!(w.state, WorkerState::Ready { .. }))
             .filter_map(|w| Some((w.id, w.pid?)))
             .collect();
         if workers.is_empty() {
