@@ -16,6 +16,9 @@
 //! - [`logs`]: workers' stdout/stderr through pipes into files, whole lines, reopen.
 //! - [`tree`]: process trees and socket inodes from /proc.
 //! - [`memory`]: rss / pss / uss of worker trees from /proc (facts for memory recycling).
+//! - [`control`]: the control socket (JSON lines) and its CLI client.
+//! - [`status`]: the status snapshot (workers, listeners' accept queues, counters).
+//! - [`metrics`]: the same figures in the Prometheus text format, when enabled.
 //! - [`cli`]: the command line.
 //! - [`testworker`]: the HTTP test worker used by tests, benchmarks and the demo.
 #![warn(clippy::unwrap_used)]
