@@ -326,13 +326,17 @@ drain_timeout = "10s"
 holdfast demo (pid {pid}): 2 test workers behind http://127.0.0.1:{port}/  config: {config}
 
 Try, in another terminal:
-  curl http://127.0.0.1:{port}/                 # answers with the worker's pid, slot and generation
-  kill -HUP {pid}                               # rolling restart: new pids, no request lost
-  kill -TTIN {pid}; kill -TTOU {pid}            # one worker more / fewer
-  while curl -fsS http://127.0.0.1:{port}/?sleep=50; do :; done   # keep load on while you HUP
-  kill -TERM {pid}  (or Ctrl-C)                 # graceful stop
+  curl http://127.0.0.1:{port}/                      # the worker's pid, slot and generation
+  while curl -fsS http://127.0.0.1:{port}/?sleep=50; do :; done    # load to keep on while you restart
+  {exe} status --control {sock}          # workers, accept queue, counters
+  {exe} restart --wait --control {sock}  # rolling restart: new pids, no request lost
+  {exe} scale 4 --control {sock}         # more workers (or kill -TTIN {pid} / -TTOU)
+  kill -HUP {pid}                                    # the same rolling restart, by signal
+  kill -TERM {pid}  (or Ctrl-C here)                 # graceful stop
 "#,
-        config = config_path.display()
+        config = config_path.display(),
+        exe = exe.display(),
+        sock = dir.path().join("holdfast.sock").display(),
     );
     match Config::load(Some(&config_path), &Overrides::default()) {
         Ok(config) => run(config, Overrides::default()),
