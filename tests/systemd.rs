@@ -50,9 +50,24 @@ struct Note {
     at: Instant,
     text: String,
     fds: Vec<Fd>,
-    /// Bytes in holdfast's log when it arrived: what holdfast had logged
-    /// before sending it (a write completes before the send that follows).
-    log_len: usize,
+    /// Wall-clock time it arrived. holdfast's own log is written by a thread
+    /// of its own, so the log file may lag a notification; the timestamp of a
+    /// log line, though, is taken before any send that follows it.
+    wall: std::time::SystemTime,
+}
+
+/// The lines of holdfast's log stamped no later than `at` (tracing's RFC 3339
+/// UTC timestamps); lines without a timestamp (worker output) are left out.
+fn logged_by(log: &str, at: std::time::SystemTime) -> String {
+    log.lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .is_some_and(|t| t <= at)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Note {
@@ -125,12 +140,12 @@ impl Recorder {
         self.path.to_string_lossy().into_owned()
     }
 
-    /// Starts reading; `log` is holdfast's log file.
-    fn start(&mut self, log: &Path) {
+    /// Starts reading.
+    fn start(&mut self) {
         let sock = self.sock.take().expect("started once");
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("read timeout");
-        let (notes, stop, log) = (self.notes.clone(), self.stop.clone(), log.to_path_buf());
+        let (notes, stop) = (self.notes.clone(), self.stop.clone());
         let started = Instant::now();
         self.thread = Some(std::thread::spawn(move || {
             // Bounded: a test never runs this long.
@@ -156,12 +171,11 @@ impl Recorder {
                     Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
                     Err(e) => panic!("recvmsg on the notify socket: {e}"),
                 };
-                let log_len = fs::metadata(&log).map_or(0, |m| m.len() as usize);
                 notes.lock().expect("notes").push(Note {
                     at: Instant::now(),
                     text: String::from_utf8_lossy(&buf[..len]).into_owned(),
                     fds,
-                    log_len,
+                    wall: std::time::SystemTime::now(),
                 });
             }
         }));
@@ -210,7 +224,7 @@ fn start_notified(rec: &mut Recorder, config: &str, env: &[(&str, &str)]) -> Hol
         },
         Some(config),
     );
-    rec.start(h.log_path());
+    rec.start();
     h
 }
 
@@ -511,10 +525,10 @@ drain_timeout = "10s"
     let ready_log = rec.wait("READY=1", |notes| {
         notes.iter().find(|n| n.has("READY=1")).map(|n| {
             assert_eq!(n.get("STATUS"), Some("2/2 workers ready, generation 1"));
-            n.log_len
+            n.wall
         })
     });
-    let before_ready = &h.log()[..ready_log];
+    let before_ready = &logged_by(&h.log(), ready_log);
     assert_eq!(
         before_ready.matches("worker ready").count(),
         2,
@@ -542,7 +556,7 @@ drain_timeout = "10s"
     let notes = rec.take();
     let texts: Vec<&str> = notes.iter().map(|n| n.text.as_str()).collect();
     let log = h.log();
-    let log_at = |n: &Note| &log[..n.log_len];
+    let log_at = |n: &Note| logged_by(&log, n.wall);
 
     // The exact order of the state messages.
     let phases: Vec<&str> = notes.iter().flat_map(|n| n.phases()).collect();
@@ -654,7 +668,7 @@ command = ["{holdfast}", "test-worker"]
         let pings: Vec<&Note> = notes.iter().filter(|n| n.has("WATCHDOG=1")).collect();
         let over = pings
             .iter()
-            .filter(|n| h.log()[..n.log_len].contains("stall over"))
+            .filter(|n| logged_by(&h.log(), n.wall).contains("stall over"))
             .count();
         (over >= 4).then_some(pings.len() - over)
     });
@@ -672,8 +686,8 @@ command = ["{holdfast}", "test-worker"]
         "no ping while the loop was stalled for 3 s: gap {:.3}s; gaps {gaps:?}",
         gaps[stall]
     );
-    assert!(!log[..pings[stall].log_len].contains("stall over"));
-    assert!(log[..pings[stall + 1].log_len].contains("stall over"));
+    assert!(!logged_by(&log, pings[stall].wall).contains("stall over"));
+    assert!(logged_by(&log, pings[stall + 1].wall).contains("stall over"));
     // Every other gap: about half of WATCHDOG_USEC, never near the timeout.
     let mut steady: Vec<f64> = gaps
         .iter()
