@@ -197,70 +197,15 @@ impl Holdfast {
     /// Starts `holdfast ARGS` (placeholders replaced in each arg), writing
     /// `config` to `config_path` first if given.
     pub fn start_args(args: &[&str], config: Option<&str>) -> Holdfast {
-        let dir = tempfile::Builder::new()
-            .prefix("holdfast-test-")
-            .tempdir()
-            .expect("create temp dir");
-        let config_path = dir.path().join("holdfast.toml");
-        let log_path = dir.path().join("holdfast.log");
-        let port = free_port();
-        let port2 = loop {
-            let p = free_port();
-            if p != port {
-                break p;
-            }
-        };
-        let tag = format!(
-            "HOLDFAST_TEST_TAG={}-{}",
-            std::process::id(),
-            INSTANCE.fetch_add(1, Ordering::SeqCst)
-        );
-        let mut h = Holdfast {
-            dir,
-            config_path,
-            port,
-            port2,
-            child: None,
-            pid: 0,
-            status: None,
-            log_path,
-            command_line: String::new(),
-            tag,
-        };
-        if let Some(config) = config {
-            fs::write(&h.config_path, h.fill(config))
-                .unwrap_or_else(|e| panic!("write {}: {e}", h.config_path.display()));
-        }
-        let args: Vec<String> = args.iter().map(|a| h.fill(a)).collect();
-        h.command_line = std::iter::once(holdfast_bin().to_string())
-            .chain(args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&h.log_path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", h.log_path.display()));
-        let log2 = log.try_clone().expect("dup log fd");
-        let (tag_key, tag_value) = h.tag.split_once('=').expect("tag has =");
-        let mut cmd = Command::new(holdfast_bin());
-        cmd.args(&args)
-            .current_dir(h.dir.path())
-            .env(tag_key, tag_value)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0);
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", h.command_line));
-        h.pid = child.id();
-        h.child = Some(child);
-        h
+        Holdfast::launch(
+            Launch {
+                program: "{holdfast}",
+                args,
+                env: &[],
+                stdin: None,
+            },
+            config,
+        )
     }
 
     /// Starts holdfast through `launch.program`, a launcher that ends by
