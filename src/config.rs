@@ -102,6 +102,12 @@ impl fmt::Display for Address {
     }
 }
 
+impl serde::Serialize for Address {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -128,6 +134,12 @@ impl FromStr for SignalName {
     }
 }
 
+impl serde::Serialize for SignalName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for SignalName {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -142,7 +154,8 @@ impl fmt::Display for SignalName {
 }
 
 /// A command line: never empty, never run through a shell.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
 pub struct Argv(pub Vec<String>);
 
 impl<'de> Deserialize<'de> for Argv {
@@ -160,6 +173,12 @@ impl<'de> Deserialize<'de> for Argv {
 /// A unix file mode written as an octal string, e.g. "0660".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mode(pub u32);
+
+impl serde::Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:04o}", self.0))
+    }
+}
 
 impl<'de> Deserialize<'de> for Mode {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -187,7 +206,7 @@ pub enum ReadyMode {
 }
 
 /// The fd-passing conventions a worker is given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Handoff {
     Systemd,
@@ -210,7 +229,7 @@ fn default_backlog() -> u32 {
     1024
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub command: Argv,
@@ -237,10 +256,22 @@ pub struct AppConfig {
     pub max_surge: u32,
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub restart_backoff_max: Duration,
+    /// The most workers `scale`, SIGTTIN or `workers` may ask for.
+    #[serde(default = "default_max_workers")]
+    pub max_workers: NonZeroU32,
+    /// The `[[listen]]` names a worker's process tree must hold to count as
+    /// ready; `None`: every listener it is given.
+    #[serde(default)]
+    pub ready_listeners: Option<Vec<String>>,
 }
 
 fn default_workers() -> NonZeroU32 {
     NonZeroU32::MIN
+}
+/// The default bound on the worker count.
+pub const DEFAULT_MAX_WORKERS: u32 = 256;
+fn default_max_workers() -> NonZeroU32 {
+    NonZeroU32::new(DEFAULT_MAX_WORKERS).unwrap_or(NonZeroU32::MAX)
 }
 fn default_handoff() -> Vec<Handoff> {
     vec![Handoff::Systemd, Handoff::ServerStarter, Handoff::Einhorn]
@@ -288,7 +319,7 @@ pub enum Scope {
 }
 
 /// `[memory]`: recycling bloated and old workers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryConfig {
     pub limit: Option<bytesize::ByteSize>,
@@ -333,7 +364,7 @@ fn default_child_signal() -> SignalName {
 }
 
 /// `[logs]`: where workers' stdout/stderr go.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsConfig {
     pub stdout: Option<PathBuf>,
@@ -384,7 +415,7 @@ pub struct Overrides {
 }
 
 /// A listener after defaults are applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Listen {
     pub name: String,
     pub address: Address,
@@ -473,6 +504,12 @@ impl Config {
             app.workers =
                 NonZeroU32::new(w).ok_or_else(|| invalid("--workers must be at least 1".into()))?;
         }
+        if app.workers > app.max_workers {
+            return Err(invalid(format!(
+                "[app] workers = {} is above max_workers = {} (raise max_workers if you mean it)",
+                app.workers, app.max_workers
+            )));
+        }
         if let Some(cwd) = &app.cwd {
             if cwd.is_relative() {
                 app.cwd = Some(base.join(cwd));
@@ -538,6 +575,17 @@ impl Config {
                     "`mode` is for unix sockets only; {} is not one",
                     l.address
                 )));
+            }
+        }
+        if let Some(names) = &app.ready_listeners {
+            for n in names {
+                if !listen.iter().any(|l| &l.name == n) {
+                    let known: Vec<&str> = listen.iter().map(|l| l.name.as_str()).collect();
+                    return Err(invalid(format!(
+                        "[app] ready_listeners names `{n}`, which is no [[listen]] name (names: {})",
+                        known.join(", ")
+                    )));
+                }
             }
         }
         let control_socket = match file.control_socket {
