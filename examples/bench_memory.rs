@@ -51,7 +51,11 @@ fn main() -> anyhow::Result<()> {
             let mut took = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
                 let t = Instant::now();
-                let round = memory::sample(&[(WorkerId(1), tree.root)], metric);
+                let round = memory::sample(&[holdfast::supervisor::SampleTarget {
+                    id: WorkerId(1),
+                    pid: tree.root,
+                    metric,
+                }]);
                 took.push(t.elapsed());
                 let seen = round.first().map_or(0, |r| r.processes.len());
                 anyhow::ensure!(seen == n, "sampled {seen} of {n} processes");

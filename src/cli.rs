@@ -203,7 +203,7 @@ pub fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|c| {
                 // `run` refuses a command it cannot find; so does `check`.
-                crate::spawn::Spec::new(c.app.clone(), Vec::new()).map_err(|e| e.to_string())?;
+                crate::spawn::resolve_program(&c.app).map_err(|e| e.to_string())?;
                 Ok(c)
             }) {
             Ok(c) => {

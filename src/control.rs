@@ -603,7 +603,7 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
         Command::Scale { workers } => {
             let (reply, rx) = oneshot::channel();
             let input = Input::Request {
-                request: SvRequest::Scale { workers },
+                request: SvRequest::Scale(crate::supervisor::Scale::To(workers)),
                 reply: Some(reply),
             };
             if tx.send(input).is_err() {

@@ -31,6 +31,8 @@ pub mod logs;
 pub mod memory;
 pub mod metrics;
 pub mod notify;
+pub mod probe;
+pub mod procs;
 pub mod runtime;
 pub mod spawn;
 pub mod status;

@@ -26,7 +26,7 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 
 use crate::config::Metric;
-use crate::supervisor::{Pid, WorkerId};
+use crate::supervisor::{Pid, SampleTarget, WorkerId};
 
 /// One MiB, the unit of memory figures in logs.
 pub const MIB: u64 = 1024 * 1024;
@@ -131,11 +131,11 @@ impl Reading {
     }
 }
 
-/// One sampling round: the trees of `workers` (worker id and pid), reading
-/// what `metric` needs. A worker whose own process is gone is left out.
-/// Blocking; takes roughly 10 µs per process for RSS and more for PSS/USS
-/// (see `examples/bench_memory.rs`).
-pub fn sample(workers: &[(WorkerId, Pid)], metric: Metric) -> Vec<TreeSample> {
+/// One sampling round: the trees of `workers`, each read for the metric its
+/// generation's limit is about. A worker whose own process is gone is left
+/// out. Blocking; takes roughly 10 µs per process for RSS and more for
+/// PSS/USS (see `examples/bench_memory.rs`).
+pub fn sample(workers: &[SampleTarget]) -> Vec<TreeSample> {
     if workers.is_empty() {
         return Vec::new();
     }
@@ -149,7 +149,7 @@ pub fn sample(workers: &[(WorkerId, Pid)], metric: Metric) -> Vec<TreeSample> {
     });
     workers
         .iter()
-        .filter_map(|&(id, pid)| {
+        .filter_map(|&SampleTarget { id, pid, metric }| {
             let tree = match &scanned {
                 Some(children) => subtree(pid.0, |p| children.get(&p).cloned().unwrap_or_default()),
                 None => subtree(pid.0, children_of),
@@ -348,7 +348,14 @@ Swap:                  0 kB
         let pid = Pid(child.id() as i32);
         child.wait().expect("wait");
         assert_eq!(read_usage(pid.0, Metric::Uss), None);
-        assert_eq!(sample(&[(WorkerId(1), pid)], Metric::Uss), vec![]);
+        assert_eq!(
+            sample(&[SampleTarget {
+                id: WorkerId(1),
+                pid,
+                metric: Metric::Uss
+            }]),
+            vec![]
+        );
     }
 
     #[test]
@@ -359,7 +366,11 @@ Swap:                  0 kB
             .expect("spawn sleep");
         let me = Pid(std::process::id() as i32);
         let kid = Pid(child.id() as i32);
-        let round = sample(&[(WorkerId(7), me)], Metric::Pss);
+        let round = sample(&[SampleTarget {
+            id: WorkerId(7),
+            pid: me,
+            metric: Metric::Pss,
+        }]);
         let descends = is_descendant(kid, me);
         let _ = child.kill();
         let _ = child.wait();

@@ -2,11 +2,20 @@
 //! its actions.
 //!
 //! It only does: receive (signal, child exit, notify datagram, probe result,
-//! timer) → `Supervisor::step` → run the actions → feed their results back as
-//! events. A failed action becomes an event (`SpawnFailed`), never an early
-//! return, so one bad worker cannot take the loop down.
+//! timer, helper answer) → `Supervisor::step` → run the actions → feed their
+//! results back as events. It decides nothing about workers: which
+//! generation a worker runs, whether a READY=1 counts, who is signalled and
+//! when, are the supervisor's. A failed action becomes an event
+//! (`SpawnFailed`), never an early return, so one bad worker cannot take the
+//! loop down.
+//!
+//! Nothing here blocks the loop: a reload reads its file and binds its
+//! sockets on a blocking thread; socket checks, memory rounds and the /proc
+//! walk that finds who sent a notify datagram run there too; an exec
+//! failure is read from the child's report pipe when the child is reaped;
+//! messages to systemd go through the notifier's own thread.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -19,17 +28,16 @@ use signal_hook::consts::signal::*;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{AppConfig, Config, LogsConfig, MemoryConfig, Overrides, ReadyMode};
+use crate::config::{Address, Config, LogsConfig, Overrides, ReadyMode};
 use crate::control::{self, ControlSocket};
 use crate::listener::{self, Listener};
 use crate::logs::{LogCounters, Logs};
-use crate::memory::{self, Reading};
 use crate::notify::{self, NotifySocket};
-use crate::spawn::{self, Spec, Start};
+use crate::spawn::{self, Start};
 use crate::status::Snapshot;
 use crate::supervisor::{
-    Action, Event, ExitReason, Generation, Pid, Policy, Recycle, ReplyTo, Request, Supervisor,
-    WorkerId, WorkerState,
+    Action, AdoptedProc, Event, ExitReason, Generation, Pid, ReadyVia, ReplyTo, Request, Scale,
+    Settings, Slot, Spec, Supervisor, WorkerId,
 };
 use crate::systemd::{ActivationError, Inherited, Notifier};
 
@@ -76,33 +84,19 @@ impl StartError {
 
 /// How long an exiting holdfast waits for the last worker output to be written.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the edge looks for adopted descendants and unlinked unix paths
+/// when nothing else made it look.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
-pub fn policy(app: &AppConfig) -> Policy {
-    Policy {
-        workers: app.workers.get(),
-        max_surge: app.max_surge,
-        ready: app.ready,
-        ready_delay: app.ready_delay,
-        ready_timeout: app.ready_timeout,
-        drain_signal: app.drain_signal.0,
-        drain_timeout: app.drain_timeout,
-        backoff_max: app.restart_backoff_max,
-    }
-}
-
-/// The supervisor's view of `[memory]`; `seed` feeds the lifetime jitter.
-pub fn recycle(memory: &MemoryConfig, seed: u64) -> Recycle {
-    Recycle {
-        limit: memory.limit.map(|b| b.as_u64()),
-        metric: memory.metric(),
-        scope: memory.scope,
-        grace: memory.grace,
-        min_lifetime: memory.min_lifetime,
-        child_signal: memory.child_signal.0,
-        max_lifetime: memory.max_lifetime,
-        lifetime_jitter: memory.lifetime_jitter.unwrap_or_default(),
-        seed,
-    }
+/// The generation spec of `config` (the program resolved on PATH).
+pub fn spec_of(config: &Config) -> Result<Spec, crate::sys::SpawnError> {
+    let program = spawn::resolve_program(&config.app)?;
+    Ok(Spec {
+        app: config.app.clone(),
+        program,
+        listeners: config.listen.clone(),
+        memory: config.memory.clone(),
+    })
 }
 
 /// A random u64 from the std hasher's per-process random keys (no RNG crate needed).
@@ -116,7 +110,8 @@ fn random_seed() -> u64 {
 /// A reply channel the edge holds for a request it fed to the supervisor.
 pub type Reply = oneshot::Sender<Result<String, String>>;
 
-/// Messages into the loop from its helpers (probes, control connections).
+/// Messages into the loop from its helpers (probes, control connections,
+/// blocking threads).
 pub enum Input {
     /// The cheap half of a status snapshot (see [`crate::status`]).
     Status {
@@ -135,15 +130,39 @@ pub enum Input {
     Reload {
         reply: Option<Reply>,
     },
+    /// A reload prepared off the loop.
+    Prepared(Box<Prepared>),
+    /// A notify datagram whose sender was found to belong to worker `id`.
+    Notified {
+        id: WorkerId,
+        fields: Vec<(String, String)>,
+    },
+    /// A notify datagram from a process that belongs to no worker.
+    NotifyStranger {
+        sender: i32,
+    },
+}
+
+/// What a reload read and bound on its blocking thread.
+pub struct Prepared {
+    result: Result<(Config, Spec, Vec<Listener>), String>,
+    /// The sockets systemd passed, handed back to the loop.
+    inherited: Inherited,
 }
 
 pub struct Runtime {
+    /// The last accepted config (control socket, logs, metrics).
     config: Config,
     overrides: Overrides,
     sv: Supervisor,
-    specs: BTreeMap<Generation, Spec>,
+    /// The current config's listeners, in order.
     listeners: Vec<Rc<Listener>>,
+    /// Every listener some generation still uses (a superset of `listeners`).
+    held: Vec<Rc<Listener>>,
+    /// Unreaped worker processes (their own pid).
     pids: HashMap<i32, WorkerId>,
+    /// Exec reports of workers that may not have exec'd yet.
+    execs: HashMap<i32, (WorkerId, crate::sys::ExecReport)>,
     probes: HashMap<WorkerId, Probe>,
     notify: NotifySocket,
     rundir: tempfile::TempDir,
@@ -155,28 +174,24 @@ pub struct Runtime {
     next_reply: u64,
     pending: VecDeque<Event>,
     exit: Option<i32>,
-    ignored_senders: std::collections::HashSet<i32>,
+    ignored_senders: HashSet<i32>,
     /// What systemd is told (READY, RELOADING, STOPPING, STATUS, WATCHDOG, FDSTORE).
     systemd: Notifier,
-    /// Sockets systemd passed that no entry holds now (claimable on reload).
-    inherited: Inherited,
+    /// Sockets systemd passed that no entry holds now (claimable on reload);
+    /// `None` while a reload has them on its thread.
+    inherited: Option<Inherited>,
+    /// A reload is being prepared; replies of reloads asked for meanwhile.
+    reloading: bool,
+    reload_waiters: Vec<Option<Reply>>,
+    reload_again: Vec<Option<Reply>>,
     started: Instant,
     /// Bound in `new`, served from `run`.
     control: Option<ControlSocket>,
     metrics: Option<std::net::TcpListener>,
-    /// The latest memory figures of each worker (by worker pid), from the last round.
-    memory: HashMap<Pid, Reading>,
-    /// When the running sampling round started; a new one waits for it.
-    sampling: Option<Instant>,
-    /// Every `[memory] interval`; `None` without `[memory]`.
-    memory_tick: Option<tokio::time::Interval>,
-    /// Random input to the lifetime jitter, drawn once.
-    seed: u64,
 }
 
 struct Probe {
     path: PathBuf,
-    fd: OwnedFd,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -230,7 +245,7 @@ impl Runtime {
                 origin = %l.origin, inode = l.socket_inode().unwrap_or(0), "listening");
         }
         systemd.store(&listeners);
-        let spec = Spec::new(config.app.clone(), listeners.clone())?;
+        let spec = spec_of(&config)?;
         let control = match ControlSocket::bind(&config.control_socket) {
             Ok(s) => Some(s),
             // Without a config file the path is the default rule's
@@ -262,18 +277,19 @@ impl Runtime {
         crate::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
         let logs = Logs::start(&config.logs)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut specs = BTreeMap::new();
-        specs.insert(Generation(1), spec);
-        let seed = random_seed();
-        let mut sv = Supervisor::new(policy(&config.app));
-        sv.set_recycle(config.memory.as_ref().map(|m| recycle(m, seed)));
+        let settings = Settings {
+            seed: random_seed(),
+            reopen_signal: config.logs.reopen_signal.map(|s| s.0),
+        };
+        let sv = Supervisor::new(spec, settings);
         Ok(Runtime {
             sv,
             config,
             overrides,
-            specs,
+            held: listeners.clone(),
             listeners,
             pids: HashMap::new(),
+            execs: HashMap::new(),
             probes: HashMap::new(),
             notify,
             rundir,
@@ -285,34 +301,21 @@ impl Runtime {
             next_reply: 1,
             pending: VecDeque::new(),
             exit: None,
-            ignored_senders: Default::default(),
+            ignored_senders: HashSet::new(),
             systemd,
-            inherited,
+            inherited: Some(inherited),
+            reloading: false,
+            reload_waiters: Vec::new(),
+            reload_again: Vec::new(),
             started: Instant::now(),
             control,
             metrics,
-            memory: HashMap::new(),
-            sampling: None,
-            memory_tick: None,
-            seed,
         })
-    }
-
-    /// The latest memory figures of the worker whose own pid is `pid`, from
-    /// the last sampling round that found it; `None` without `[memory]` or
-    /// before its first round.
-    pub fn memory_of(&self, pid: Pid) -> Option<&Reading> {
-        self.memory.get(&pid)
     }
 
     /// The log plumbing's counters, now (for status).
     pub fn log_stats(&self) -> LogCounters {
         self.logs.stats()
-    }
-
-    /// A sender for helpers that feed the loop.
-    pub fn sender(&self) -> mpsc::UnboundedSender<Input> {
-        self.tx.clone()
     }
 
     /// Runs until every worker has exited after a stop; returns the exit code.
@@ -327,7 +330,7 @@ impl Runtime {
                 return exitcode::OSERR;
             }
         };
-        info!(pid = std::process::id(), workers = self.sv.policy().workers, command = ?self.config.app.command.0, "holdfast started");
+        info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
         let mut stall = stall_hook();
         let baseline = crate::status::listen_counters();
         let control = self.control.take().and_then(|socket| {
@@ -342,12 +345,8 @@ impl Runtime {
                 .ok()
         });
         self.feed(Event::Tick);
-        self.memory_tick = self
-            .config
-            .memory
-            .as_ref()
-            .map(|m| memory_interval(m.interval));
-        let mut repair = tokio::time::interval(Duration::from_secs(1));
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.exit.is_none() {
             let deadline = self.sv.next_deadline();
             let sleep = async {
@@ -373,16 +372,15 @@ impl Runtime {
                     Err(e) => warn!(error = %e, "notify socket receive failed"),
                 },
                 _ = sleep => self.feed(Event::Tick),
-                _ = repair.tick() => self.repair_paths(),
+                _ = housekeeping.tick() => self.housekeeping(),
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
                 Some(d) = next_signal(&mut stall) => stall_loop(d),
-                _ = tick(&mut self.memory_tick) => self.sample_memory(),
             }
         }
         if self.systemd.uses_fd_store() {
             // The sockets live on in systemd's fd store: the next holdfast
             // adopts them by these paths.
-            for l in &self.listeners {
+            for l in &self.held {
                 l.keep_path();
             }
         }
@@ -401,43 +399,36 @@ impl Runtime {
         info!(code, "holdfast exiting");
         // The workers are gone; what they wrote last is still in the pipes.
         self.logs.shutdown(LOG_DRAIN_TIMEOUT);
+        self.systemd.flush(Duration::from_secs(2));
         code
     }
 
     fn on_signal(&mut self, sig: i32) {
+        let request = |request| Event::Request {
+            request,
+            reply: None,
+        };
         match sig {
             SIGCHLD => self.reap(),
             SIGTERM | SIGINT => {
                 info!(signal = %signame(sig), "stop requested");
-                self.feed(Event::Request {
-                    request: Request::Stop,
-                    reply: None,
-                });
+                self.feed(request(Request::Stop));
             }
             SIGHUP => {
                 info!("SIGHUP: re-reading the config and rolling every worker");
                 self.reload(None);
             }
-            SIGTTIN | SIGTTOU => {
-                let n = self.sv.policy().workers;
-                let workers = if sig == SIGTTIN {
-                    n + 1
-                } else {
-                    n.saturating_sub(1)
-                };
-                if workers == 0 {
-                    warn!("SIGTTOU ignored: there is only one worker");
-                    return;
-                }
-                info!(signal = %signame(sig), from = n, to = workers, "scaling");
-                self.feed(Event::Request {
-                    request: Request::Scale { workers },
-                    reply: None,
-                });
+            SIGTTIN => {
+                info!("SIGTTIN: one more worker");
+                self.feed(request(Request::Scale(Scale::Up)));
+            }
+            SIGTTOU => {
+                info!("SIGTTOU: one worker fewer");
+                self.feed(request(Request::Scale(Scale::Down)));
             }
             SIGUSR1 => {
                 info!("SIGUSR1: reopening the log files");
-                self.reopen_logs(None);
+                self.feed(request(Request::ReopenLogs));
             }
             _ => {}
         }
@@ -445,21 +436,32 @@ impl Runtime {
 
     fn on_input(&mut self, input: Input) {
         match input {
-            Input::Event(Event::MemorySample { samples }) => {
-                self.sampling = None;
-                self.record_memory(&samples);
-                self.feed(Event::MemorySample { samples });
-            }
             Input::Event(e) => self.feed(e),
             Input::Request { request, reply } => {
                 let reply = reply.map(|r| self.hold_reply(r));
                 self.feed(Event::Request { request, reply });
             }
             Input::Reload { reply } => self.reload(reply),
+            Input::Prepared(p) => self.prepared(*p),
             Input::Status { reply } => {
                 let _ = reply.send(self.snapshot());
             }
-            Input::ReopenLogs { reply } => self.reopen_logs(reply),
+            Input::ReopenLogs { reply } => {
+                let reply = reply.map(|r| self.hold_reply(r));
+                self.feed(Event::Request {
+                    request: Request::ReopenLogs,
+                    reply,
+                });
+            }
+            Input::Notified { id, fields } => self.notified(id, fields),
+            Input::NotifyStranger { sender } => {
+                if self.ignored_senders.insert(sender) {
+                    warn!(
+                        sender,
+                        "ignoring notify messages from a process that is not a worker of holdfast"
+                    );
+                }
+            }
         }
     }
 
@@ -475,31 +477,6 @@ impl Runtime {
         })
     }
 
-    /// Reopens every log file by path off the loop (a slow disk never stalls
-    /// it) and forwards `[logs] reopen_signal` to every worker.
-    fn reopen_logs(&mut self, reply: Option<Reply>) {
-        let signalled = self.logs.config().reopen_signal.as_ref().map(|sig| {
-            for &pid in self.pids.keys() {
-                debug!(pid, signal = %sig.0, "forwarding the log reopen signal");
-                if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig.0) {
-                    warn!(pid, signal = %sig.0, error = %e, "signal failed");
-                }
-            }
-            (sig.0, self.pids.len())
-        });
-        let done = self.logs.reopen();
-        tokio::spawn(async move {
-            let reopened = done.await;
-            match reply {
-                Some(r) => drop(r.send(reopened.reply(signalled))),
-                None if reopened.nothing() && signalled.is_none() => {
-                    info!("no log files in [logs]; nothing to reopen")
-                }
-                None => {}
-            }
-        });
-    }
-
     fn hold_reply(&mut self, r: Reply) -> ReplyTo {
         let to = ReplyTo(self.next_reply);
         self.next_reply += 1;
@@ -507,84 +484,115 @@ impl Runtime {
         to
     }
 
-    /// Re-reads the config; on success binds new listeners and starts a rollout.
-    /// A bad config changes nothing.
+    /// Re-reads the config and binds its new sockets on a blocking thread;
+    /// the result comes back as [`Input::Prepared`]. Reloads asked for
+    /// while one is prepared are folded into one more after it.
     fn reload(&mut self, reply: Option<Reply>) {
         if self.sv.is_stopping() {
-            return self.reject_reload(reply, "holdfast is stopping".into());
-        }
-        let new = match Config::load(self.config.path.as_deref(), &self.overrides) {
-            Ok(c) => c,
-            Err(e) => return self.reject_reload(reply, e.to_string()),
-        };
-        let mut listeners: Vec<Rc<Listener>> = Vec::new();
-        for l in &new.listen {
-            if let Some(existing) = self.listeners.iter().find(|x| x.serves(&l.address)) {
-                listeners.push(existing.clone());
-                continue;
+            info!("reload ignored: holdfast is stopping");
+            if let Some(r) = reply {
+                let _ = r.send(Err("holdfast is stopping".into()));
             }
-            let claimed = match self.inherited.claim(l, &inodes(&listeners)) {
-                Ok(c) => c,
-                Err(e) => return self.reject_reload(reply, e.to_string()),
-            };
-            let adopted = match claimed {
-                Some(a) => a,
-                None => match Listener::bind(l) {
-                    Ok(b) => b,
-                    Err(e) => return self.reject_reload(reply, e.to_string()),
-                },
-            };
-            info!(name = %l.name, address = %adopted.address, origin = %adopted.origin, "listening (new in this config)");
-            listeners.push(Rc::new(adopted));
+            return;
         }
-        let spec = match Spec::new(new.app.clone(), listeners.clone()) {
-            Ok(s) => s,
-            Err(e) => return self.reject_reload(reply, e.to_string()),
+        if self.reloading {
+            debug!("a reload is being prepared; another follows it");
+            self.reload_again.push(reply);
+            return;
+        }
+        let Some(mut inherited) = self.inherited.take() else {
+            self.reload_again.push(reply);
+            return;
         };
-        if !same_logs(&new.logs, self.logs.config()) {
-            warn!("[logs] changes take effect only on a restart of holdfast");
-        }
-        if new.control_socket != self.config.control_socket {
-            warn!(old = %self.config.control_socket.display(), new = %new.control_socket.display(), "control_socket changes take effect only on a restart of holdfast");
-        }
-        let generation = Generation(
-            self.sv
-                .stable()
-                .0
-                .max(self.specs.keys().last().map_or(0, |g| g.0))
-                + 1,
-        );
-        self.specs.insert(generation, spec);
-        self.systemd.store_changes(&self.listeners, &listeners);
-        self.listeners = listeners;
-        let policy = policy(&new.app);
-        let interval = |c: &Config| c.memory.as_ref().map(|m| m.interval);
-        if interval(&new) != interval(&self.config) {
-            self.memory_tick = new.memory.as_ref().map(|m| memory_interval(m.interval));
-        }
-        if new.memory.is_none() {
-            self.memory.clear();
-        }
-        self.sv
-            .set_recycle(new.memory.as_ref().map(|m| recycle(m, self.seed)));
-        self.config = new;
-        let reply = reply.map(|r| self.hold_reply(r));
-        self.feed(Event::Request {
-            request: Request::Rollout { policy },
-            reply,
+        self.reloading = true;
+        self.reload_waiters.push(reply);
+        let path = self.config.path.clone();
+        let overrides = self.overrides.clone();
+        let held: Vec<(Address, u64)> = self
+            .held
+            .iter()
+            .map(|l| (l.address.clone(), l.socket_inode().unwrap_or(0)))
+            .chain(
+                // An activated socket is also known by its systemd: name.
+                self.held.iter().filter_map(|l| match &l.origin {
+                    listener::Origin::Activated { name } => Some((
+                        Address::Systemd(name.clone()),
+                        l.socket_inode().unwrap_or(0),
+                    )),
+                    _ => None,
+                }),
+            )
+            .collect();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = prepare(path.as_deref(), &overrides, &held, &mut inherited);
+            let _ = tx.send(Input::Prepared(Box::new(Prepared { result, inherited })));
         });
     }
 
-    fn reject_reload(&mut self, reply: Option<Reply>, msg: String) {
-        error!("reload rejected, still running the previous config: {msg}");
-        self.systemd.reload_rejected(&self.sv, &msg);
-        if let Some(r) = reply {
-            let _ = r.send(Err(format!("reload rejected: {msg}")));
+    /// A reload came back from its thread: roll out, or refuse with its error.
+    fn prepared(&mut self, p: Prepared) {
+        self.reloading = false;
+        self.inherited = Some(p.inherited);
+        let waiters = std::mem::take(&mut self.reload_waiters);
+        // One reply goes to the supervisor; the others get its copy.
+        let mut replies = waiters.into_iter().flatten();
+        let first = replies.next().map(|r| self.hold_reply(r));
+        for extra in replies {
+            // Several waiters for one reload: answer them when it is decided.
+            let _ = extra.send(Err(
+                "folded into a concurrent reload; check `holdfast status`".into(),
+            ));
+        }
+        match p.result {
+            Err(error) => self.feed(Event::ReloadRejected {
+                error,
+                reply: first,
+            }),
+            Ok((config, spec, bound)) => {
+                for l in bound {
+                    info!(name = %l.name, address = %l.address, origin = %l.origin, "listening (new in this config)");
+                    self.held.push(Rc::new(l));
+                }
+                let listeners: Vec<Rc<Listener>> = config
+                    .listen
+                    .iter()
+                    .filter_map(|want| self.held.iter().find(|l| l.serves(&want.address)))
+                    .cloned()
+                    .collect();
+                if !same_logs(&config.logs, self.logs.config()) {
+                    warn!("[logs] changes take effect only on a restart of holdfast");
+                }
+                if config.control_socket != self.config.control_socket {
+                    warn!(old = %self.config.control_socket.display(), new = %config.control_socket.display(), "control_socket changes take effect only on a restart of holdfast");
+                }
+                self.systemd.store_changes(&self.listeners, &listeners);
+                self.listeners = listeners;
+                self.config = config;
+                self.feed(Event::Request {
+                    request: Request::Rollout {
+                        spec: Box::new(spec),
+                    },
+                    reply: first,
+                });
+            }
+        }
+        if !self.reload_again.is_empty() {
+            let again = std::mem::take(&mut self.reload_again);
+            let mut again = again.into_iter();
+            if let Some(first) = again.next() {
+                self.reload(first);
+            }
+            self.reload_again.extend(again);
+            if !self.reload_again.is_empty() && !self.reloading {
+                for r in std::mem::take(&mut self.reload_again).into_iter().flatten() {
+                    let _ = r.send(Err("holdfast is stopping".into()));
+                }
+            }
         }
     }
 
-    /// Steps the supervisor with `event` and everything its actions produce,
-    /// then tells systemd what changed.
+    /// Steps the supervisor with `event` and everything its actions produce.
     fn feed(&mut self, event: Event) {
         self.pending.push_back(event);
         while let Some(e) = self.pending.pop_front() {
@@ -593,7 +601,6 @@ impl Runtime {
                 self.act(action);
             }
         }
-        self.systemd.sync(&self.sv);
     }
 
     fn act(&mut self, action: Action) {
@@ -609,10 +616,14 @@ impl Runtime {
                     Err(error) => Event::SpawnFailed { id, error },
                 });
             }
-            Action::Signal { id, pid, signal } => {
-                debug!(worker = %id, %pid, %signal, "signal");
+            Action::Drain { id, pid, signal } => {
+                debug!(worker = %id, %pid, %signal, "drain signal to the process group");
+                signal_group(pid, signal);
+            }
+            Action::Signal { pid, signal } => {
+                debug!(%pid, %signal, "signal");
                 if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), signal) {
-                    warn!(%pid, %signal, error = %e, "signal failed");
+                    debug!(%pid, %signal, error = %e, "signal failed");
                 }
             }
             Action::SignalProcess {
@@ -624,44 +635,54 @@ impl Runtime {
                 if !self.pids.contains_key(&worker.0) {
                     return; // the worker was reaped: its pid may be anyone's now
                 }
-                match memory::signal_descendant(worker, pid, signal) {
-                    Ok(memory::Signalled::Sent) => {
+                match crate::memory::signal_descendant(worker, pid, signal) {
+                    Ok(crate::memory::Signalled::Sent) => {
                         debug!(worker = %id, %pid, %signal, "signal to a worker's descendant")
                     }
-                    Ok(memory::Signalled::NotDescendant) => {
+                    Ok(crate::memory::Signalled::NotDescendant) => {
                         info!(worker_pid = %worker, %pid, %signal, "process {pid} is gone or no longer under worker pid {worker}: not signalled")
                     }
                     Err(e) => warn!(%pid, %signal, error = %e, "signal failed"),
                 }
             }
             Action::Kill { id, pid } => {
-                debug!(worker = %id, %pid, "SIGKILL to process group");
-                let _ =
-                    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid.0), Signal::SIGKILL);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), Signal::SIGKILL);
+                debug!(worker = %id, %pid, "SIGKILL to the process group");
+                signal_group(pid, Signal::SIGKILL);
             }
-            Action::Verify { id, pid } => {
-                self.probes.remove(&id);
-                self.repair_paths();
-                self.verify(pid);
-            }
-            Action::RolloutDone {
+            Action::CheckSockets {
+                id,
+                pid,
                 generation,
-                outcome,
-                keep,
-            } => {
-                if let Err(e) = &outcome {
-                    debug!(%generation, error = %e, "rollout done with failure");
-                }
-                let live: std::collections::HashSet<Generation> =
-                    self.sv.workers().map(|w| w.generation).collect();
-                let target = self.sv.rollout().map(|r| r.generation);
-                self.specs.retain(|g, _| {
-                    *g == keep || *g >= generation || live.contains(g) || Some(*g) == target
+            } => self.check_sockets(id, pid, generation),
+            Action::Sample { targets } => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let samples = crate::memory::sample(&targets);
+                    let _ = tx.send(Input::Event(Event::MemorySample { samples }));
                 });
             }
-            // READY=1 goes out with the sync at the end of this feed.
-            Action::AllReady => self.systemd.all_ready(),
+            Action::ReopenLogs { reply, signalled } => {
+                let reply = reply.and_then(|to| self.replies.remove(&to));
+                let done = self.logs.reopen();
+                tokio::spawn(async move {
+                    let reopened = done.await;
+                    match reply {
+                        Some(r) => drop(r.send(reopened.reply(signalled))),
+                        None if reopened.nothing() && signalled.is_none() => {
+                            info!("no log files in [logs]; nothing to reopen")
+                        }
+                        None => {}
+                    }
+                });
+            }
+            Action::Service { state, status } => self.systemd.tell(state, &status),
+            Action::Retire { generation } => {
+                debug!(%generation, "generation retired");
+                self.release_listeners();
+            }
+            Action::Released { id } => {
+                self.probes.remove(&id);
+            }
             Action::Reply { to, outcome } => {
                 if let Some(r) = self.replies.remove(&to) {
                     let _ = r.send(outcome);
@@ -671,26 +692,51 @@ impl Runtime {
         }
     }
 
-    fn spawn(
-        &mut self,
-        id: WorkerId,
-        slot: crate::supervisor::Slot,
-        generation: Generation,
-    ) -> Result<Pid, String> {
-        let Some(spec) = self.specs.get(&generation) else {
+    /// Closes the listeners no generation uses any more (a reload dropped
+    /// them and the last worker that had them is gone).
+    fn release_listeners(&mut self) {
+        let specs: Vec<&Spec> = self.sv.specs().map(|(_, s)| s).collect();
+        let listeners = &self.listeners;
+        self.held.retain(|l| {
+            let used = listeners.iter().any(|c| Rc::ptr_eq(c, l))
+                || specs
+                    .iter()
+                    .any(|s| s.listeners.iter().any(|w| l.serves(&w.address)));
+            if !used {
+                info!(address = %l.address, "closing a listener no generation uses any more");
+            }
+            used
+        });
+    }
+
+    /// The listeners of `spec`, in fd order.
+    fn listeners_of(&self, spec: &Spec) -> Result<Vec<Rc<Listener>>, String> {
+        spec.listeners
+            .iter()
+            .map(|want| {
+                self.held
+                    .iter()
+                    .find(|l| l.serves(&want.address))
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!("listener {} is not held (internal error)", want.address)
+                    })
+            })
+            .collect()
+    }
+
+    fn spawn(&mut self, id: WorkerId, slot: Slot, generation: Generation) -> Result<Pid, String> {
+        let Some(spec) = self.sv.spec(generation) else {
             return Err(format!(
                 "no spec for generation {generation} (internal error)"
             ));
         };
-        let probe = if spec.app.ready == ReadyMode::Probe {
+        let listeners = self.listeners_of(spec)?;
+        let probe = if spec.ready() == ReadyMode::Probe {
             let path = self.rundir.path().join(format!("probe-{id}.sock"));
             let fd = listener::bind_probe(&path)
                 .map_err(|e| format!("probe socket {}: {e}", path.display()))?;
-            Some(Probe {
-                path,
-                fd,
-                task: None,
-            })
+            Some((path, fd))
         } else {
             None
         };
@@ -699,27 +745,37 @@ impl Runtime {
         let start = Start {
             slot,
             generation,
+            serial: id.0,
             notify_socket: self.notify.path(),
-            probe: probe.as_ref().map(|p| p.fd.as_raw_fd()),
+            probe: probe.as_ref().map(|(_, fd)| fd.as_raw_fd()),
             stdio: [self.devnull.as_raw_fd(), out, err],
         };
-        let pid = spawn::start(spec, &start).map_err(|e| e.to_string())?;
-        self.logs.attach(pipes, slot, Pid(pid.as_raw()));
-        self.pids.insert(pid.as_raw(), id);
-        if let Some(mut p) = probe {
-            let path = spec.app.ready_path.clone();
-            p.task = Some(tokio::spawn(probe_until_ready(
-                p.path.clone(),
-                path,
+        let started = spawn::start(spec, &listeners, &start).map_err(|e| e.to_string())?;
+        let pid = started.pid.as_raw();
+        self.logs.attach(pipes, slot, Pid(pid));
+        self.pids.insert(pid, id);
+        self.execs.insert(pid, (id, started.report));
+        if let Some((path, _fd)) = probe {
+            // The worker has the probe socket now; holdfast only connects to it.
+            let task = tokio::spawn(crate::probe::until_ready(
+                path.clone(),
+                spec.app.ready_path.clone(),
                 id,
                 self.tx.clone(),
-            )));
-            self.probes.insert(id, p);
+            ));
+            self.probes.insert(
+                id,
+                Probe {
+                    path,
+                    task: Some(task),
+                },
+            );
         }
-        Ok(Pid(pid.as_raw()))
+        Ok(Pid(pid))
     }
 
     fn reap(&mut self) {
+        let mut any = false;
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
@@ -736,21 +792,86 @@ impl Runtime {
                     break;
                 }
             }
+            any = true;
+        }
+        if any {
+            // An exit may have orphaned descendants, or unlinked a unix path.
+            self.housekeeping();
         }
     }
 
     fn reaped(&mut self, pid: i32, reason: ExitReason) {
-        match self.pids.remove(&pid) {
-            Some(id) => {
-                self.probes.remove(&id);
-                self.feed(Event::Exited {
-                    pid: Pid(pid),
-                    reason,
+        // An exec that failed reports before the child's exit counts.
+        if let Some((id, mut report)) = self.execs.remove(&pid) {
+            if let Some(Err(e)) = report.poll() {
+                self.pids.remove(&pid);
+                self.feed(Event::SpawnFailed {
+                    id,
+                    error: e.to_string(),
                 });
-                self.repair_paths();
             }
-            None => debug!(pid, %reason, "reaped an orphaned descendant"),
         }
+        self.pids.remove(&pid);
+        self.feed(Event::Exited {
+            pid: Pid(pid),
+            reason,
+        });
+    }
+
+    /// Every second and after exits: settle exec reports, list adopted
+    /// descendants, restore unlinked unix paths.
+    fn housekeeping(&mut self) {
+        self.execs
+            .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
+        self.repair_paths();
+        let pids = &self.pids;
+        let procs: Vec<AdoptedProc> = crate::procs::adopted(|p| pids.contains_key(&p), None)
+            .into_iter()
+            .map(|a| AdoptedProc {
+                pid: Pid(a.pid),
+                pgid: Pid(a.pgid),
+                worker: a.cgroup_serial.or(a.serial).map(WorkerId),
+                comm: a.comm,
+            })
+            .collect();
+        if !procs.is_empty() || self.sv.strays().next().is_some() {
+            self.feed(Event::Adopted { procs });
+        }
+    }
+
+    /// After READY: which required listeners does the worker's tree (with
+    /// its adopted descendants) not hold? Off the loop; answers as an event.
+    fn check_sockets(&mut self, id: WorkerId, pid: Pid, generation: Generation) {
+        let want: Vec<(String, u64)> = match self.sv.spec(generation) {
+            Some(spec) => spec
+                .required_listeners()
+                .filter_map(|w| {
+                    let l = self.held.iter().find(|l| l.serves(&w.address))?;
+                    Some((w.address.to_string(), l.socket_inode().ok()?))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let extra: Vec<i32> = self
+            .sv
+            .strays()
+            .filter(|s| s.worker == Some(id))
+            .map(|s| s.pid.0)
+            .collect();
+        self.repair_paths();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut held = crate::tree::socket_inodes(pid.0);
+            for p in extra {
+                held.extend(crate::tree::socket_inodes(p));
+            }
+            let missing: Vec<String> = want
+                .into_iter()
+                .filter(|(_, inode)| !held.contains(inode))
+                .map(|(a, _)| a)
+                .collect();
+            let _ = tx.send(Input::Event(Event::SocketsChecked { id, missing }));
+        });
     }
 
     fn on_notify(&mut self, m: notify::Message) {
@@ -758,33 +879,58 @@ impl Runtime {
             // sd_notify_barrier(3): receiving it (and closing its fd) is the answer.
             return;
         }
-        let pids = &self.pids;
-        let Some(owner) = notify::owning_worker(m.pid, |p| pids.contains_key(&p)) else {
-            if self.ignored_senders.insert(m.pid) {
-                warn!(sender = m.pid, message = ?m.fields, "ignoring a notify message from a process that is not a worker of holdfast");
+        if let Some(&id) = self.pids.get(&m.pid) {
+            return self.notified(id, m.fields);
+        }
+        // A descendant: which worker it belongs to is a walk of /proc, off the loop.
+        let workers: HashMap<i32, WorkerId> = self.pids.clone();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            match notify::owning_worker(m.pid, |p| workers.contains_key(&p)) {
+                Some(owner) => {
+                    if let Some(&id) = workers.get(&owner) {
+                        let _ = tx.send(Input::Notified {
+                            id,
+                            fields: m.fields,
+                        });
+                    }
+                }
+                None => {
+                    debug!(sender = m.pid, message = ?m.fields, "notify message from a process that is not a worker's");
+                    let _ = tx.send(Input::NotifyStranger { sender: m.pid });
+                }
             }
-            return;
+        });
+    }
+
+    fn notified(&mut self, id: WorkerId, fields: Vec<(String, String)>) {
+        let get = |key: &str| {
+            fields
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
         };
-        let Some(&id) = self.pids.get(&owner) else {
-            return;
-        };
-        if let Some(status) = m.get("STATUS") {
+        if let Some(status) = get("STATUS") {
             self.feed(Event::Status {
                 id,
                 status: status.to_string(),
             });
         }
-        if m.get("READY") == Some("1") && self.sv.policy().ready == ReadyMode::Notify {
-            debug!(worker = %id, sender = m.pid, "READY=1");
-            self.feed(Event::Ready { id });
+        if get("READY") == Some("1") {
+            debug!(worker = %id, "READY=1");
+            self.feed(Event::Ready {
+                id,
+                via: ReadyVia::Notify,
+            });
         }
-        if m.get("STOPPING") == Some("1") {
-            debug!(worker = %id, sender = m.pid, "STOPPING=1");
+        if get("STOPPING") == Some("1") {
+            debug!(worker = %id, "STOPPING=1");
         }
     }
 
     fn repair_paths(&self) {
-        for l in &self.listeners {
+        for l in &self.held {
             match l.repair() {
                 Ok(true) => {
                     warn!(address = %l.address, "the unix socket path was removed or replaced (a worker unlinked it; Puma does this to inherited unix sockets it does not bind with a matching -b); restored it to holdfast's listening socket")
@@ -796,84 +942,56 @@ impl Runtime {
             }
         }
     }
-
-    /// Starts a sampling round off the loop (spawn_blocking) unless one is
-    /// still running; its result comes back as `Event::MemorySample`.
-    fn sample_memory(&mut self) {
-        let Some(m) = &self.config.memory else {
-            return;
-        };
-        // A round that has not come back in a minute is lost (its thread panicked): start anew.
-        if self
-            .sampling
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
-        {
-            debug!("the previous memory round is still running; skipping this one");
-            return;
-        }
-        let metric = m.metric();
-        // Only ready workers: decisions are about them, and a tree read while a
-        // worker was still starting (children not yet forked) must not be
-        // judged after it turned ready.
-        let workers: Vec<(WorkerId, Pid)> = self
-            .sv
-            .workers()
-            .filter(|w| matches!(w.state, WorkerState::Ready { .. }))
-            .filter_map(|w| Some((w.id, w.pid?)))
-            .collect();
-        if workers.is_empty() {
-            return;
-        }
-        self.sampling = Some(Instant::now());
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let samples = memory::sample(&workers, metric);
-            let _ = tx.send(Input::Event(Event::MemorySample { samples }));
-        });
-    }
-
-    /// Keeps the figures of this round for `memory_of`; workers not in it are forgotten.
-    fn record_memory(&mut self, samples: &[memory::TreeSample]) {
-        let Some(m) = &self.config.memory else {
-            return;
-        };
-        let metric = m.metric();
-        let now = Instant::now();
-        self.memory = samples
-            .iter()
-            .filter(|s| self.pids.contains_key(&s.pid.0))
-            .map(|s| (s.pid, Reading::of(s, metric, now)))
-            .collect();
-    }
-
-    /// After READY: does the worker's process tree hold the listening sockets?
-    fn verify(&self, pid: Pid) {
-        let want: Vec<(String, u64)> = self
-            .listeners
-            .iter()
-            .filter_map(|l| l.socket_inode().ok().map(|i| (l.address.to_string(), i)))
-            .collect();
-        tokio::task::spawn_blocking(move || {
-            let held = crate::tree::socket_inodes(pid.0);
-            let missing: Vec<&str> = want
-                .iter()
-                .filter(|(_, inode)| !held.contains(inode))
-                .map(|(a, _)| a.as_str())
-                .collect();
-            if missing.len() == want.len() && !want.is_empty() {
-                error!(%pid, listeners = ?missing,
-                    "worker is ready but no process in its tree holds any of holdfast's listening sockets: a wrapper probably closed the inherited fds (e.g. `bundle exec` of Bundler < 2 without --keep-file-descriptors), or the server bound a socket of its own. Requests to these addresses are not served by this worker");
-            } else if !missing.is_empty() {
-                debug!(%pid, listeners = ?missing, "worker does not hold some listening sockets");
-            }
-        });
-    }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.probes.clear();
         let _ = &self.rundir;
+    }
+}
+
+/// The reload's blocking half: read and validate the config, resolve the
+/// command, and take or bind the sockets it names that `held` lacks.
+fn prepare(
+    path: Option<&Path>,
+    overrides: &Overrides,
+    held: &[(Address, u64)],
+    inherited: &mut Inherited,
+) -> Result<(Config, Spec, Vec<Listener>), String> {
+    let config = Config::load(path, overrides).map_err(|e| e.to_string())?;
+    let spec = spec_of(&config).map_err(|e| e.to_string())?;
+    let mut bound: Vec<Listener> = Vec::new();
+    for l in &config.listen {
+        if held.iter().any(|(a, _)| a == &l.address) || bound.iter().any(|b| b.serves(&l.address)) {
+            continue;
+        }
+        let in_use: Vec<u64> = held
+            .iter()
+            .map(|(_, i)| *i)
+            .chain(bound.iter().filter_map(|b| b.socket_inode().ok()))
+            .collect();
+        let listener = match inherited.claim(l, &in_use).map_err(|e| e.to_string())? {
+            Some(a) => a,
+            None => Listener::bind(l).map_err(|e| e.to_string())?,
+        };
+        bound.push(listener);
+    }
+    Ok((config, spec, bound))
+}
+
+/// `signal` to the process group `pid` leads, or to `pid` alone when it left
+/// the group (a server that called setsid itself).
+fn signal_group(pid: Pid, signal: Signal) {
+    let p = nix::unistd::Pid::from_raw(pid.0);
+    match nix::sys::signal::killpg(p, signal) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ESRCH) => {
+            if let Err(e) = nix::sys::signal::kill(p, signal) {
+                debug!(%pid, %signal, error = %e, "signal failed");
+            }
+        }
+        Err(e) => warn!(%pid, %signal, error = %e, "signal to the process group failed"),
     }
 }
 
@@ -917,77 +1035,6 @@ fn stall_loop(d: Duration) {
     warn!(stall = ?d, "test hook: stalling the event loop");
     std::thread::sleep(d);
     warn!("test hook: event loop stall over");
-}
-
-/// GETs `path` on the probe socket every 100 ms until it answers below 500.
-async fn probe_until_ready(
-    sock: PathBuf,
-    path: String,
-    id: WorkerId,
-    tx: mpsc::UnboundedSender<Input>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tick.tick().await;
-        match tokio::time::timeout(Duration::from_secs(5), probe_once(&sock, &path)).await {
-            Ok(Ok(status)) if status < 500 => {
-                let _ = tx.send(Input::Event(Event::Ready { id }));
-                return;
-            }
-            Ok(Ok(status)) => debug!(worker = %id, status, "probe: not ready yet"),
-            Ok(Err(e)) => debug!(worker = %id, error = %e, "probe: not ready yet"),
-            Err(_) => debug!(worker = %id, "probe: timed out"),
-        }
-    }
-}
-
-async fn probe_once(sock: &Path, path: &str) -> std::io::Result<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::UnixStream::connect(sock).await?;
-    s.write_all(
-        format!(
-            "GET {path} HTTP/1.0\r\nHost: holdfast-probe\r\nUser-Agent: holdfast-probe\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        let k = s.read(&mut buf[n..]).await?;
-        if k == 0 {
-            break;
-        }
-        n += k;
-    }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not an HTTP status line: {line:?}"),
-            )
-        })
-}
-
-/// The sampling timer: a late tick is not made up for by a burst (a burst
-/// would count one spike as several samples).
-fn memory_interval(every: Duration) -> tokio::time::Interval {
-    let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    i
-}
-
-/// Waits for the next tick of `interval`, or forever without one.
-async fn tick(interval: &mut Option<tokio::time::Interval>) {
-    match interval {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
-    }
 }
 
 /// Whether two `[logs]` tables ask for the same thing.

@@ -9,7 +9,8 @@ use std::rc::Rc;
 
 use crate::config::{Address, AppConfig, Handoff, PROBE_NAME};
 use crate::listener::Listener;
-use crate::supervisor::{Generation, Slot};
+use crate::procs::SERIAL_VAR;
+use crate::supervisor::{Generation, Slot, Spec};
 use crate::sys::{self, ExecPlan, SpawnError};
 
 /// Variables holdfast sets itself; inherited values of these never reach a worker.
@@ -23,45 +24,35 @@ const OWN_VARS: &[&str] = &[
     "UNICORN_FD",
     "HOLDFAST_WORKER_ID",
     "HOLDFAST_GENERATION",
+    SERIAL_VAR,
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
     // systemd ≥ 254: the size of holdfast's fd store, not a worker's.
     "FDSTORE",
 ];
 
-/// Everything needed to start workers of one generation.
-#[derive(Debug)]
-pub struct Spec {
-    pub app: AppConfig,
-    /// Resolved path of `app.command[0]`.
-    pub program: PathBuf,
-    pub listeners: Vec<Rc<Listener>>,
-}
-
-impl Spec {
-    pub fn new(app: AppConfig, listeners: Vec<Rc<Listener>>) -> Result<Spec, SpawnError> {
-        let path_var = app
-            .env
-            .get("PATH")
-            .map(OsString::from)
-            .or_else(|| std::env::var_os("PATH"));
-        let program = sys::resolve(&app.command.0[0], path_var.as_deref(), app.cwd.as_deref())
-            .map_err(|reason| SpawnError::NotFound {
-                program: app.command.0[0].clone(),
-                reason,
-            })?;
-        Ok(Spec {
-            app,
-            program,
-            listeners,
-        })
-    }
+/// Resolves `app.command[0]` the way exec will (the app's PATH, its cwd),
+/// so a missing program is a config error at load, not a crash loop.
+pub fn resolve_program(app: &AppConfig) -> Result<PathBuf, SpawnError> {
+    let path_var = app
+        .env
+        .get("PATH")
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"));
+    sys::resolve(&app.command.0[0], path_var.as_deref(), app.cwd.as_deref()).map_err(|reason| {
+        SpawnError::NotFound {
+            program: app.command.0[0].clone(),
+            reason,
+        }
+    })
 }
 
 /// One worker's start: which slot, which generation, and its private fds.
 pub struct Start<'a> {
     pub slot: Slot,
     pub generation: Generation,
+    /// The worker's unique serial ([`SERIAL_VAR`]): its descendants carry it.
+    pub serial: u64,
     pub notify_socket: &'a Path,
     /// The private readiness-probe listener, passed last, if `ready = "probe"`.
     pub probe: Option<RawFd>,
@@ -69,13 +60,17 @@ pub struct Start<'a> {
 }
 
 /// The environment a worker gets, in order; LISTEN_PID is added by `sys`.
-pub fn environment(spec: &Spec, start: &Start<'_>) -> Vec<(String, String)> {
+pub fn environment(
+    spec: &Spec,
+    listeners: &[Rc<Listener>],
+    start: &Start<'_>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| !OWN_VARS.contains(&k.as_str()) && !k.starts_with("EINHORN_FD_"))
         .filter(|(k, _)| !spec.app.env.contains_key(k))
         .collect();
     env.extend(spec.app.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let n = spec.listeners.len() + usize::from(start.probe.is_some());
+    let n = listeners.len() + usize::from(start.probe.is_some());
     let names: Vec<&str> = spec
         .listeners
         .iter()
@@ -89,8 +84,7 @@ pub fn environment(spec: &Spec, start: &Start<'_>) -> Vec<(String, String)> {
                 env.push(("LISTEN_FDNAMES".into(), names.join(":")));
             }
             Handoff::ServerStarter => {
-                let ports: Vec<String> = spec
-                    .listeners
+                let ports: Vec<String> = listeners
                     .iter()
                     .enumerate()
                     .map(|(i, l)| match &l.address {
@@ -101,15 +95,13 @@ pub fn environment(spec: &Spec, start: &Start<'_>) -> Vec<(String, String)> {
                 env.push(("SERVER_STARTER_PORT".into(), ports.join(";")));
             }
             Handoff::Einhorn => {
-                env.push(("EINHORN_FD_COUNT".into(), spec.listeners.len().to_string()));
-                for i in 0..spec.listeners.len() {
+                env.push(("EINHORN_FD_COUNT".into(), listeners.len().to_string()));
+                for i in 0..listeners.len() {
                     env.push((format!("EINHORN_FD_{i}"), (3 + i).to_string()));
                 }
             }
             Handoff::Unicorn => {
-                let fds: Vec<String> = (0..spec.listeners.len())
-                    .map(|i| (3 + i).to_string())
-                    .collect();
+                let fds: Vec<String> = (0..listeners.len()).map(|i| (3 + i).to_string()).collect();
                 env.push(("UNICORN_FD".into(), fds.join(",")));
             }
         }
@@ -120,13 +112,25 @@ pub fn environment(spec: &Spec, start: &Start<'_>) -> Vec<(String, String)> {
     ));
     env.push(("HOLDFAST_WORKER_ID".into(), start.slot.to_string()));
     env.push(("HOLDFAST_GENERATION".into(), start.generation.to_string()));
+    env.push((SERIAL_VAR.into(), start.serial.to_string()));
     env
 }
 
-/// Forks and execs one worker of `spec`.
-pub fn start(spec: &Spec, start: &Start<'_>) -> Result<nix::unistd::Pid, SpawnError> {
-    let fds: Vec<RawFd> = spec
-        .listeners
+/// A worker just forked: its pid, and the report of its exec (which may
+/// still fail: poll it when the child is reaped).
+pub struct Started {
+    pub pid: nix::unistd::Pid,
+    pub report: sys::ExecReport,
+}
+
+/// Forks and execs one worker of `spec` with `listeners` (the sockets of
+/// `spec.listeners`, in order); returns once it is forked.
+pub fn start(
+    spec: &Spec,
+    listeners: &[Rc<Listener>],
+    start: &Start<'_>,
+) -> Result<Started, SpawnError> {
+    let fds: Vec<RawFd> = listeners
         .iter()
         .map(|l| l.raw_fd())
         .chain(start.probe)
@@ -134,12 +138,16 @@ pub fn start(spec: &Spec, start: &Start<'_>) -> Result<nix::unistd::Pid, SpawnEr
     let plan = ExecPlan {
         program: &spec.app.command.0[0],
         args: &spec.app.command.0[1..],
-        env: environment(spec, start),
+        env: environment(spec, listeners, start),
         listen_pid: spec.app.handoff.contains(&Handoff::Systemd),
         cwd: spec.app.cwd.as_deref(),
         stdio: start.stdio,
         fds: &fds,
         parent_death_signal: nix::sys::signal::Signal::SIGTERM,
     };
-    sys::spawn(&plan, &spec.program)
+    let spawned = sys::spawn(&plan, &spec.program)?;
+    Ok(Started {
+        pid: spawned.pid,
+        report: spawned.report,
+    })
 }

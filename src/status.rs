@@ -55,6 +55,14 @@ pub struct Holdfast {
     pub stopping: bool,
     pub rollout: Option<RolloutStatus>,
     pub last_rollout: Option<LastRollout>,
+    /// Why the last reload was refused (bad config, bind failed), until the
+    /// next accepted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_rejected: Option<String>,
+    /// Every slot has a ready worker of the current generation and holdfast
+    /// is not stopping.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 /// A rollout under way.
@@ -93,6 +101,20 @@ pub struct WorkerStatus {
     pub restarts: u32,
     /// How the slot's previous worker ended.
     pub last_exit: Option<String>,
+    /// A slot with no worker (crash backoff): seconds until its next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_in_secs: Option<f64>,
+    /// Processes of its tree besides its own: its process-group
+    /// descendants plus `escaped`; `None` when /proc could not be read.
+    #[serde(default)]
+    pub descendants: Option<u64>,
+    /// Descendants that left its process group (setsid daemons) and were
+    /// re-parented to holdfast.
+    #[serde(default)]
+    pub escaped: u32,
+    /// Their pids (for `enrich`).
+    #[serde(skip)]
+    pub escaped_pids: Vec<i32>,
     /// Client connections the worker's process tree holds open, accepted from
     /// holdfast's listeners; `None` when /proc could not be read.
     pub connections: Option<u64>,
@@ -160,6 +182,9 @@ pub struct Counters {
     pub log_lines_lost: u64,
     /// Worker child processes sent `child_signal` for memory.
     pub child_signals: u64,
+    /// Descendants that outlived their worker (or belonged to none) and were stopped.
+    #[serde(default)]
+    pub strays_stopped: u64,
 }
 
 /// How worker memory is measured: the `[memory]` metric and scope, or pss
@@ -209,7 +234,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
                 w.generation == r.generation && matches!(w.state, WorkerState::Ready { .. })
             })
             .count();
-        let total = sv.policy().workers;
+        let total = sv.workers_wanted();
         RolloutStatus {
             generation: r.generation.0,
             rollback: r.rollback,
@@ -227,6 +252,11 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
         .workers()
         .map(|w| {
             let slot = sv.slot_info(w.slot);
+            let escaped: Vec<i32> = sv
+                .strays()
+                .filter(|s| s.worker == Some(w.id))
+                .map(|s| s.pid.0)
+                .collect();
             WorkerStatus {
                 slot: w.slot.0,
                 pid: w.pid.map(|p| p.0),
@@ -236,11 +266,40 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
                 status: w.status.clone(),
                 restarts: slot.map_or(0, |s| s.restarts),
                 last_exit: slot.and_then(|s| s.last_exit.clone()),
+                restart_in_secs: None,
                 connections: None,
                 memory: None,
+                descendants: None,
+                escaped: u32::try_from(escaped.len()).unwrap_or(u32::MAX),
+                escaped_pids: escaped,
             }
         })
         .collect();
+    // Slots with no worker: a crash loop shows every slot, with its next start.
+    for (slot, info) in sv.slots() {
+        if sv.workers().any(|w| w.slot == slot) {
+            continue;
+        }
+        workers.push(WorkerStatus {
+            slot: slot.0,
+            pid: None,
+            generation: info.generation.0,
+            state: "waiting".to_string(),
+            age_secs: 0.0,
+            status: None,
+            restarts: info.restarts,
+            last_exit: info.last_exit.clone(),
+            restart_in_secs: Some(
+                info.restart_at
+                    .map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64()),
+            ),
+            connections: None,
+            memory: None,
+            descendants: None,
+            escaped: 0,
+            escaped_pids: Vec::new(),
+        });
+    }
     workers.sort_by_key(|w| (w.slot, w.generation));
     let listeners = listeners
         .iter()
@@ -286,10 +345,12 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             config: config.path.clone(),
             control_socket: config.control_socket.clone(),
             generation: sv.stable().0,
-            workers_wanted: sv.policy().workers,
+            workers_wanted: sv.workers_wanted(),
             stopping: sv.is_stopping(),
             rollout,
             last_rollout,
+            reload_rejected: sv.reload_note().map(str::to_string),
+            ready: sv.all_current_ready(),
         },
         workers,
         listeners,
@@ -303,6 +364,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             log_write_errors: log_stats.write_errors,
             log_lines_lost: log_stats.lines_lost,
             child_signals: sv.counters.child_signals,
+            strays_stopped: sv.counters.strays_stopped,
         },
         sampling: config
             .memory
@@ -326,7 +388,11 @@ pub fn enrich(s: &mut Snapshot, baseline: Option<(u64, u64)>) {
         if !parents.contains_key(&pid) {
             continue; // exited since the loop's half was taken
         }
-        let tree = crate::tree::descendants_in(pid, &parents);
+        let mut tree = crate::tree::descendants_in(pid, &parents);
+        for &p in &w.escaped_pids {
+            tree.extend(crate::tree::descendants_in(p, &parents));
+        }
+        w.descendants = Some(tree.len().saturating_sub(1) as u64);
         let inodes: HashSet<u64> = tree
             .iter()
             .flat_map(|p| crate::tree::process_socket_inodes(*p))
@@ -821,6 +887,9 @@ pub fn render(s: &Snapshot) -> String {
         ),
         None => writeln!(out, "last rollout: none"),
     };
+    if let Some(why) = &h.reload_rejected {
+        let _ = writeln!(out, "{why}");
+    }
     out.push('\n');
 
     let metric = s
@@ -837,21 +906,37 @@ pub fn render(s: &Snapshot) -> String {
         metric,
         "RSS",
         "CONNS",
+        "DESC",
         "RESTARTS",
         "LAST EXIT",
     ]
     .map(String::from)
     .to_vec()];
     for w in &s.workers {
+        let state = match w.restart_in_secs {
+            Some(secs) => format!("{} (start in {})", w.state, short_duration(secs)),
+            None => w.state.clone(),
+        };
+        let desc = match (w.descendants, w.escaped) {
+            (Some(n), 0) => n.to_string(),
+            (Some(n), e) => format!("{n} ({e} escaped)"),
+            (None, 0) => "-".to_string(),
+            (None, e) => format!("? ({e} escaped)"),
+        };
         rows.push(vec![
             w.slot.to_string(),
             or_dash(w.pid),
             w.generation.to_string(),
-            w.state.clone(),
-            short_duration(w.age_secs),
+            state,
+            if w.pid.is_some() {
+                short_duration(w.age_secs)
+            } else {
+                "-".to_string()
+            },
             or_dash(w.memory.as_ref().map(|m| bytes(m.bytes))),
             or_dash(w.memory.as_ref().map(|m| bytes(m.rss_bytes))),
             or_dash(w.connections),
+            desc,
             w.restarts.to_string(),
             or_dash(w.last_exit.clone()),
         ]);

@@ -94,9 +94,32 @@ fn cstring(s: &[u8]) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument"))
 }
 
+/// A forked child and the report of its exec.
+pub struct Spawned {
+    pub pid: Pid,
+    pub report: ExecReport,
+}
+
+/// The outcome of a child's exec (shim: the blocking spawn already knows it).
+pub struct ExecReport;
+
+impl ExecReport {
+    pub fn poll(&mut self) -> Option<Result<(), SpawnError>> {
+        Some(Ok(()))
+    }
+}
+
+/// Forks and execs `plan`.
+pub fn spawn(plan: &ExecPlan<'_>, path: &Path) -> Result<Spawned, SpawnError> {
+    spawn_blocking(plan, path).map(|pid| Spawned {
+        pid,
+        report: ExecReport,
+    })
+}
+
 /// Forks and execs `plan`; returns the child's pid once exec has succeeded.
 /// The child is its own process-group leader.
-pub fn spawn(plan: &ExecPlan<'_>, path: &Path) -> Result<Pid, SpawnError> {
+fn spawn_blocking(plan: &ExecPlan<'_>, path: &Path) -> Result<Pid, SpawnError> {
     let program = plan.program.to_string();
     let child_err = |stage, source| SpawnError::Child {
         program: program.clone(),

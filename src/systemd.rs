@@ -15,8 +15,9 @@
 //! and removed from the store.
 //!
 //! **Notifications** ([`Notifier`]). What systemd is told (READY, RELOADING,
-//! STOPPING, STATUS) is derived from the supervisor after every step
-//! ([`Notifier::sync`]), so it cannot drift from what holdfast does. WATCHDOG
+//! STOPPING, STATUS) is decided by the supervisor and arrives as an action
+//! ([`Notifier::tell`]); a thread of its own writes the datagrams, so a slow
+//! service manager never blocks the event loop. WATCHDOG
 //! and EXTEND_TIMEOUT_USEC are sent from a timer of the event loop itself
 //! ([`Notifier::due`]): a stuck loop stops them, which is the point of a
 //! watchdog. The fd store gets every listening socket holdfast owns
@@ -44,7 +45,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Address, Listen};
 use crate::listener::{self, Listener, Origin, SocketFacts};
-use crate::supervisor::{Slot, Supervisor, WorkerState};
+use crate::supervisor::{ServiceState, Supervisor, WorkerState};
 
 /// `FDNAME=` of a socket holdfast puts in the fd store: this prefix and the
 /// `[[listen]]` entry's name. It tells a stored socket (holdfast's own, may be
@@ -465,23 +466,18 @@ impl Inherited {
     }
 }
 
-/// What systemd has been told about holdfast's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Told {
-    /// Nothing yet: systemd waits for READY=1 (Type=notify).
-    Starting,
-    Ready,
-    /// RELOADING=1: a rollout is under way; READY=1 ends it.
-    Reloading,
-    Stopping,
-}
+/// What systemd has been told about holdfast's state: the supervisor's
+/// [`ServiceState`], as the notifier last sent it.
+pub type Told = ServiceState;
 
 /// Where notifications go.
 #[derive(Debug)]
 enum Target {
     /// No NOTIFY_SOCKET: every notification is a no-op.
     Off,
-    Socket(UnixAddr),
+    /// Datagrams go through the sender thread, so a full receive queue on
+    /// systemd's side never blocks the event loop.
+    Socket(Sender),
     /// Unit tests: the payloads, in order.
     #[cfg(test)]
     Record(Vec<String>),
@@ -492,6 +488,9 @@ enum Target {
 pub const EXTEND_MARGIN: Duration = Duration::from_secs(5);
 /// How often EXTEND_TIMEOUT_USEC is repeated while progress continues.
 pub const EXTEND_EVERY: Duration = Duration::from_secs(2);
+/// Messages queued for the sender thread before new ones are dropped (a
+/// service manager that has not read its socket for minutes).
+const QUEUE: usize = 1024;
 
 /// holdfast's side of sd_notify(3).
 #[derive(Debug)]
@@ -503,13 +502,8 @@ pub struct Notifier {
     next_extend: Option<Instant>,
     /// Put listening sockets in the fd store.
     fd_store: bool,
-    /// Action::AllReady came: the first generation is ready.
-    ready: bool,
     told: Told,
     status: String,
-    /// Appended to STATUS= until the next accepted reload.
-    note: Option<String>,
-    failed: bool,
 }
 
 impl Notifier {
@@ -531,8 +525,12 @@ impl Notifier {
                     None if s.starts_with(b"/") => UnixAddr::new(s),
                     None => Err(nix::errno::Errno::EAFNOSUPPORT),
                 };
-                match addr {
-                    Ok(a) => Target::Socket(a),
+                match addr.map(Sender::start) {
+                    Ok(Ok(sender)) => Target::Socket(sender),
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot start the thread that notifies systemd; not notifying");
+                        Target::Off
+                    }
                     Err(e) => {
                         warn!(notify_socket = %String::from_utf8_lossy(s), error = %e,
                             "NOTIFY_SOCKET is neither an absolute path nor an abstract @name; not notifying");
@@ -564,11 +562,8 @@ impl Notifier {
             next_ping: watchdog.map(|_| now),
             next_extend: on.then_some(now + EXTEND_EVERY),
             fd_store,
-            ready: false,
             told: Told::Starting,
             status: String::new(),
-            note: None,
-            failed: false,
         }
     }
 
@@ -586,92 +581,42 @@ impl Notifier {
         self.told
     }
 
-    /// The supervisor decided the first generation is ready; READY=1 follows
-    /// at the next [`Notifier::sync`].
-    pub fn all_ready(&mut self) {
-        self.ready = true;
-    }
-
-    /// Tells systemd what changed in `sv` since the last call: READY=1 (first
-    /// generation ready, or a rollout ended), RELOADING=1 with MONOTONIC_USEC
-    /// (a rollout started), STOPPING=1 (a stop started), STATUS= (the summary
-    /// line changed).
-    pub fn sync(&mut self, sv: &Supervisor) {
+    /// Sends what the supervisor decided ([`Action::Service`](crate::supervisor::Action::Service)):
+    /// READY=1 (every slot ready, or a rollout ended), RELOADING=1 with
+    /// MONOTONIC_USEC (a rollout started), STOPPING=1, and STATUS= when the
+    /// line changed. Stopping is final; Starting is never re-entered.
+    pub fn tell(&mut self, state: ServiceState, status: &str) {
         if !self.is_on() {
             return;
         }
-        let phase = if sv.is_stopping() {
-            Told::Stopping
-        } else if !self.ready {
-            Told::Starting
-        } else if sv.rollout().is_some() {
-            Told::Reloading
-        } else {
-            Told::Ready
-        };
-        if phase == Told::Reloading && self.told != Told::Reloading {
-            self.note = None;
-        }
-        let status = self.status_with_note(sv);
         let status_changed = status != self.status;
-        self.status = status.clone();
-        let st = NotifyState::Status(&status);
-        // Stopping is final; Starting is never re-entered.
-        if self.told == phase || self.told == Told::Stopping || phase == Told::Starting {
+        self.status = status.to_string();
+        let st = NotifyState::Status(status);
+        if self.told == state || self.told == Told::Stopping || state == Told::Starting {
             if status_changed {
                 self.send(&[st], &[]);
             }
             return;
         }
-        match phase {
+        match state {
             Told::Stopping => self.send(&[NotifyState::Stopping, st], &[]),
             Told::Ready => self.send(&[NotifyState::Ready, st], &[]),
             Told::Reloading => {
                 if self.told == Told::Starting {
                     self.send(&[NotifyState::Ready], &[]);
                 }
-                self.reloading(st);
+                match NotifyState::monotonic_usec_now() {
+                    Ok(mono) => self.send(&[NotifyState::Reloading, mono, st], &[]),
+                    Err(e) => {
+                        warn!(error = %e, "CLOCK_MONOTONIC unreadable; RELOADING=1 without MONOTONIC_USEC");
+                        self.send(&[NotifyState::Reloading, st], &[]);
+                    }
+                }
             }
             Told::Starting => {}
         }
-        debug!(from = ?self.told, to = ?phase, "told systemd");
-        self.told = phase;
-    }
-
-    fn reloading(&mut self, st: NotifyState<'_>) {
-        match NotifyState::monotonic_usec_now() {
-            Ok(mono) => self.send(&[NotifyState::Reloading, mono, st], &[]),
-            Err(e) => {
-                warn!(error = %e, "CLOCK_MONOTONIC unreadable; RELOADING=1 without MONOTONIC_USEC");
-                self.send(&[NotifyState::Reloading, st], &[]);
-            }
-        }
-    }
-
-    /// A reload (SIGHUP) was rejected before any rollout started: the
-    /// notify-reload protocol still wants RELOADING=1 … READY=1, and STATUS=
-    /// says why until the next accepted reload.
-    pub fn reload_rejected(&mut self, sv: &Supervisor, why: &str) {
-        if !self.is_on() {
-            return;
-        }
-        self.note = Some(format!("last reload rejected: {why}"));
-        let status = self.status_with_note(sv);
-        self.status = status.clone();
-        if self.told == Told::Ready {
-            self.reloading(NotifyState::Status(&status));
-            self.send(&[NotifyState::Ready], &[]);
-        } else {
-            self.send(&[NotifyState::Status(&status)], &[]);
-        }
-    }
-
-    fn status_with_note(&self, sv: &Supervisor) -> String {
-        let line = status_line(sv, self.ready);
-        match &self.note {
-            Some(n) => format!("{line}; {n}"),
-            None => line,
-        }
+        debug!(from = ?self.told, to = ?state, "told systemd");
+        self.told = state;
     }
 
     /// When [`Notifier::due`] must run next: the next watchdog ping or
@@ -790,30 +735,107 @@ impl Notifier {
         self.fd_store
     }
 
+    /// Waits up to `within` for the queued messages to be sent (at exit).
+    pub fn flush(&self, within: Duration) {
+        if let Target::Socket(s) = &self.target {
+            s.flush(within);
+        }
+    }
+
     fn send(&mut self, states: &[NotifyState<'_>], fds: &[RawFd]) {
         let text: String = states.iter().map(|s| format!("{s}\n")).collect();
-        let result = match &mut self.target {
-            Target::Off => return,
+        match &mut self.target {
+            Target::Off => {}
             #[cfg(test)]
-            Target::Record(v) => {
-                v.push(text);
-                return;
-            }
-            Target::Socket(addr) => send_to(addr, &text, fds),
-        };
-        match result {
-            Ok(()) => {
-                if self.failed {
-                    info!("NOTIFY_SOCKET works again");
-                    self.failed = false;
+            Target::Record(v) => v.push(text),
+            Target::Socket(sender) => sender.send(text, fds),
+        }
+    }
+}
+
+/// One datagram for the sender thread: its text and its fds (duplicates,
+/// closed once sent).
+struct Datagram {
+    text: String,
+    fds: Vec<OwnedFd>,
+    /// Answered once every datagram queued before it was sent (flush).
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+/// The thread that writes to NOTIFY_SOCKET, in order, with a 2 s send
+/// timeout per datagram: the event loop only queues.
+#[derive(Debug)]
+struct Sender {
+    queue: std::sync::mpsc::SyncSender<Datagram>,
+}
+
+impl Sender {
+    fn start(addr: UnixAddr) -> io::Result<Sender> {
+        let (queue, rx) = std::sync::mpsc::sync_channel::<Datagram>(QUEUE);
+        std::thread::Builder::new()
+            .name("holdfast-sd-notify".into())
+            .spawn(move || {
+                let mut failed = false;
+                for d in rx {
+                    if let Some(done) = d.done {
+                        let _ = done.send(());
+                        continue;
+                    }
+                    let raw: Vec<RawFd> = d.fds.iter().map(|f| f.as_raw_fd()).collect();
+                    match send_to(&addr, &d.text, &raw) {
+                        Ok(()) if failed => {
+                            info!("NOTIFY_SOCKET works again");
+                            failed = false;
+                        }
+                        Ok(()) => {}
+                        Err(e) if !failed => {
+                            failed = true;
+                            warn!(error = %e, message = %d.text.trim_end().replace('\n', " "), "cannot notify systemd (NOTIFY_SOCKET)");
+                        }
+                        Err(e) => debug!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)"),
+                    }
+                }
+            })?;
+        Ok(Sender { queue })
+    }
+
+    fn send(&self, text: String, fds: &[RawFd]) {
+        let mut owned = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            match crate::sys::dup(fd) {
+                Ok(f) => owned.push(f),
+                Err(e) => {
+                    warn!(fd, error = %e, "cannot duplicate an fd for the fd store; not storing it");
+                    return;
                 }
             }
-            Err(e) if !self.failed => {
-                self.failed = true;
-                warn!(error = %e, message = %text.trim_end().replace('\n', " "), "cannot notify systemd (NOTIFY_SOCKET)");
-            }
-            Err(e) => debug!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)"),
         }
+        let d = Datagram {
+            text,
+            fds: owned,
+            done: None,
+        };
+        if let Err(e) = self.queue.try_send(d) {
+            warn!(error = %e, "the queue to systemd is full or gone; dropping a notification");
+        }
+    }
+
+    fn flush(&self, within: Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = Datagram {
+            text: String::new(),
+            fds: Vec::new(),
+            done: Some(tx),
+        };
+        if self.queue.try_send(d).is_ok() {
+            let _ = rx.recv_timeout(within);
+        }
+    }
+}
+
+impl std::fmt::Debug for Datagram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.text.trim_end())
     }
 }
 
@@ -826,7 +848,7 @@ fn send_to(addr: &UnixAddr, text: &str, fds: &[RawFd]) -> nix::Result<()> {
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    // A full receive queue on systemd's side must not hang the event loop for long.
+    // A full receive queue on systemd's side must not hang the thread for long.
     let timeout = nix::sys::time::TimeVal::new(2, 0);
     setsockopt(&sock, sockopt::SendTimeout, &timeout)?;
     let iov = [IoSlice::new(text.as_bytes())];
@@ -845,44 +867,6 @@ fn send_to(addr: &UnixAddr, text: &str, fds: &[RawFd]) -> nix::Result<()> {
     Ok(())
 }
 
-/// The one-line STATUS=, e.g. `4/4 workers ready, generation 7, rollout 2/4
-/// to generation 8`. It changes only with the state, never with the clock.
-pub fn status_line(sv: &Supervisor, first_ready: bool) -> String {
-    let workers = sv.policy().workers;
-    if sv.is_stopping() {
-        let left = sv.workers().count();
-        return format!("stopping: {left} worker(s) left");
-    }
-    let ready = sv.ready_count();
-    let mut line = if first_ready {
-        format!(
-            "{ready}/{workers} workers ready, generation {}",
-            sv.stable()
-        )
-    } else {
-        format!(
-            "starting: {ready}/{workers} workers ready, generation {}",
-            sv.stable()
-        )
-    };
-    if let Some(r) = sv.rollout() {
-        let done = sv
-            .workers()
-            .filter(|w| {
-                w.generation == r.generation && matches!(w.state, WorkerState::Ready { .. })
-            })
-            .count();
-        let kind = if r.rollback { "rollback" } else { "rollout" };
-        line.push_str(&format!(
-            ", {kind} {done}/{workers} to generation {}",
-            r.generation
-        ));
-    } else if let Some((g, Err(_))) = sv.last_rollout() {
-        line.push_str(&format!(", rollout of generation {g} failed"));
-    }
-    line
-}
-
 /// How far to extend systemd's timeout now, if the work it is timing is
 /// still progressing: until the last deadline holdfast itself enforces on
 /// that work, plus [`EXTEND_MARGIN`].
@@ -894,7 +878,7 @@ pub fn status_line(sv: &Supervisor, first_ready: bool) -> String {
 /// - stopping: workers within `drain_timeout` (or killed, not yet reaped).
 pub fn extension(sv: &Supervisor, told: Told, now: Instant) -> Option<Duration> {
     let starting = |w: &crate::supervisor::Worker| match w.state {
-        WorkerState::Starting { ready_by } => Some(ready_by),
+        WorkerState::Starting { ready_by } | WorkerState::Checking { ready_by } => Some(ready_by),
         _ => None,
     };
     let draining = |w: &crate::supervisor::Worker| match w.state {
@@ -905,8 +889,7 @@ pub fn extension(sv: &Supervisor, told: Told, now: Instant) -> Option<Duration> 
     let until = match told {
         Told::Ready => return None,
         Told::Starting => {
-            let crashed = (0..sv.policy().workers)
-                .any(|s| sv.slot_info(Slot(s)).is_some_and(|i| i.crashes > 0));
+            let crashed = sv.slots().any(|(_, i)| i.crashes > 0);
             if crashed {
                 return None;
             }

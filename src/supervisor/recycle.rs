@@ -22,11 +22,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
-use super::{Action, Pid, Reason, Slot, Supervisor, WorkerId, WorkerState};
-use crate::config::{Metric, Scope};
+use super::{later, Action, Pid, Reason, Slot, Supervisor, WorkerId, WorkerState};
+use crate::config::{MemoryConfig, Metric, Scope};
 use crate::memory::{mib, TreeSample};
 
-/// The `[memory]` keys, as the supervisor uses them.
+/// The `[memory]` keys of one generation, as the supervisor uses them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recycle {
     /// Bytes; `None`: no memory limit (age only).
@@ -39,15 +39,27 @@ pub struct Recycle {
     pub child_signal: Signal,
     pub max_lifetime: Option<Duration>,
     pub lifetime_jitter: Duration,
-    /// Random input for the jitter, drawn by the edge once per holdfast start.
-    pub seed: u64,
 }
 
 impl Recycle {
-    /// The jitter added to `max_lifetime` for workers of `slot`.
-    pub fn jitter(&self, slot: Slot) -> Duration {
+    pub fn from_config(m: &MemoryConfig) -> Recycle {
+        Recycle {
+            limit: m.limit.map(|b| b.as_u64()),
+            metric: m.metric(),
+            scope: m.scope,
+            grace: m.grace,
+            min_lifetime: m.min_lifetime,
+            child_signal: m.child_signal.0,
+            max_lifetime: m.max_lifetime,
+            lifetime_jitter: m.lifetime_jitter.unwrap_or_default(),
+        }
+    }
+
+    /// The jitter added to `max_lifetime` for workers of `slot`; `seed` is
+    /// the random input the edge drew once.
+    pub fn jitter(&self, slot: Slot, seed: u64) -> Duration {
         const GOLDEN: f64 = 0.618_033_988_749_894_9;
-        let phase = (self.seed >> 11) as f64 / (1u64 << 53) as f64;
+        let phase = (seed >> 11) as f64 / (1u64 << 53) as f64;
         let f = (phase + f64::from(slot.0) * GOLDEN).fract();
         self.lifetime_jitter.mul_f64(f)
     }
@@ -94,25 +106,21 @@ struct Bloated {
 }
 
 impl Supervisor {
-    /// Sets (or clears) the `[memory]` policy; takes effect from the next sample or tick.
-    pub fn set_recycle(&mut self, recycle: Option<Recycle>) {
-        self.recycle = recycle;
-    }
-
-    pub fn recycle(&self) -> Option<&Recycle> {
-        self.recycle.as_ref()
-    }
-
-    /// When ready worker `id` is due for age recycling, if `max_lifetime`
-    /// is set: `max_lifetime` plus its slot's jitter after it became ready
-    /// (so a slow start never makes a worker due the moment it is ready).
+    /// When ready worker `id` is due for age recycling, if its generation
+    /// sets `max_lifetime`: `max_lifetime` plus its slot's jitter after it
+    /// became ready (so a slow start never makes a worker due the moment it
+    /// is ready).
     pub fn age_deadline(&self, id: WorkerId) -> Option<Instant> {
-        let r = self.recycle.as_ref()?;
         let w = self.workers.get(&id)?;
+        let r = self.spec_of(w).recycle()?;
         let WorkerState::Ready { since } = w.state else {
             return None;
         };
-        let due = since + r.max_lifetime? + r.jitter(w.slot);
+        let due = later(
+            since,
+            r.max_lifetime?
+                .saturating_add(r.jitter(w.slot, self.settings.seed)),
+        );
         Some(w.memory.retry_at.map_or(due, |t| t.max(due)))
     }
 
@@ -126,10 +134,6 @@ impl Supervisor {
 
     /// Queues every ready worker whose age deadline has passed.
     pub(super) fn expire_ages(&mut self, now: Instant) {
-        let Some(r) = self.recycle.clone() else {
-            return;
-        };
-        let Some(max) = r.max_lifetime else { return };
         if self.is_stopping() {
             return;
         }
@@ -141,19 +145,24 @@ impl Supervisor {
             .filter(|(_, at)| *at <= now)
             .collect();
         for (id, _) in due {
-            let Some(w) = self.workers.get_mut(&id) else {
+            let Some(w) = self.workers.get(&id) else {
                 continue;
             };
-            w.memory.aged = true;
+            let Some(r) = self.spec_of(w).recycle() else {
+                continue;
+            };
             let WorkerState::Ready { since } = w.state else {
                 continue;
             };
             let detail = format!(
                 "ready for {} > max_lifetime {} + jitter {}",
                 fmt_duration(now.saturating_duration_since(since)),
-                fmt_duration(max),
-                fmt_duration(r.jitter(w.slot)),
+                fmt_duration(r.max_lifetime.unwrap_or_default()),
+                fmt_duration(r.jitter(w.slot, self.settings.seed)),
             );
+            if let Some(w) = self.workers.get_mut(&id) {
+                w.memory.aged = true;
+            }
             self.queue_replacement(id, Reason::Age, detail);
         }
     }
@@ -166,15 +175,18 @@ impl Supervisor {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let Some(r) = self.recycle.clone() else {
-            return;
-        };
         if self.is_stopping() {
             return;
         }
-        let resignal_after = self.policy.drain_timeout;
         let mut bloated = Vec::new();
         for s in samples {
+            let Some(w) = self.workers.get(&s.id) else {
+                continue;
+            };
+            // Judged by its own generation's rules.
+            let spec = self.spec_of(w);
+            let Some(r) = spec.recycle() else { continue };
+            let resignal_after = spec.drain_timeout();
             let Some(w) = self.workers.get_mut(&s.id) else {
                 continue;
             };
@@ -253,7 +265,7 @@ impl Supervisor {
                         continue;
                     }
                     match child.signalled_at {
-                        Some(at) if now < at + resignal_after => continue,
+                        Some(at) if now < later(at, resignal_after) => continue,
                         Some(at) => {
                             warn!(%slot, %pid, child = %c.pid, "worker {slot} (pid {pid}) child pid {} still there {} after {}: sending it again", c.pid, fmt_duration(now.saturating_duration_since(at)), r.child_signal)
                         }

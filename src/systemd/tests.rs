@@ -4,11 +4,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use nix::sys::signal::Signal;
-
 use super::*;
-use crate::config::ReadyMode;
-use crate::supervisor::{Event, Generation, Pid, Policy, Request, WorkerId};
+use crate::supervisor::{Event, Generation, Pid, ReadyVia, Request, Settings, Spec, WorkerId};
 
 #[test]
 fn listen_vars_follow_sd_listen_fds() {
@@ -221,21 +218,24 @@ fn t(ms: u64) -> Instant {
     T0.with(|t0| *t0 + Duration::from_millis(ms))
 }
 
-fn policy(workers: u32) -> Policy {
-    Policy {
-        workers,
-        max_surge: 1,
-        ready: ReadyMode::Notify,
-        ready_delay: Duration::from_secs(1),
-        ready_timeout: Duration::from_secs(60),
-        drain_signal: Signal::SIGTERM,
-        drain_timeout: Duration::from_secs(30),
-        backoff_max: Duration::from_secs(30),
+fn policy(workers: u32) -> Spec {
+    let mut app: crate::config::AppConfig =
+        toml::from_str(&format!("command = [\"worker\"]\nworkers = {workers}")).expect("app");
+    app.ready_listeners = Some(Vec::new());
+    Spec {
+        app,
+        program: "/usr/bin/worker".into(),
+        listeners: Vec::new(),
+        memory: None,
     }
 }
 
-/// Steps `sv`, feeds `Spawned` for every spawn (pid = 100 + id) and tells
-/// the notifier, as the runtime does after each step.
+fn new_sv(workers: u32) -> Supervisor {
+    Supervisor::new(policy(workers), Settings::default())
+}
+
+/// Steps `sv`, feeds `Spawned` for every spawn (pid = 100 + id) and passes
+/// what the supervisor tells systemd on to the notifier, as the runtime does.
 fn step(sv: &mut Supervisor, n: &mut Notifier, at: Instant, event: Event) {
     let mut pending = vec![event];
     while let Some(e) = pending.pop() {
@@ -245,21 +245,23 @@ fn step(sv: &mut Supervisor, n: &mut Notifier, at: Instant, event: Event) {
                     id,
                     pid: Pid(100 + id.0 as i32),
                 }),
-                crate::supervisor::Action::AllReady => n.all_ready(),
+                crate::supervisor::Action::Service { state, status } => n.tell(state, &status),
                 _ => {}
             }
         }
     }
-    n.sync(sv);
 }
 
 fn ready(id: u64) -> Event {
-    Event::Ready { id: WorkerId(id) }
+    Event::Ready {
+        id: WorkerId(id),
+        via: ReadyVia::Notify,
+    }
 }
 
 #[test]
 fn notifications_follow_the_supervisor() {
-    let mut sv = Supervisor::new(policy(2));
+    let mut sv = new_sv(2);
     let mut n = Notifier::recording(None, t(0));
     let script: Vec<(Event, Vec<&str>)> = vec![
         (
@@ -277,7 +279,9 @@ fn notifications_follow_the_supervisor() {
         ),
         (
             Event::Request {
-                request: Request::Rollout { policy: policy(2) },
+                request: Request::Rollout {
+                    spec: Box::new(policy(2)),
+                },
                 reply: None,
             },
             vec!["RELOADING=1\nMONOTONIC_USEC=*\nSTATUS=2/2 workers ready, generation 1, rollout 0/2 to generation 2\n"],
@@ -311,14 +315,14 @@ fn notifications_follow_the_supervisor() {
                 request: Request::Stop,
                 reply: None,
             },
-            vec!["STOPPING=1\nSTATUS=stopping: 2 worker(s) left\n"],
+            vec!["STOPPING=1\nSTATUS=stopping: 2 process(es) left\n"],
         ),
         (
             Event::Exited {
                 pid: Pid(103),
                 reason: crate::supervisor::ExitReason::Code(0),
             },
-            vec!["STATUS=stopping: 1 worker(s) left\n"],
+            vec!["STATUS=stopping: 1 process(es) left\n"],
         ),
     ];
     for (i, (event, want)) in script.into_iter().enumerate() {
@@ -341,12 +345,20 @@ fn notifications_follow_the_supervisor() {
 
 #[test]
 fn a_rejected_reload_still_answers_reloading_then_ready() {
-    let mut sv = Supervisor::new(policy(1));
+    let mut sv = new_sv(1);
     let mut n = Notifier::recording(None, t(0));
     step(&mut sv, &mut n, t(0), Event::Tick);
     step(&mut sv, &mut n, t(1), ready(1));
     n.take_sent();
-    n.reload_rejected(&sv, "config h.toml:3:1: oops");
+    step(
+        &mut sv,
+        &mut n,
+        t(2),
+        Event::ReloadRejected {
+            error: "config h.toml:3:1: oops".into(),
+            reply: None,
+        },
+    );
     let sent = n.take_sent();
     assert_eq!(sent.len(), 2, "{sent:?}");
     assert!(
@@ -359,7 +371,7 @@ fn a_rejected_reload_still_answers_reloading_then_ready() {
         ),
         "{sent:?}"
     );
-    assert_eq!(sent[1], "READY=1\n");
+    assert_eq!(sent[1], "READY=1\nSTATUS=1/1 workers ready, generation 1; last reload rejected: config h.toml:3:1: oops\n");
     // The note stays until a reload is accepted.
     step(&mut sv, &mut n, t(2), Event::Tick);
     assert_eq!(n.take_sent(), Vec::<String>::new());
@@ -368,7 +380,9 @@ fn a_rejected_reload_still_answers_reloading_then_ready() {
         &mut n,
         t(3),
         Event::Request {
-            request: Request::Rollout { policy: policy(1) },
+            request: Request::Rollout {
+                spec: Box::new(policy(1)),
+            },
             reply: None,
         },
     );
@@ -381,7 +395,7 @@ fn a_rejected_reload_still_answers_reloading_then_ready() {
 
 #[test]
 fn watchdog_pings_at_the_interval_from_the_loop_timer() {
-    let sv = Supervisor::new(policy(1));
+    let sv = new_sv(1);
     let mut n = Notifier::recording(Some(Duration::from_millis(500)), t(0));
     assert_eq!(n.next_due(), Some(t(0)));
     n.due(t(0), &sv);
@@ -397,7 +411,7 @@ fn watchdog_pings_at_the_interval_from_the_loop_timer() {
 
 #[test]
 fn timeouts_are_extended_only_while_bounded_work_progresses() {
-    let mut sv = Supervisor::new(policy(2));
+    let mut sv = new_sv(2);
     let mut n = Notifier::off();
     step(&mut sv, &mut n, t(0), Event::Tick);
     // Both starting, ready_timeout 60 s from t(0).
@@ -418,7 +432,7 @@ fn timeouts_are_extended_only_while_bounded_work_progresses() {
     );
     assert_eq!(extension(&sv, Told::Starting, t(11_000)), None);
 
-    let mut sv = Supervisor::new(policy(1));
+    let mut sv = new_sv(1);
     step(&mut sv, &mut n, t(0), Event::Tick);
     step(&mut sv, &mut n, t(1000), ready(1));
     step(
@@ -440,7 +454,7 @@ fn timeouts_are_extended_only_while_bounded_work_progresses() {
 
 #[test]
 fn extend_is_sent_every_few_seconds_while_starting() {
-    let mut sv = Supervisor::new(policy(1));
+    let mut sv = new_sv(1);
     let mut n = Notifier::recording(None, t(0));
     step(&mut sv, &mut n, t(0), Event::Tick);
     n.take_sent();

@@ -1,32 +1,44 @@
 //! Memory and age recycling: tables of samples and ticks, expected actions.
 
 use super::*;
-use crate::config::{Metric, Scope};
+use crate::config::{MemoryConfig, Metric, Scope};
 use crate::memory::{ProcessSample, TreeSample, Usage, MIB};
 
 const LIMIT: u64 = 512 * MIB;
 
-fn recycle(scope: Scope) -> Recycle {
-    Recycle {
-        limit: Some(LIMIT),
-        metric: match scope {
-            Scope::Tree => Metric::Pss,
-            Scope::Process => Metric::Uss,
-        },
-        scope,
-        grace: 3,
-        min_lifetime: Duration::ZERO,
-        child_signal: Signal::SIGQUIT,
-        max_lifetime: None,
-        lifetime_jitter: Duration::ZERO,
-        seed: 0,
-    }
+fn recycle(scope: Scope) -> MemoryConfig {
+    let scope = match scope {
+        Scope::Tree => "tree",
+        Scope::Process => "process",
+    };
+    toml::from_str(&format!(
+        "limit = \"512MiB\"\nscope = \"{scope}\"\ngrace = 3\nmin_lifetime = \"0s\"\ninterval = \"1h\""
+    ))
+    .expect("[memory]")
 }
 
 /// `running(workers, max_surge)` with `[memory]` set.
-fn watched(workers: u32, max_surge: u32, r: Recycle) -> Supervisor {
-    let mut sv = running(workers, max_surge);
-    sv.set_recycle(Some(r));
+fn watched(workers: u32, max_surge: u32, m: MemoryConfig) -> Supervisor {
+    watched_seeded(workers, max_surge, m, 0)
+}
+
+fn watched_seeded(workers: u32, max_surge: u32, m: MemoryConfig, seed: u64) -> Supervisor {
+    let mut spec = policy(workers, max_surge);
+    spec.memory = Some(m);
+    let mut sv = Supervisor::new(
+        spec,
+        Settings {
+            seed,
+            reopen_signal: None,
+        },
+    );
+    step(&mut sv, 0, Event::Tick);
+    for s in 0..workers as u64 {
+        step(&mut sv, 1, spawned(s + 1, 100 + s as i32));
+    }
+    for s in 0..workers as u64 {
+        step(&mut sv, 2, ready(s + 1));
+    }
     sv
 }
 
@@ -89,7 +101,7 @@ fn grace_samples_over_the_limit_replace_start_before_stop() {
             (3001, spawned(3, 200), vec![]),
             // Still over while its replacement starts: not queued again.
             (4000, round(&[(1, 100, 650), (2, 101, 100)]), vec![]),
-            (4500, ready(3), vec![verify(3, 200), term(1, 100)]),
+            (4500, ready(3), vec![term(1, 100)]),
             (5000, exited(100), vec![]),
         ],
     );
@@ -136,7 +148,7 @@ fn the_limit_applies_to_the_configured_metric() {
     // rss is twice pss in these samples: 300 MiB pss is 600 MiB rss.
     let mut pss = watched(1, 1, recycle(Scope::Tree));
     let mut r = recycle(Scope::Tree);
-    r.metric = Metric::Rss;
+    r.metric = Some(Metric::Rss);
     let mut rss = watched(1, 1, r);
     for ms in [1000, 2000, 3000] {
         assert_eq!(pss.step(t(ms), round(&[(1, 100, 300)])), vec![]);
@@ -176,7 +188,7 @@ fn biggest_goes_first_and_at_most_max_surge_at_once() {
             (3000, all(), vec![spawn(4, 1, 1)]),
             (3001, spawned(4, 201), vec![]),
             (4000, all(), vec![]),
-            (4500, ready(4), vec![verify(4, 201), term(2, 101)]),
+            (4500, ready(4), vec![term(2, 101)]),
         ],
     );
     assert_eq!(sv.ready_count(), 3, "never below workers ready");
@@ -186,7 +198,7 @@ fn biggest_goes_first_and_at_most_max_surge_at_once() {
         vec![
             (5000, exited(101), vec![spawn(5, 2, 1)]),
             (5001, spawned(5, 202), vec![]),
-            (6000, ready(5), vec![verify(5, 202), term(3, 102)]),
+            (6000, ready(5), vec![term(3, 102)]),
             (7000, exited(102), vec![spawn(6, 0, 1)]),
         ],
     );
@@ -211,7 +223,7 @@ fn a_bigger_worker_queued_later_overtakes_a_waiting_smaller_one() {
             (4000, round(&[(2, 101, 600), (3, 102, 800)]), vec![]),
             (5000, round(&[(2, 101, 600), (3, 102, 800)]), vec![]),
             (6000, round(&[(2, 101, 600), (3, 102, 800)]), vec![]),
-            (6500, ready(4), vec![verify(4, 200), term(1, 100)]),
+            (6500, ready(4), vec![term(1, 100)]),
             // Slot 2 (800 MiB) overtakes slot 1 (600 MiB).
             (7000, exited(100), vec![spawn(5, 2, 1)]),
         ],
@@ -230,7 +242,7 @@ fn memory_and_rollout_share_the_queue_and_the_budget() {
             (3001, spawned(3, 201), vec![]),
             // A rollout now waits for the memory replacement's surge slot.
             (3500, rollout(policy(2, 1)), vec![]),
-            (4000, ready(3), vec![verify(3, 201), term(2, 101)]),
+            (4000, ready(3), vec![term(2, 101)]),
             (5000, exited(101), vec![spawn(4, 0, 2)]),
         ],
     );
@@ -248,7 +260,7 @@ fn workers_not_ready_and_stale_samples_are_ignored() {
     );
     for ms in [1000, 2000, 3000, 4000] {
         // Worker 2 is starting; worker 1 is sampled under a pid it does not have.
-        let out = sv.step(t(ms), round(&[(2, 200, 900), (1, 999, 900)]));
+        let out = step(&mut sv, ms, round(&[(2, 200, 900), (1, 999, 900)]));
         assert_eq!(out, vec![], "at {ms}");
     }
     assert_eq!(sv.worker(WorkerId(2)).map(|w| w.memory.over), Some(0));
@@ -264,7 +276,7 @@ fn stopping_ignores_samples() {
     };
     play(&mut sv, vec![(10, stop, vec![term(1, 100)])]);
     for ms in [1000, 2000, 3000, 4000] {
-        assert_eq!(sv.step(t(ms), round(&[(1, 100, 900)])), vec![]);
+        assert_eq!(step(&mut sv, ms, round(&[(1, 100, 900)])), vec![]);
     }
 }
 
@@ -304,7 +316,7 @@ fn process_scope_judges_each_process_on_its_own() {
         )],
     };
     for ms in [1000, 2000, 3000, 4000] {
-        assert_eq!(sv.step(t(ms), sample()), vec![]);
+        assert_eq!(step(&mut sv, ms, sample()), vec![]);
     }
 }
 
@@ -352,17 +364,16 @@ fn aging(workers: u32, max_surge: u32, seed: u64) -> Supervisor {
     let mut r = recycle(Scope::Tree);
     r.limit = None;
     r.max_lifetime = Some(Duration::from_secs(10));
-    r.lifetime_jitter = Duration::from_secs(4);
-    r.seed = seed;
-    watched(workers, max_surge, r)
+    r.lifetime_jitter = Some(Duration::from_secs(4));
+    watched_seeded(workers, max_surge, r, seed)
 }
 
 #[test]
 fn max_lifetime_plus_jitter_recycles_at_the_deadline() {
     let mut sv = aging(1, 1, 0);
-    let r = sv.recycle().cloned().expect("recycle");
+    let r = sv.current_spec().recycle().expect("recycle");
     // Seed 0, slot 0: no jitter. Ready at t(2): due 10 s later.
-    assert_eq!(r.jitter(Slot(0)), Duration::ZERO);
+    assert_eq!(r.jitter(Slot(0), 0), Duration::ZERO);
     assert_eq!(sv.next_deadline(), Some(t(10_002)));
     play(
         &mut sv,
@@ -378,13 +389,10 @@ fn max_lifetime_plus_jitter_recycles_at_the_deadline() {
         sv.next_deadline(),
         Some(t(10_003) + Duration::from_secs(60))
     );
-    play(
-        &mut sv,
-        vec![(11_000, ready(2), vec![verify(2, 200), term(1, 100)])],
-    );
+    play(&mut sv, vec![(11_000, ready(2), vec![term(1, 100)])]);
     // Its age deadline comes before worker 1's drain deadline.
     assert_eq!(sv.next_deadline(), Some(t(21_000)));
-    sv.step(t(11_500), exited(100));
+    step(&mut sv, 11_500, exited(100));
     assert_eq!(sv.next_deadline(), Some(t(21_000)));
     assert_eq!(sv.counters.replacements.get(&Reason::Age), Some(&1));
 }
@@ -398,7 +406,7 @@ fn a_worker_slow_to_start_is_not_due_the_moment_it_is_ready() {
             (10_002, Event::Tick, vec![spawn(2, 0, 1)]),
             (10_003, spawned(2, 200), vec![]),
             // Ready 15 s after its spawn, more than max_lifetime (10 s).
-            (25_003, ready(2), vec![verify(2, 200), term(1, 100)]),
+            (25_003, ready(2), vec![term(1, 100)]),
             (25_004, Event::Tick, vec![]),
         ],
     );
@@ -409,8 +417,8 @@ fn a_worker_slow_to_start_is_not_due_the_moment_it_is_ready() {
 fn jitter_spreads_slots_over_the_range() {
     for seed in [0, 1, 0x9e37_79b9_7f4a_7c15, u64::MAX] {
         let sv = aging(4, 1, seed);
-        let r = sv.recycle().cloned().expect("recycle");
-        let mut j: Vec<Duration> = (0..4).map(|s| r.jitter(Slot(s))).collect();
+        let r = sv.current_spec().recycle().expect("recycle");
+        let mut j: Vec<Duration> = (0..4).map(|s| r.jitter(Slot(s), seed)).collect();
         j.sort();
         for w in j.windows(2) {
             assert!(
@@ -447,7 +455,7 @@ fn due_workers_wait_for_surge_budget_without_spinning() {
     play(
         &mut sv,
         vec![
-            (13_000, ready(3), vec![verify(3, 200), term(1, 100)]),
+            (13_000, ready(3), vec![term(1, 100)]),
             (13_500, exited(100), vec![spawn(4, 1, 1)]),
         ],
     );
@@ -458,7 +466,7 @@ fn due_workers_wait_for_surge_budget_without_spinning() {
 fn without_memory_config_samples_do_nothing() {
     let mut sv = running(1, 1);
     for ms in [1000, 2000, 3000, 4000] {
-        assert_eq!(sv.step(t(ms), round(&[(1, 100, 100_000)])), vec![]);
+        assert_eq!(step(&mut sv, ms, round(&[(1, 100, 100_000)])), vec![]);
     }
     assert_eq!(sv.next_deadline(), None);
 }
