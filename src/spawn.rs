@@ -140,6 +140,8 @@ pub fn start(spec: &Spec, start: &Start<'_>) -> Result<nix::unistd::Pid, SpawnEr
         stdio: start.stdio,
         fds: &fds,
         parent_death_signal: nix::sys::signal::Signal::SIGTERM,
+        cgroup_procs: None,
     };
-    sys::spawn(&plan, &spec.program)
+    let spawned = sys::spawn(&plan, &spec.program)?;
+    spawned.report.wait().map(|()| spawned.pid)
 }
