@@ -45,11 +45,11 @@ pub const SERIAL_VAR: &str = "HOLDFAST_WORKER_SERIAL";
 /// The name of worker `serial`'s cgroup, below holdfast's own.
 const WORKER_PREFIX: &str = "worker-";
 
-/// The xattrs systemd (≥ 251 for the `user.` one) sets to "1" on the cgroup
-/// of a unit with `Delegate=yes`, in the order systemd's own
-/// `cg_is_delegated()` reads them: `trusted.` is preferred; `user.` is the
-/// one an unprivileged process can read. See systemd's
-/// `src/core/cgroup.c:cgroup_delegate_xattr_apply()`.
+/// The xattrs systemd's system manager sets to "1" on the cgroup of a unit
+/// with `Delegate=yes` (`src/core/cgroup.c:cgroup_delegate_xattr_apply()`;
+/// a user manager sets neither), read in the order of systemd's own
+/// `cg_is_delegated()`: `trusted.` first, then `user.`, the one a process
+/// without CAP_SYS_ADMIN can read.
 const DELEGATE_XATTRS: [&str; 2] = ["trusted.delegate", "user.delegate"];
 
 /// The fields of `/proc/PID/stat` (proc(5)) that holdfast uses.

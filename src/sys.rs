@@ -71,7 +71,8 @@ pub struct Spawned {
 /// The read end of a child's error pipe (O_NONBLOCK, close-on-exec). The
 /// child writes 8 bytes (stage, errno) if a stage before exec fails, then
 /// exits 127; the write end is close-on-exec, so EOF with nothing read means
-/// exec succeeded. Either way the child must still be reaped by the caller's
+/// exec succeeded (or the child was killed before it could report: its exit
+/// status tells). Either way the child must still be reaped by the caller's
 /// reaper. Dropping the report loses the outcome, nothing else.
 #[derive(Debug)]
 pub struct ExecReport {
