@@ -15,6 +15,7 @@
 //! - [`systemd`]: socket activation, the fd store, and notifications to systemd.
 //! - [`logs`]: workers' stdout/stderr through pipes into files, whole lines, reopen.
 //! - [`tree`]: process trees and socket inodes from /proc.
+//! - [`procs`]: /proc/PID/stat, processes adopted as subreaper, worker cgroups (cgroup v2, delegated).
 //! - [`memory`]: rss / pss / uss of worker trees from /proc (facts for memory recycling).
 //! - [`control`]: the control socket (JSON lines) and its CLI client.
 //! - [`status`]: the status snapshot (workers, listeners' accept queues, counters).

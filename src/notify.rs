@@ -123,14 +123,7 @@ fn recv_one(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<Option<Message>> {
 
 /// The process group and parent of `pid` (from /proc/PID/stat), if it still exists.
 pub fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: parse after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut f = rest.split_whitespace();
-    let _state = f.next()?;
-    let ppid = f.next()?.parse().ok()?;
-    let pgrp = f.next()?.parse().ok()?;
-    Some((pgrp, ppid))
+    crate::procs::stat(pid).map(|s| (s.pgrp, s.ppid))
 }
 
 /// Finds which of `is_worker`'s pids `pid` belongs to: itself, its process

@@ -164,6 +164,9 @@ pub struct Runtime {
     /// Exec reports of workers that may not have exec'd yet.
     execs: HashMap<i32, (WorkerId, crate::sys::ExecReport)>,
     probes: HashMap<WorkerId, Probe>,
+    /// holdfast's delegated cgroup, when it has one: a cgroup per worker.
+    cgroups: Option<crate::procs::Cgroups>,
+    worker_cgroups: HashMap<WorkerId, crate::procs::WorkerCgroup>,
     notify: NotifySocket,
     rundir: tempfile::TempDir,
     devnull: OwnedFd,
@@ -275,6 +278,16 @@ impl Runtime {
             .map_err(io("/dev/null"))?
             .into();
         crate::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
+        let cgroups = match crate::procs::Cgroups::detect() {
+            Ok(c) => {
+                info!(cgroup = %c.dir().display(), "a cgroup per worker: every descendant of a worker is contained and ends with it");
+                Some(c)
+            }
+            Err(why) => {
+                info!(reason = %why, "no cgroup per worker; descendants that leave a worker's process group are tracked as holdfast's adopted children");
+                None
+            }
+        };
         let logs = Logs::start(&config.logs)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let settings = Settings {
@@ -291,6 +304,8 @@ impl Runtime {
             pids: HashMap::new(),
             execs: HashMap::new(),
             probes: HashMap::new(),
+            cgroups,
+            worker_cgroups: HashMap::new(),
             notify,
             rundir,
             devnull,
@@ -648,6 +663,11 @@ impl Runtime {
             Action::Kill { id, pid } => {
                 debug!(worker = %id, %pid, "SIGKILL to the process group");
                 signal_group(pid, Signal::SIGKILL);
+                if let Some(cg) = self.worker_cgroups.get(&id) {
+                    if let Err(e) = cg.kill() {
+                        warn!(worker = %id, cgroup = %cg.dir().display(), error = %e, "cannot kill the worker's cgroup");
+                    }
+                }
             }
             Action::CheckSockets {
                 id,
@@ -682,6 +702,7 @@ impl Runtime {
             }
             Action::Released { id } => {
                 self.probes.remove(&id);
+                self.remove_cgroup(id);
             }
             Action::Reply { to, outcome } => {
                 if let Some(r) = self.replies.remove(&to) {
@@ -742,16 +763,27 @@ impl Runtime {
         };
         let pipes = self.logs.pipes().map_err(|e| e.to_string())?;
         let [out, err] = pipes.child_ends();
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(
+                c.create(id.0)
+                    .map_err(|e| format!("cgroup for worker {id} in {}: {e}", c.dir().display()))?,
+            ),
+            None => None,
+        };
         let start = Start {
             slot,
             generation,
             serial: id.0,
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs_fd().as_raw_fd()),
             notify_socket: self.notify.path(),
             probe: probe.as_ref().map(|(_, fd)| fd.as_raw_fd()),
             stdio: [self.devnull.as_raw_fd(), out, err],
         };
         let started = spawn::start(spec, &listeners, &start).map_err(|e| e.to_string())?;
         let pid = started.pid.as_raw();
+        if let Some(cg) = cgroup {
+            self.worker_cgroups.insert(id, cg);
+        }
         self.logs.attach(pipes, slot, Pid(pid));
         self.pids.insert(pid, id);
         self.execs.insert(pid, (id, started.report));
@@ -825,15 +857,16 @@ impl Runtime {
             .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
         self.repair_paths();
         let pids = &self.pids;
-        let procs: Vec<AdoptedProc> = crate::procs::adopted(|p| pids.contains_key(&p), None)
-            .into_iter()
-            .map(|a| AdoptedProc {
-                pid: Pid(a.pid),
-                pgid: Pid(a.pgid),
-                worker: a.cgroup_serial.or(a.serial).map(WorkerId),
-                comm: a.comm,
-            })
-            .collect();
+        let procs: Vec<AdoptedProc> =
+            crate::procs::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
+                .into_iter()
+                .map(|a| AdoptedProc {
+                    pid: Pid(a.pid),
+                    pgid: Pid(a.pgid),
+                    worker: a.cgroup_serial.or(a.serial).map(WorkerId),
+                    comm: a.comm,
+                })
+                .collect();
         if !procs.is_empty() || self.sv.strays().next().is_some() {
             self.feed(Event::Adopted { procs });
         }
@@ -926,6 +959,26 @@ impl Runtime {
         }
         if get("STOPPING") == Some("1") {
             debug!(worker = %id, "STOPPING=1");
+        }
+    }
+
+    /// A worker and its descendants are gone: its cgroup goes too (if it is
+    /// still busy, a later release retries).
+    fn remove_cgroup(&mut self, id: WorkerId) {
+        let Some(cg) = self.worker_cgroups.remove(&id) else {
+            return;
+        };
+        match cg.pids() {
+            Ok(p) if !p.is_empty() => {
+                debug!(worker = %id, pids = ?p, "worker cgroup still has processes; kept for now");
+                self.worker_cgroups.insert(id, cg);
+            }
+            _ => {
+                let dir = cg.dir().to_path_buf();
+                if let Err(e) = cg.remove() {
+                    warn!(cgroup = %dir.display(), error = %e, "cannot remove a worker's cgroup");
+                }
+            }
         }
     }
 

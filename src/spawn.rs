@@ -53,6 +53,9 @@ pub struct Start<'a> {
     pub generation: Generation,
     /// The worker's unique serial ([`SERIAL_VAR`]): its descendants carry it.
     pub serial: u64,
+    /// Its cgroup's `cgroup.procs`, open for writing: the child moves itself
+    /// there before exec (see [`crate::procs::WorkerCgroup`]).
+    pub cgroup_procs: Option<RawFd>,
     pub notify_socket: &'a Path,
     /// The private readiness-probe listener, passed last, if `ready = "probe"`.
     pub probe: Option<RawFd>,
@@ -144,6 +147,7 @@ pub fn start(
         stdio: start.stdio,
         fds: &fds,
         parent_death_signal: nix::sys::signal::Signal::SIGTERM,
+        cgroup_procs: start.cgroup_procs,
     };
     let spawned = sys::spawn(&plan, &spec.program)?;
     Ok(Started {

@@ -9,11 +9,13 @@
 //! is only known in the child, so the child writes its pid into a buffer that
 //! envp already points at. An exec failure is reported back over a CLOEXEC
 //! pipe (EOF means exec succeeded), so a missing program is one clear error,
-//! not a mystery exit 127.
+//! not a mystery exit 127. [`spawn`] returns right after fork; the caller
+//! reads that report later through [`ExecReport`] (without blocking, e.g.
+//! awaiting its fd's readability), so a slow exec never stalls the event loop.
 
 use std::ffi::{CString, OsStr};
-use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -51,6 +53,106 @@ pub struct ExecPlan<'a> {
     pub fds: &'a [RawFd],
     /// Sent to the child when holdfast dies (PR_SET_PDEATHSIG).
     pub parent_death_signal: nix::sys::signal::Signal,
+    /// An fd of a cgroup's `cgroup.procs`, open for writing (see
+    /// `procs::WorkerCgroup::procs_fd`): the child writes "0" to it, moving
+    /// itself into that cgroup before exec, so everything it ever forks is
+    /// there too. A failed write fails the spawn at stage "cgroup". The
+    /// caller keeps ownership; the fd must stay open until `spawn` returns.
+    pub cgroup_procs: Option<RawFd>,
+}
+
+/// A forked child: its pid, and the report of its exec still to be read.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    pub report: ExecReport,
+}
+
+/// The read end of a child's error pipe (O_NONBLOCK, close-on-exec). The
+/// child writes 8 bytes (stage, errno) if a stage before exec fails, then
+/// exits 127; the write end is close-on-exec, so EOF with nothing read means
+/// exec succeeded (or the child was killed before it could report: its exit
+/// status tells). Either way the child must still be reaped by the caller's
+/// reaper. Dropping the report loses the outcome, nothing else.
+#[derive(Debug)]
+pub struct ExecReport {
+    pipe: OwnedFd,
+    program: String,
+    buf: [u8; 8],
+    len: usize,
+}
+
+impl ExecReport {
+    /// Non-blocking: `None` = not known yet (the child has not exec'd or
+    /// failed); `Some(Ok(()))` = exec succeeded (EOF); `Some(Err(e))` = the
+    /// named stage failed. Once `Some`, every later call returns the same.
+    pub fn poll(&mut self) -> Option<Result<(), SpawnError>> {
+        loop {
+            if self.len == self.buf.len() {
+                return Some(Err(self.failure()));
+            }
+            match nix::unistd::read(&self.pipe, &mut self.buf[self.len..]) {
+                Ok(0) if self.len == 0 => return Some(Ok(())),
+                // The child writes its 8 bytes at once (PIPE_BUF makes that atomic);
+                // a short report means it was killed mid-write.
+                Ok(0) => {
+                    return Some(Err(self.child_error(
+                        "spawn",
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "truncated exec report"),
+                    )))
+                }
+                Ok(n) => self.len += n,
+                Err(nix::errno::Errno::EAGAIN) => return None,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Some(Err(self.child_error("report", e.into()))),
+            }
+        }
+    }
+
+    /// Blocking: waits for the outcome (for tests and one-shot tools; the
+    /// event loop awaits the fd's readability and calls [`ExecReport::poll`]).
+    pub fn wait(mut self) -> Result<(), SpawnError> {
+        loop {
+            if let Some(outcome) = self.poll() {
+                return outcome;
+            }
+            let mut fds = [nix::poll::PollFd::new(
+                self.pipe.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(self.child_error("report", e.into())),
+            }
+        }
+    }
+
+    /// The program being started, as the plan named it.
+    pub fn program(&self) -> &str {
+        &self.program
+    }
+
+    fn failure(&self) -> SpawnError {
+        let b = self.buf;
+        let stage = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let errno = i32::from_ne_bytes([b[4], b[5], b[6], b[7]]);
+        self.child_error(stage_name(stage), io::Error::from_raw_os_error(errno))
+    }
+
+    fn child_error(&self, stage: &'static str, source: io::Error) -> SpawnError {
+        SpawnError::Child {
+            program: self.program.clone(),
+            stage,
+            source,
+        }
+    }
+}
+
+impl AsFd for ExecReport {
+    /// Readable once the outcome is known (data or EOF): for `AsyncFd`.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.pipe.as_fd()
+    }
 }
 
 /// Finds `program` the way execvp(3) would, in `path_var`, relative to `cwd`
@@ -94,32 +196,20 @@ fn cstring(s: &[u8]) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument"))
 }
 
-/// A forked child and the report of its exec.
-pub struct Spawned {
-    pub pid: Pid,
-    pub report: ExecReport,
-}
-
-/// The outcome of a child's exec (shim: the blocking spawn already knows it).
-pub struct ExecReport;
-
-impl ExecReport {
-    pub fn poll(&mut self) -> Option<Result<(), SpawnError>> {
-        Some(Ok(()))
-    }
-}
-
-/// Forks and execs `plan`.
+/// Forks and execs `plan` (`path` is the resolved program); returns right
+/// after fork with the child's pid and the [`ExecReport`] that tells later
+/// whether exec succeeded. The child is its own process-group leader (and in
+/// `plan.cgroup_procs`'s cgroup) before it execs. Errors before fork (a NUL
+/// byte, no pipe) and a failed fork are returned here; the caller's fds are
+/// only borrowed.
+///
+/// Memory: the child reads argv, envp, the fd plan and the `LISTEN_PID`
+/// buffer between fork and exec, and this function frees them as soon as it
+/// returns. That is sound because `fork()` (not `vfork()`) gives the child
+/// its own copy-on-write copy of the whole address space: the parent's frees
+/// and later writes touch only the parent's pages, and every pointer the
+/// child holds refers to its own copy, which lives until exec replaces it.
 pub fn spawn(plan: &ExecPlan<'_>, path: &Path) -> Result<Spawned, SpawnError> {
-    spawn_blocking(plan, path).map(|pid| Spawned {
-        pid,
-        report: ExecReport,
-    })
-}
-
-/// Forks and execs `plan`; returns the child's pid once exec has succeeded.
-/// The child is its own process-group leader.
-fn spawn_blocking(plan: &ExecPlan<'_>, path: &Path) -> Result<Pid, SpawnError> {
     let program = plan.program.to_string();
     let child_err = |stage, source| SpawnError::Child {
         program: program.clone(),
@@ -166,6 +256,13 @@ fn spawn_blocking(plan: &ExecPlan<'_>, path: &Path) -> Result<Pid, SpawnError> {
 
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| child_err("pipe", e.into()))?;
+    // Only the parent's end: the child's blocking write of 8 bytes into an
+    // empty pipe cannot block anyway.
+    nix::fcntl::fcntl(
+        &err_r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| child_err("pipe", e.into()))?;
     let err_w_raw = err_w.as_raw_fd();
     let parent = nix::unistd::getpid();
     let pdeath = plan.parent_death_signal as libc::c_int;
@@ -197,27 +294,23 @@ fn spawn_blocking(plan: &ExecPlan<'_>, path: &Path) -> Result<Pid, SpawnError> {
                     err_target,
                     parent: parent.as_raw(),
                     pdeath,
+                    cgroup_procs: plan.cgroup_procs.unwrap_or(-1),
                 })
             }
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(err_w);
-            let mut report = [0u8; 8];
-            let mut f = std::fs::File::from(err_r);
-            let n = read_full(&mut f, &mut report);
+            // The child has its own copy of all of it (see the doc above).
             drop((argv, envs, pid_buf, scratch));
-            match n {
-                0 => Ok(child),
-                _ => {
-                    // The child exits 127 after reporting; the reaper collects it.
-                    let stage = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
-                    let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-                    Err(child_err(
-                        stage_name(stage),
-                        io::Error::from_raw_os_error(errno),
-                    ))
-                }
-            }
+            Ok(Spawned {
+                pid: child,
+                report: ExecReport {
+                    pipe: err_r,
+                    program,
+                    buf: [0; 8],
+                    len: 0,
+                },
+            })
         }
         Err(e) => Err(SpawnError::Fork {
             program,
@@ -226,20 +319,10 @@ fn spawn_blocking(plan: &ExecPlan<'_>, path: &Path) -> Result<Pid, SpawnError> {
     }
 }
 
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    n
-}
-
-const STAGES: [&str; 6] = ["setpgid", "prctl", "dup", "close", "chdir", "execve"];
+/// The stages the child reports by index: append only.
+const STAGES: [&str; 7] = [
+    "setpgid", "prctl", "dup", "close", "chdir", "execve", "cgroup",
+];
 
 fn stage_name(i: u32) -> &'static str {
     STAGES.get(i as usize).copied().unwrap_or("spawn")
@@ -259,6 +342,8 @@ struct ChildArgs {
     err_target: RawFd,
     parent: libc::pid_t,
     pdeath: libc::c_int,
+    /// `cgroup.procs` to write "0" to, or -1.
+    cgroup_procs: RawFd,
 }
 
 /// # Safety
@@ -297,6 +382,11 @@ unsafe fn child_after_fork(a: ChildArgs) -> ! {
     if libc::getppid() != a.parent {
         // holdfast died between fork and prctl.
         libc::_exit(1);
+    }
+    // Into the worker's cgroup before anything can fork: "0" is the writer.
+    // Done before the fd shuffle, while the plan's fd numbers are still valid.
+    if a.cgroup_procs >= 0 && libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+        fail(err_fd, 6);
     }
 
     // Move every source above the target range first, so no dup2 clobbers a

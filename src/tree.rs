@@ -4,15 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::notify::pgrp_and_parent;
-
 /// All live pids with their parent, from one pass over /proc.
 pub fn parents() -> HashMap<i32, i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return HashMap::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| pgrp_and_parent(pid).map(|(_, ppid)| (pid, ppid)))
+        .filter_map(|pid| crate::procs::stat(pid).map(|s| (pid, s.ppid)))
         .collect()
 }
 
