@@ -577,21 +577,25 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
             Err(r) => (r, After::Next),
         },
         Command::Restart { wait } => {
+            // --wait: answered when the rollout ends; else once it started
+            // (the config read and its sockets bound) or was refused.
             let (reply, rx) = oneshot::channel();
-            if tx.send(Input::Reload { reply: Some(reply) }).is_err() {
+            let input = if wait {
+                Input::Reload {
+                    reply: Some(reply),
+                    started: None,
+                }
+            } else {
+                Input::Reload {
+                    reply: None,
+                    started: Some(reply),
+                }
+            };
+            if tx.send(input).is_err() {
                 return (gone(), After::Close);
             }
             info!(wait, "restart requested over the control socket");
-            let r = if wait {
-                outcome(rx.await)
-            } else {
-                accepted(tx, rx, |s| match &s.holdfast.rollout {
-                    Some(r) => format!("rollout of generation {} started", r.generation),
-                    None => "rollout started".to_string(),
-                })
-                .await
-            };
-            (r, After::Next)
+            (outcome(rx.await), After::Next)
         }
         Command::ReopenLogs => {
             let (reply, rx) = oneshot::channel();

@@ -110,6 +110,13 @@ fn random_seed() -> u64 {
 /// A reply channel the edge holds for a request it fed to the supervisor.
 pub type Reply = oneshot::Sender<Result<String, String>>;
 
+/// Who waits on a reload: for its end, and for its start.
+#[derive(Default)]
+struct ReloadWaiter {
+    reply: Option<Reply>,
+    started: Option<Reply>,
+}
+
 /// Messages into the loop from its helpers (probes, control connections,
 /// blocking threads).
 pub enum Input {
@@ -127,8 +134,11 @@ pub enum Input {
         request: Request,
         reply: Option<Reply>,
     },
+    /// Re-read the config and roll every worker (SIGHUP). `reply`: when the
+    /// rollout ends; `started`: when it has started (or was refused).
     Reload {
         reply: Option<Reply>,
+        started: Option<Reply>,
     },
     /// A reload prepared off the loop.
     Prepared(Box<Prepared>),
@@ -173,7 +183,9 @@ pub struct Runtime {
     logs: Logs,
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
-    replies: HashMap<ReplyTo, Reply>,
+    /// Reply channels by the id the supervisor answers to (a reload folded
+    /// from several requests answers them all).
+    replies: HashMap<ReplyTo, Vec<Reply>>,
     next_reply: u64,
     pending: VecDeque<Event>,
     exit: Option<i32>,
@@ -183,10 +195,10 @@ pub struct Runtime {
     /// Sockets systemd passed that no entry holds now (claimable on reload);
     /// `None` while a reload has them on its thread.
     inherited: Option<Inherited>,
-    /// A reload is being prepared; replies of reloads asked for meanwhile.
-    reloading: bool,
-    reload_waiters: Vec<Option<Reply>>,
-    reload_again: Vec<Option<Reply>>,
+    /// Reloads served by the preparation under way (`Some` while one is).
+    reloading: Option<Vec<ReloadWaiter>>,
+    /// Reloads asked for meanwhile: one more preparation serves them all.
+    reload_pending: Vec<ReloadWaiter>,
     started: Instant,
     /// Bound in `new`, served from `run`.
     control: Option<ControlSocket>,
@@ -319,9 +331,8 @@ impl Runtime {
             ignored_senders: HashSet::new(),
             systemd,
             inherited: Some(inherited),
-            reloading: false,
-            reload_waiters: Vec::new(),
-            reload_again: Vec::new(),
+            reloading: None,
+            reload_pending: Vec::new(),
             started: Instant::now(),
             control,
             metrics,
@@ -431,7 +442,7 @@ impl Runtime {
             }
             SIGHUP => {
                 info!("SIGHUP: re-reading the config and rolling every worker");
-                self.reload(None);
+                self.reload(ReloadWaiter::default());
             }
             SIGTTIN => {
                 info!("SIGTTIN: one more worker");
@@ -456,7 +467,7 @@ impl Runtime {
                 let reply = reply.map(|r| self.hold_reply(r));
                 self.feed(Event::Request { request, reply });
             }
-            Input::Reload { reply } => self.reload(reply),
+            Input::Reload { reply, started } => self.reload(ReloadWaiter { reply, started }),
             Input::Prepared(p) => self.prepared(*p),
             Input::Status { reply } => {
                 let _ = reply.send(self.snapshot());
@@ -493,34 +504,45 @@ impl Runtime {
     }
 
     fn hold_reply(&mut self, r: Reply) -> ReplyTo {
+        self.hold_replies(vec![r]).unwrap_or(ReplyTo(0))
+    }
+
+    /// One id for all of `rs`; `None` when there is nobody to answer.
+    fn hold_replies(&mut self, rs: Vec<Reply>) -> Option<ReplyTo> {
+        if rs.is_empty() {
+            return None;
+        }
         let to = ReplyTo(self.next_reply);
         self.next_reply += 1;
-        self.replies.insert(to, r);
-        to
+        self.replies.insert(to, rs);
+        Some(to)
     }
 
     /// Re-reads the config and binds its new sockets on a blocking thread;
     /// the result comes back as [`Input::Prepared`]. Reloads asked for
-    /// while one is prepared are folded into one more after it.
-    fn reload(&mut self, reply: Option<Reply>) {
+    /// while one is prepared are folded into one more after it (a hundred
+    /// SIGHUPs make at most two rollouts).
+    fn reload(&mut self, w: ReloadWaiter) {
         if self.sv.is_stopping() {
             info!("reload ignored: holdfast is stopping");
-            if let Some(r) = reply {
+            for r in [w.reply, w.started].into_iter().flatten() {
                 let _ = r.send(Err("holdfast is stopping".into()));
             }
             return;
         }
-        if self.reloading {
+        self.reload_pending.push(w);
+        if self.reloading.is_none() {
+            self.start_reload();
+        } else {
             debug!("a reload is being prepared; another follows it");
-            self.reload_again.push(reply);
-            return;
         }
+    }
+
+    fn start_reload(&mut self) {
         let Some(mut inherited) = self.inherited.take() else {
-            self.reload_again.push(reply);
             return;
         };
-        self.reloading = true;
-        self.reload_waiters.push(reply);
+        self.reloading = Some(std::mem::take(&mut self.reload_pending));
         let path = self.config.path.clone();
         let overrides = self.overrides.clone();
         let held: Vec<(Address, u64)> = self
@@ -547,23 +569,18 @@ impl Runtime {
 
     /// A reload came back from its thread: roll out, or refuse with its error.
     fn prepared(&mut self, p: Prepared) {
-        self.reloading = false;
         self.inherited = Some(p.inherited);
-        let waiters = std::mem::take(&mut self.reload_waiters);
-        // One reply goes to the supervisor; the others get its copy.
-        let mut replies = waiters.into_iter().flatten();
-        let first = replies.next().map(|r| self.hold_reply(r));
-        for extra in replies {
-            // Several waiters for one reload: answer them when it is decided.
-            let _ = extra.send(Err(
-                "folded into a concurrent reload; check `holdfast status`".into(),
-            ));
-        }
-        match p.result {
-            Err(error) => self.feed(Event::ReloadRejected {
-                error,
-                reply: first,
-            }),
+        let waiters = self.reloading.take().unwrap_or_default();
+        let (replies, started): (Vec<_>, Vec<_>) =
+            waiters.into_iter().map(|w| (w.reply, w.started)).unzip();
+        let reply = self.hold_replies(replies.into_iter().flatten().collect());
+        let started: Vec<Reply> = started.into_iter().flatten().collect();
+        let answer = match p.result {
+            Err(error) => {
+                let answer = Err(format!("reload rejected: {error}"));
+                self.feed(Event::ReloadRejected { error, reply });
+                answer
+            }
             Ok((config, spec, bound)) => {
                 for l in bound {
                     info!(name = %l.name, address = %l.address, origin = %l.origin, "listening (new in this config)");
@@ -588,22 +605,29 @@ impl Runtime {
                     request: Request::Rollout {
                         spec: Box::new(spec),
                     },
-                    reply: first,
+                    reply,
                 });
+                match self.sv.rollout() {
+                    Some(r) => Ok(format!("rollout of generation {} started", r.generation)),
+                    None if self.sv.is_stopping() => Err("holdfast is stopping".to_string()),
+                    None => Ok("rollout done".to_string()),
+                }
             }
+        };
+        for s in started {
+            let _ = s.send(answer.clone());
         }
-        if !self.reload_again.is_empty() {
-            let again = std::mem::take(&mut self.reload_again);
-            let mut again = again.into_iter();
-            if let Some(first) = again.next() {
-                self.reload(first);
-            }
-            self.reload_again.extend(again);
-            if !self.reload_again.is_empty() && !self.reloading {
-                for r in std::mem::take(&mut self.reload_again).into_iter().flatten() {
+        if self.reload_pending.is_empty() {
+            return;
+        }
+        if self.sv.is_stopping() {
+            for w in std::mem::take(&mut self.reload_pending) {
+                for r in [w.reply, w.started].into_iter().flatten() {
                     let _ = r.send(Err("holdfast is stopping".into()));
                 }
             }
+        } else {
+            self.start_reload();
         }
     }
 
@@ -682,16 +706,17 @@ impl Runtime {
                 });
             }
             Action::ReopenLogs { reply, signalled } => {
-                let reply = reply.and_then(|to| self.replies.remove(&to));
+                let reply = reply
+                    .and_then(|to| self.replies.remove(&to))
+                    .unwrap_or_default();
                 let done = self.logs.reopen();
                 tokio::spawn(async move {
                     let reopened = done.await;
-                    match reply {
-                        Some(r) => drop(r.send(reopened.reply(signalled))),
-                        None if reopened.nothing() && signalled.is_none() => {
-                            info!("no log files in [logs]; nothing to reopen")
-                        }
-                        None => {}
+                    if reply.is_empty() && reopened.nothing() && signalled.is_none() {
+                        info!("no log files in [logs]; nothing to reopen");
+                    }
+                    for r in reply {
+                        let _ = r.send(reopened.reply(signalled));
                     }
                 });
             }
@@ -705,8 +730,8 @@ impl Runtime {
                 self.remove_cgroup(id);
             }
             Action::Reply { to, outcome } => {
-                if let Some(r) = self.replies.remove(&to) {
-                    let _ = r.send(outcome);
+                for r in self.replies.remove(&to).into_iter().flatten() {
+                    let _ = r.send(outcome.clone());
                 }
             }
             Action::Exit { code } => self.exit = Some(code),

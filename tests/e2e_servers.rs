@@ -317,8 +317,9 @@ fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut
     }
 }
 
-/// The error holdfast logs when a ready worker's tree holds none of its sockets.
-const NO_SOCKET: &str = "no process in its tree holds any of holdfast's listening sockets";
+/// The error holdfast logs when a worker says it is ready but its tree does
+/// not hold the listening sockets it must serve.
+const NO_SOCKET: &str = "said it was ready, but no process of its tree holds";
 
 /// Stops holdfast with SIGTERM, checks that it exits 0, and that every
 /// worker it started ended with `reason` (e.g. `exit status 0`): a drain that
@@ -572,11 +573,20 @@ drain_timeout = "10s"
     };
     let mut h = Holdfast::start(&worker(""));
     wait_all_ready(&h);
-    // Generation 2 becomes ready from a child, with no listening socket left
-    // anywhere in its tree.
+    // Generation 2 says READY=1 from a child, with no listening socket left
+    // anywhere in its tree: not ready; the rollout fails and generation 1
+    // keeps serving (it used to be drained, and requests timed out).
     h.rewrite_config(&worker(r#", "--close-inherited""#));
-    h.signal(Signal::SIGHUP);
-    wait_rollout_finished(&h, 2);
+    let o = h.cli(&["restart", "--wait", "--control", "{dir}/holdfast.sock"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "restart --wait must fail: {err}");
+    let address = format!("127.0.0.1:{}", h.port);
+    assert!(
+        err.contains("rollout of generation 2 failed")
+            && err.contains(&address)
+            && err.contains("closed the inherited fds"),
+        "the failure does not name the address and the cause: {err}"
+    );
     let log = h.log();
     let good = generation_pids(&log, 1);
     let bad = generation_pids(&log, 2);
@@ -599,6 +609,8 @@ drain_timeout = "10s"
         .filter_map(|l| field_u32(l, "pid"))
         .collect();
     assert_eq!(flagged, bad, "workers reported as holding no socket");
+    let answer = http_get(&h.tcp(), "/").expect("GET / after the failed rollout");
+    assert_eq!(answer.pid(), Some(good[0]), "generation 1 still serves");
     stop(&mut h, "exit status 0");
 }
 
@@ -612,7 +624,14 @@ fn socket_inode(path: &Path) -> Option<u64> {
 }
 
 /// Two listeners, one Puma per generation; `puma_args` picks what it binds.
+/// A Puma that binds only TCP holds only `http`: the config says so
+/// (`ready_listeners`), or it would not count as ready.
 fn puma_two_listeners(puma_args: &str) -> String {
+    let ready_listeners = if puma_args.contains("tcp://") {
+        r#"ready_listeners = ["http"]"#
+    } else {
+        ""
+    };
     format!(
         r#"
 [[listen]]
@@ -634,6 +653,7 @@ ready = "notify"
 ready_timeout = "60s"
 drain_signal = "TERM"
 drain_timeout = "35s"
+{ready_listeners}
 "#,
         apps = apps_dir()
     )

@@ -521,7 +521,7 @@ fn ttin_and_ttou_change_the_worker_count() {
     assert!(answering(&h.tcp(), 8).is_subset(&one));
     // Never below one.
     h.signal(Signal::SIGTTOU);
-    h.wait_log("SIGTTOU ignored");
+    h.wait_log("scale refused: cannot scale to 0 workers");
     assert_eq!(live_workers(&h), one);
     h.signal(Signal::SIGTTIN);
     h.wait_log_count("worker ready slot=1", 2);

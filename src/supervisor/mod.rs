@@ -1200,11 +1200,7 @@ impl Supervisor {
             r.workers_before = to;
         }
         self.scale(to, now, out);
-        Self::reply(
-            out,
-            reply,
-            Ok(format!("scaled from {from} to {to} workers")),
-        );
+        Self::reply(out, reply, Ok(format!("scaled to {to} workers")));
     }
 
     fn scale(&mut self, workers: u32, now: Instant, out: &mut Vec<Action>) {

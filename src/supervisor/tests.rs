@@ -433,14 +433,14 @@ fn scale_up_and_down() {
             (
                 10,
                 scale(3),
-                vec![ok("scaled from 2 to 3 workers"), spawn(3, 2, 1)],
+                vec![ok("scaled to 3 workers"), spawn(3, 2, 1)],
             ),
             (11, spawned(3, 102), vec![]),
             (12, ready(3), vec![]),
             (
                 20,
                 scale(1),
-                vec![term(2, 101), term(3, 102), ok("scaled from 3 to 1 workers")],
+                vec![term(2, 101), term(3, 102), ok("scaled to 1 workers")],
             ),
             (30, exited(101), vec![]),
             (30, exited(102), vec![]),

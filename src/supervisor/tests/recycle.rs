@@ -4,7 +4,6 @@ use super::*;
 use crate::config::{MemoryConfig, Metric, Scope};
 use crate::memory::{ProcessSample, TreeSample, Usage, MIB};
 
-
 fn recycle(scope: Scope) -> MemoryConfig {
     let scope = match scope {
         Scope::Tree => "tree",
