@@ -645,7 +645,7 @@ impl Supervisor {
                 self.expire_ages(now);
                 self.expire_strays(now, &mut out);
             }
-            Event::Spawned { id, pid } => self.on_spawned(id, pid, now),
+            Event::Spawned { id, pid } => self.on_spawned(id, pid, now, &mut out),
             Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error, now, &mut out),
             Event::Ready { id, via } => self.on_ready_claim(id, Some(via), now, &mut out),
             Event::Status { id, status } => {
@@ -776,8 +776,12 @@ impl Supervisor {
         }
     }
 
-    fn on_spawned(&mut self, id: WorkerId, pid: Pid, now: Instant) {
+    fn on_spawned(&mut self, id: WorkerId, pid: Pid, now: Instant, out: &mut Vec<Action>) {
         let Some(w) = self.workers.get(&id) else {
+            // Given up on before its fork came back (a failed rollout drained
+            // it while it had no pid): it has served nothing yet.
+            warn!(%pid, worker = %id, "a worker was forked after holdfast gave up on it; killing it");
+            out.push(Action::Kill { id, pid });
             return;
         };
         let ready_by = later(now, self.spec_of(w).ready_timeout());
@@ -802,7 +806,9 @@ impl Supervisor {
         error!(slot = %w.slot, generation = %w.generation, %error, "worker spawn failed");
         // A pid that never exec'd has no descendants; it is reaped as a stranger.
         self.released_if_done(id, out);
-        self.worker_failed(w, error, now, out);
+        if w.state.is_starting() {
+            self.worker_failed(w, error, now, out);
+        }
     }
 
     /// A worker that never became ready is gone (exit, spawn failure,

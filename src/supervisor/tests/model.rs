@@ -774,3 +774,65 @@ fn a_memory_replacement_does_not_hold_back_the_first_ready() {
     play(&mut sv, vec![(1_003, ready(2), vec![])]);
     assert_eq!(sv.service_state(), ServiceState::Ready);
 }
+
+#[test]
+fn a_worker_forked_after_its_rollout_failed_is_killed() {
+    let mut sv = running(1, 2);
+    let mut p = policy(2, 2);
+    p.app.ready_timeout = Duration::from_secs(3);
+    // Two new workers; the first one's spawn fails before the second's fork
+    // has come back: the rollout fails and gives up on the second too.
+    let out = step(&mut sv, 10, rollout(p));
+    assert_eq!(out, vec![spawn(2, 1, 2), spawn(3, 0, 2)]);
+    let out = step(
+        &mut sv,
+        11,
+        Event::SpawnFailed {
+            id: WorkerId(2),
+            error: "exec worker: No such file or directory".into(),
+        },
+    );
+    assert!(
+        matches!(
+            &out[0],
+            Action::Reply {
+                outcome: Err(_),
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    assert!(sv.worker(WorkerId(3)).is_none());
+    // Its fork comes back now: killed at once, not left running untracked.
+    assert_eq!(step(&mut sv, 12, spawned(3, 300)), vec![kill(3, 300)]);
+}
+
+#[test]
+fn an_exec_failure_of_a_draining_worker_is_no_crash() {
+    let mut sv = running(2, 1);
+    play(
+        &mut sv,
+        vec![
+            (
+                10,
+                scale(1),
+                vec![
+                    term(2, 101),
+                    Action::Reply {
+                        to: ReplyTo(9),
+                        outcome: Ok("scaled to 1 workers".into()),
+                    },
+                ],
+            ),
+            (
+                11,
+                Event::SpawnFailed {
+                    id: WorkerId(2),
+                    error: "execve: Exec format error".into(),
+                },
+                vec![],
+            ),
+        ],
+    );
+    assert_eq!(sv.slot_info(Slot(0)).map(|s| s.crashes), Some(0));
+}
