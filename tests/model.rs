@@ -1,0 +1,461 @@
+//! Reproductions of issue 11 with the real binary and the test worker: what
+//! holdfast believes about its workers must match what they are and do.
+//!
+//! 1. One policy for all generations: after a failed deploy, an old worker's
+//!    crash restart is started and judged by its own generation's spec, and
+//!    old workers are drained with their own generation's `drain_signal`.
+//!
+//! Each test asserts what an operator sees: requests answered or failed (by
+//! kind), `status --json`, exit codes, processes in /proc. Where a test reads
+//! holdfast's log it matches a short fragment and says why. Each collects
+//! every problem it sees into one report ([`Problems`]) instead of stopping
+//! at the first, so a failure shows the whole story; preconditions (holdfast
+//! started, workers ready) still panic at once.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Output;
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{http_get, FailKind, Holdfast, Load, LoadReport, LoadSpec, Response, DEADLINE};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// The control socket of every test here (next to the config).
+const SOCK: &str = "{dir}/holdfast.sock";
+const POLL: Duration = Duration::from_millis(20);
+
+/// Every test here runs real workers, most under load: two at once on a
+/// 2-core box starve each other and the timings they check.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    // A failed test must not fail the others.
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Everything wrong a test saw, reported together at the end.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// Records `what()` unless `ok`; returns `ok`.
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
+        if !ok {
+            self.0.push(what());
+        }
+        ok
+    }
+
+    fn push(&mut self, what: String) {
+        self.0.push(what);
+    }
+
+    /// The value, or `None` with the error recorded.
+    fn note<T>(&mut self, r: Result<T, String>) -> Option<T> {
+        r.map_err(|e| self.0.push(e)).ok()
+    }
+
+    fn assert_none(&self) {
+        assert!(
+            self.0.is_empty(),
+            "{} problem(s):\n- {}",
+            self.0.len(),
+            self.0.join("\n- ")
+        );
+    }
+}
+
+/// Calls `cond` every 20 ms until it returns `Ok`; after `deadline`, the
+/// last `Err` (prefixed with the time waited).
+fn poll<T>(deadline: Duration, mut cond: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let start = Instant::now();
+    loop {
+        match cond() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() >= deadline => {
+                return Err(format!("after {deadline:?}: {e}"))
+            }
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
+
+/// A config with a TCP listener `http` on `{port}` and a unix listener
+/// `sock` at `{dir}/app.sock`; `app` lines go into `[app]`, `flags` onto
+/// the test worker's command line.
+fn config(workers: u32, app: &str, flags: &[&str]) -> String {
+    let flags: String = flags.iter().map(|f| format!(", \"{f}\"")).collect();
+    format!(
+        r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:{{port}}"
+
+[[listen]]
+name = "sock"
+address = "unix:{{dir}}/app.sock"
+
+[app]
+command = ["{{holdfast}}", "test-worker"{flags}]
+workers = {workers}
+{app}
+"#
+    )
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}, stdout {:?}, stderr {:?}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).trim(),
+        String::from_utf8_lossy(&o.stderr).trim()
+    )
+}
+
+/// `holdfast ARGS --control {dir}/holdfast.sock`.
+fn ctl(h: &Holdfast, args: &[&str]) -> Output {
+    h.cli(&[args, &["--control", SOCK]].concat())
+}
+
+/// `status --json`, or why not.
+fn status(h: &Holdfast) -> Result<Value, String> {
+    let o = ctl(h, &["status", "--json"]);
+    if !o.status.success() {
+        return Err(format!("status: {}", text(&o)));
+    }
+    serde_json::from_slice(&o.stdout).map_err(|e| format!("status JSON: {e}: {}", text(&o)))
+}
+
+/// One worker of `status --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct W {
+    slot: u32,
+    pid: u32,
+    generation: u64,
+    state: String,
+    restarts: u64,
+}
+
+fn workers(s: &Value) -> Vec<W> {
+    s["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .map(|w| W {
+                    slot: w["slot"].as_u64().unwrap_or(u64::MAX) as u32,
+                    pid: w["pid"].as_u64().unwrap_or(0) as u32,
+                    generation: w["generation"].as_u64().unwrap_or(0),
+                    state: w["state"].as_str().unwrap_or("?").to_string(),
+                    restarts: w["restarts"].as_u64().unwrap_or(u64::MAX),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Slot → pid when status shows exactly `n` workers, every one ready and of
+/// `generation`; why not otherwise.
+fn all_ready(h: &Holdfast, n: usize, generation: u64) -> Result<BTreeMap<u32, u32>, String> {
+    let s = status(h)?;
+    let ws = workers(&s);
+    let good = ws.len() == n
+        && ws
+            .iter()
+            .all(|w| w.state == "ready" && w.generation == generation);
+    let slots: BTreeMap<u32, u32> = ws.iter().map(|w| (w.slot, w.pid)).collect();
+    if good && slots.len() == n {
+        Ok(slots)
+    } else {
+        Err(format!(
+            "want {n} ready workers of generation {generation}, status shows {ws:?}"
+        ))
+    }
+}
+
+/// Waits (a precondition: panics) for `n` ready workers of `generation`.
+fn wait_ready(h: &Holdfast, n: usize, generation: u64) -> BTreeMap<u32, u32> {
+    poll(DEADLINE, || all_ready(h, n, generation)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The issue's load: 32 connections (24 keep-alive, 8 one-shot), each
+/// request held 20 ms in the worker; bounded in time and count, 5 s per
+/// request so that a request nobody accepts fails as a timeout soon.
+struct Traffic {
+    keepalive: Load,
+    oneshot: Load,
+}
+
+impl Traffic {
+    fn start(h: &Holdfast) -> Traffic {
+        let spec = |connections, keepalive| LoadSpec {
+            connections,
+            keepalive,
+            path: "/?sleep=20".to_string(),
+            max_duration: Duration::from_secs(50),
+            max_requests: 400_000,
+            request_timeout: Duration::from_secs(5),
+            ..LoadSpec::new(h.tcp())
+        };
+        let t = Traffic {
+            keepalive: Load::start(spec(24, true)),
+            oneshot: Load::start(spec(8, false)),
+        };
+        // Under way before the test acts (a precondition: panics).
+        poll(DEADLINE, || {
+            let n = t.keepalive.requests_so_far() + t.oneshot.requests_so_far();
+            (n >= 200).then_some(()).ok_or(format!("{n} requests done"))
+        })
+        .unwrap_or_else(|e| panic!("load did not start: {e}"));
+        t
+    }
+
+    /// Stops the load; records a problem unless nothing failed and at least
+    /// `min_ok` requests succeeded in all.
+    fn stop(self, p: &mut Problems, min_ok: u64) -> (LoadReport, LoadReport) {
+        let ka = self.keepalive.stop();
+        let one = self.oneshot.stop();
+        p.check(
+            ka.failed() + one.failed() == 0 && ka.ok + one.ok >= min_ok,
+            || format!("load: want 0 failed and >= {min_ok} ok; got\n{ka}{one}"),
+        );
+        (ka, one)
+    }
+}
+
+/// Established connections to `port` held by each of `pids` (from
+/// /proc/net/tcp and the pids' `socket:[INODE]` links).
+fn connections_held(pids: &BTreeSet<u32>, port: u16) -> BTreeMap<u32, usize> {
+    let local = format!(":{port:04X}");
+    let established: BTreeSet<u64> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let c: Vec<&str> = l.split_whitespace().collect();
+                    (c.len() > 9 && c[1].ends_with(&local) && c[3] == "01")
+                        .then(|| c[9].parse().ok())?
+                })
+                .collect::<Vec<u64>>()
+        })
+        .collect();
+    pids.iter()
+        .map(|&p| (p, socket_inodes(p).intersection(&established).count()))
+        .collect()
+}
+
+/// Socket inodes `pid` holds open.
+fn socket_inodes(pid: u32) -> BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let link = std::fs::read_link(e.path()).ok()?;
+                    link.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+type InFlight = Vec<JoinHandle<Result<Response, FailKind>>>;
+
+/// Starts one-shot GETs of `path` one at a time, each accepted before the
+/// next, until every pid of `pids` holds at least one (at most 32).
+fn in_flight_on_each(h: &Holdfast, pids: &BTreeSet<u32>, path: &str) -> InFlight {
+    let mut threads = Vec::new();
+    loop {
+        let held = connections_held(pids, h.port);
+        if held.values().all(|&n| n > 0) {
+            return threads;
+        }
+        assert!(
+            threads.len() < 32,
+            "32 requests and still not one on each of {pids:?}: {held:?}"
+        );
+        let total: usize = held.values().sum();
+        let target = h.tcp();
+        let path = path.to_string();
+        threads.push(std::thread::spawn(move || http_get(&target, &path)));
+        poll(DEADLINE, || {
+            let now: usize = connections_held(pids, h.port).values().sum();
+            (now > total)
+                .then_some(())
+                .ok_or(format!("{now} connections held"))
+        })
+        .unwrap_or_else(|e| panic!("request {} not accepted: {e}", threads.len()));
+    }
+}
+
+/// `GET /exit?code=CODE&pid=PID` until worker `pid` answers it (the others
+/// answer 409): `pid` then drains and exits with CODE, a crash that loses
+/// no request.
+fn clean_crash(h: &Holdfast, pid: u32, code: u8) -> Result<(), String> {
+    let path = format!("/exit?code={code}&pid={pid}");
+    for _ in 0..200 {
+        match http_get(&h.tcp(), &path) {
+            Ok(r) if r.status == 200 && r.pid() == Some(pid) => return Ok(()),
+            Ok(r) if r.status == 409 => {}
+            other => return Err(format!("GET {path}: {other:?}")),
+        }
+    }
+    Err(format!("GET {path}: 200 tries, never reached {pid}"))
+}
+
+// ---------------------------------------------------------------- item 1
+
+enum Trigger {
+    Sighup,
+    RestartWait,
+}
+
+/// Generation 1 (notify) serves under load; a deploy of generation 2
+/// (probe, failing) fails; then each generation-1 worker crashes in turn.
+/// Each slot must come back once, with generation 1's spec judged by
+/// generation 1's policy, and nothing may fail.
+fn failed_deploy_then_every_old_worker_crashes(trigger: Trigger) {
+    let _serial = serial();
+    let timeouts = "ready_timeout = \"10s\"\ndrain_timeout = \"10s\"\nmax_surge = 1";
+    let h = Holdfast::start(&config(
+        2,
+        &format!("ready = \"notify\"\n{timeouts}"),
+        &["--lame-duck-ms", "500"],
+    ));
+    let first = wait_ready(&h, 2, 1);
+    let traffic = Traffic::start(&h);
+    let mut p = Problems::default();
+
+    h.rewrite_config(&config(
+        2,
+        "ready = \"probe\"\nready_timeout = \"1s\"\ndrain_timeout = \"10s\"\nmax_surge = 1",
+        &["--probe-fail"],
+    ));
+    match trigger {
+        Trigger::Sighup => h.signal(Signal::SIGHUP),
+        Trigger::RestartWait => {
+            let o = ctl(&h, &["restart", "--wait"]);
+            p.check(o.status.code() == Some(1), || {
+                format!(
+                    "restart --wait of the failing generation 2: want exit 1, {}",
+                    text(&o)
+                )
+            });
+        }
+    }
+    // The rollout failed and only generation 1 is left (precondition).
+    poll(DEADLINE, || {
+        let s = status(&h)?;
+        let failed = s["holdfast"]["last_rollout"]["generation"] == 2
+            && s["holdfast"]["last_rollout"]["ok"] == false
+            && s["holdfast"]["rollout"].is_null();
+        let left: BTreeMap<u32, u32> = workers(&s).iter().map(|w| (w.slot, w.pid)).collect();
+        (failed && left == first)
+            .then_some(())
+            .ok_or(format!("want generation 2 failed and only {first:?}: {s}"))
+    })
+    .unwrap_or_else(|e| panic!("the failed deploy: {e}"));
+
+    // Each generation-1 worker crashes; its slot must get a ready
+    // generation-1 worker back before the next one crashes.
+    for (&slot, &pid) in &first {
+        if let Err(e) = clean_crash(&h, pid, 3) {
+            p.push(format!("slot {slot}: {e}"));
+            break;
+        }
+        let back = poll(Duration::from_secs(10), || {
+            let s = status(&h)?;
+            let mine: Vec<W> = workers(&s).into_iter().filter(|w| w.slot == slot).collect();
+            match mine.as_slice() {
+                [w] if w.state == "ready" && w.generation == 1 && w.pid != pid => Ok(()),
+                _ => Err(format!(
+                    "slot {slot} after worker {pid} crashed: want one ready generation-1 worker, status shows {mine:?}, replacements {}",
+                    s["counters"]["replacements"]
+                )),
+            }
+        });
+        if !p.check(back.is_ok(), || back.err().unwrap_or_default()) {
+            break;
+        }
+    }
+
+    if let Some(s) = p.note(status(&h)) {
+        let ws = workers(&s);
+        p.check(
+            ws.len() == 2
+                && ws.iter().all(|w| {
+                    w.state == "ready"
+                        && w.generation == 1
+                        && w.restarts == 1
+                        && !first.values().any(|&old| old == w.pid)
+                }),
+            || {
+                format!(
+                    "want 2 new ready generation-1 workers, each slot restarted once; status shows {ws:?}"
+                )
+            },
+        );
+        p.check(s["holdfast"]["generation"] == 1, || {
+            format!("want generation 1 serving: {}", s["holdfast"])
+        });
+    }
+    traffic.stop(&mut p, 100);
+    p.assert_none();
+}
+
+#[test]
+fn after_a_failed_sighup_deploy_old_workers_restart_with_their_own_spec() {
+    failed_deploy_then_every_old_worker_crashes(Trigger::Sighup);
+}
+
+#[test]
+fn after_a_failed_restart_wait_old_workers_restart_with_their_own_spec() {
+    failed_deploy_then_every_old_worker_crashes(Trigger::RestartWait);
+}
+
+/// Generation 1 runs a Unicorn-like server (QUIT graceful, TERM quick) with
+/// `drain_signal = "QUIT"`; the reload only changes it to "TERM". The old
+/// workers must be drained with QUIT: every request in flight is answered.
+#[test]
+fn old_workers_are_drained_with_their_own_drain_signal() {
+    let _serial = serial();
+    let cfg = |signal: &str| {
+        config(
+            2,
+            &format!(
+                "drain_signal = \"{signal}\"\ndrain_timeout = \"20s\"\nready_timeout = \"10s\"\nmax_surge = 2"
+            ),
+            &["--quick-term", "--lame-duck-ms", "200"],
+        )
+    };
+    let h = Holdfast::start(&cfg("QUIT"));
+    let old: BTreeSet<u32> = wait_ready(&h, 2, 1).into_values().collect();
+    let mut p = Problems::default();
+    // 3 s each: still in flight when the old workers get their drain signal.
+    let requests = in_flight_on_each(&h, &old, "/?sleep=3000");
+
+    h.rewrite_config(&cfg("TERM"));
+    let o = ctl(&h, &["restart", "--wait"]);
+    p.check(o.status.success(), || {
+        format!("restart --wait to drain_signal = \"TERM\": {}", text(&o))
+    });
+    let n = requests.len();
+    for (i, r) in requests.into_iter().enumerate() {
+        match r.join().expect("request thread") {
+            Ok(resp) if resp.status == 200 && resp.pid().is_some_and(|p| old.contains(&p)) => {}
+            other => p.push(format!(
+                "request {i} of {n}, in flight on generation 1 at the reload: {other:?}"
+            )),
+        }
+    }
+    p.note(poll(DEADLINE, || all_ready(&h, 2, 2)));
+    p.assert_none();
+}
