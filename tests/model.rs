@@ -4,6 +4,8 @@
 //! 1. One policy for all generations: after a failed deploy, an old worker's
 //!    crash restart is started and judged by its own generation's spec, and
 //!    old workers are drained with their own generation's `drain_signal`.
+//! 2. Processes that escape the process group (`setsid` daemons holding the
+//!    listening sockets) do not outlive their worker or holdfast.
 //!
 //! Each test asserts what an operator sees: requests answered or failed (by
 //! kind), `status --json`, exit codes, processes in /proc. Where a test reads
@@ -20,7 +22,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{http_get, FailKind, Holdfast, Load, LoadReport, LoadSpec, Response, DEADLINE};
+use common::{
+    http_get, pid_alive, proc_ids, tagged_pids, FailKind, Holdfast, Load, LoadReport, LoadSpec,
+    Response, Swept, DEADLINE,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -457,5 +462,209 @@ fn old_workers_are_drained_with_their_own_drain_signal() {
         }
     }
     p.note(poll(DEADLINE, || all_ready(&h, 2, 2)));
+    p.assert_none();
+}
+
+// ---------------------------------------------------------------- item 2
+
+/// Processes with `tag` that made themselves a session (`setsid`): the
+/// test worker's `--daemon` helpers. pid → parent.
+fn daemons(tag: &str) -> BTreeMap<u32, u32> {
+    tagged_pids(tag)
+        .into_iter()
+        .filter_map(|pid| {
+            let ids = proc_ids(pid)?;
+            (ids.sid == pid).then_some((pid, ids.ppid))
+        })
+        .collect()
+}
+
+/// Waits (a precondition) until each of `workers` has a daemon holding
+/// `listener` (a socket inode); returns worker → daemon.
+fn daemons_of(tag: &str, workers: &BTreeSet<u32>, listener: u64) -> BTreeMap<u32, u32> {
+    poll(DEADLINE, || {
+        let found: BTreeMap<u32, u32> = daemons(tag)
+            .into_iter()
+            .filter(|(d, parent)| workers.contains(parent) && socket_inodes(*d).contains(&listener))
+            .map(|(d, parent)| (parent, d))
+            .collect();
+        (found.len() == workers.len())
+            .then_some(found.clone())
+            .ok_or(format!(
+                "daemons holding socket {listener} by worker: {found:?}, want one for each of {workers:?}"
+            ))
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The inode of listener `name` from status.
+fn listener_inode(s: &Value, name: &str) -> u64 {
+    s["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+        .and_then(|l| l["inode"].as_u64())
+        .unwrap_or_else(|| panic!("listener {name} in {s}"))
+}
+
+/// Every worker forks a daemon (`setsid`, holding the listening sockets).
+/// Through 5 rollouts under load and a stop: nothing fails, each drained
+/// worker's daemon is gone within drain_timeout (+ 2 s), nothing with the
+/// test's tag outlives holdfast, and a new holdfast binds the port at once.
+#[test]
+fn daemons_that_leave_the_process_group_die_with_their_worker_and_holdfast() {
+    let _serial = serial();
+    const DRAIN: Duration = Duration::from_secs(3);
+    let cfg = config(
+        2,
+        "drain_timeout = \"3s\"\nready_timeout = \"10s\"\nmax_surge = 1",
+        &["--daemon", "--lame-duck-ms", "500"],
+    );
+    let mut h = Swept::new(Holdfast::start(&cfg));
+    let tag = h.tag().to_string();
+    let mut current: BTreeSet<u32> = wait_ready(&h, 2, 1).into_values().collect();
+    let inode = listener_inode(&status(&h).expect("status"), "http");
+    let mut p = Problems::default();
+    let traffic = Traffic::start(&h);
+    for k in 1..=5u64 {
+        let theirs: BTreeSet<u32> = daemons_of(&tag, &current, inode).into_values().collect();
+        let o = ctl(&h, &["restart", "--wait"]);
+        if !p.check(o.status.success(), || format!("rollout {k}: {}", text(&o))) {
+            break;
+        }
+        // Once one rollout left daemons behind, the later ones only count.
+        let wait = if p.0.is_empty() {
+            DRAIN + Duration::from_secs(2)
+        } else {
+            Duration::ZERO
+        };
+        let gone = poll(wait, || {
+            let left: Vec<(u32, bool)> = theirs
+                .iter()
+                .filter(|d| pid_alive(**d))
+                .map(|&d| (d, socket_inodes(d).contains(&inode)))
+                .collect();
+            left.is_empty().then_some(()).ok_or(format!(
+                "rollout {k}: daemons of the drained workers still alive (pid, holds the listener): {left:?}"
+            ))
+        });
+        p.check(gone.is_ok(), || gone.err().unwrap_or_default());
+        current = poll(DEADLINE, || all_ready(&h, 2, k + 1))
+            .unwrap_or_else(|e| panic!("after rollout {k}: {e}"))
+            .into_values()
+            .collect();
+    }
+    traffic.stop(&mut p, 100);
+
+    let o = ctl(&h, &["stop", "--wait"]);
+    p.check(o.status.success(), || format!("stop --wait: {}", text(&o)));
+    let code = h.wait_exit(DEADLINE).code();
+    p.check(code == Some(0), || format!("holdfast exited with {code:?}"));
+    let left = poll(Duration::from_secs(2), || {
+        let left = tagged_pids(&tag);
+        left.is_empty().then_some(()).ok_or(format!(
+            "after holdfast exited, processes with its tag alive (pid, parent, sid, holds the listener): {:?}",
+            left.iter()
+                .map(|&pid| {
+                    let ids = proc_ids(pid);
+                    (pid, ids.map(|i| i.ppid), ids.map(|i| i.sid), socket_inodes(pid).contains(&inode))
+                })
+                .collect::<Vec<_>>()
+        ))
+    });
+    p.check(left.is_ok(), || left.err().unwrap_or_default());
+
+    // The next holdfast binds the same port at once.
+    let port = h.port;
+    let next_cfg = format!(
+        "[[listen]]\naddress = \"127.0.0.1:{port}\"\n\n[app]\ncommand = [\"{{holdfast}}\", \"test-worker\"]\n"
+    );
+    let mut next = Swept::new(Holdfast::start(&next_cfg));
+    let up = poll(DEADLINE, || {
+        if !pid_alive(next.pid()) {
+            return Ok(false);
+        }
+        all_ready(&next, 1, 1).map(|_| true)
+    });
+    match up {
+        Ok(true) => {}
+        Ok(false) => {
+            let code = next.wait_exit(DEADLINE).code();
+            let why = next.log().lines().last().unwrap_or_default().to_string();
+            p.push(format!(
+                "a new holdfast on port {port} exited with {code:?} at start: {why}"
+            ));
+        }
+        Err(e) => p.push(format!("a new holdfast on port {port}: {e}")),
+    }
+    p.assert_none();
+}
+
+/// A worker that forks a daemon and crashes 200 ms later, restarted every
+/// 200 ms or so, for 5 s: the daemons never outnumber the live workers by
+/// more than one, and none outlives holdfast.
+#[test]
+fn a_crash_looping_worker_does_not_pile_up_daemons() {
+    let _serial = serial();
+    let mut h = Swept::new(Holdfast::start(&config(
+        1,
+        "restart_backoff_max = \"200ms\"\nready_timeout = \"10s\"\ndrain_timeout = \"3s\"",
+        &["--daemon", "--crash-after-ms", "200"],
+    )));
+    let tag = h.tag().to_string();
+    let holdfast = h.pid();
+    let mut p = Problems::default();
+    let mut worst: Option<(usize, usize, Duration)> = None;
+    let (mut workers_seen, mut daemons_seen) = (BTreeSet::new(), BTreeSet::new());
+    let start = Instant::now();
+    // A 5 s observation window, sampled every 20 ms.
+    while start.elapsed() < Duration::from_secs(5) {
+        let (mut workers, mut daemons) = (0, 0);
+        for pid in tagged_pids(&tag) {
+            match proc_ids(pid) {
+                Some(ids) if ids.sid == pid => {
+                    daemons += 1;
+                    daemons_seen.insert(pid);
+                }
+                Some(ids) if ids.ppid == holdfast => {
+                    workers += 1;
+                    workers_seen.insert(pid);
+                }
+                _ => {}
+            }
+        }
+        let worse = match worst {
+            None => true,
+            Some((d, w, _)) => daemons - workers > d - w,
+        };
+        if daemons > workers + 1 && worse {
+            worst = Some((daemons, workers, start.elapsed()));
+        }
+        std::thread::sleep(POLL);
+    }
+    // The loop really looped (or this test proves nothing).
+    assert!(
+        workers_seen.len() >= 5 && daemons_seen.len() >= 5,
+        "only {} workers and {} daemons seen in 5 s",
+        workers_seen.len(),
+        daemons_seen.len()
+    );
+    if let Some((d, w, at)) = worst {
+        p.push(format!(
+            "{d} daemons alive with {w} live worker(s) at {at:?} ({} workers and {} daemons started in 5 s)",
+            workers_seen.len(),
+            daemons_seen.len()
+        ));
+    }
+    h.signal(Signal::SIGTERM);
+    let code = h.wait_exit(DEADLINE).code();
+    p.check(code == Some(0), || format!("holdfast exited with {code:?}"));
+    let left = poll(Duration::from_secs(2), || {
+        let left = tagged_pids(&tag);
+        left.is_empty().then_some(()).ok_or(format!(
+            "after holdfast exited, {} processes with its tag alive: {left:?}",
+            left.len()
+        ))
+    });
+    p.check(left.is_ok(), || left.err().unwrap_or_default());
     p.assert_none();
 }
