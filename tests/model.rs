@@ -6,6 +6,8 @@
 //!    old workers are drained with their own generation's `drain_signal`.
 //! 2. Processes that escape the process group (`setsid` daemons holding the
 //!    listening sockets) do not outlive their worker or holdfast.
+//! 3. "Ready" includes holding the listening sockets (all, or the
+//!    `ready_listeners` subset).
 //!
 //! Each test asserts what an operator sees: requests answered or failed (by
 //! kind), `status --json`, exit codes, processes in /proc. Where a test reads
@@ -666,5 +668,126 @@ fn a_crash_looping_worker_does_not_pile_up_daemons() {
         ))
     });
     p.check(left.is_ok(), || left.err().unwrap_or_default());
+    p.assert_none();
+}
+
+// ---------------------------------------------------------------- item 3
+
+/// After a rollout that must fail: waits until the workers `serving` (slot
+/// → pid, of `generation`) are the only ones left (a rejected new worker
+/// may still be draining); fails at once if one of them is not ready any
+/// more (it was drained: the rollout went on).
+fn keeps_serving(
+    h: &Holdfast,
+    serving: &BTreeMap<u32, u32>,
+    generation: u64,
+) -> Result<(), String> {
+    let outcome = poll(Duration::from_secs(15), || {
+        let ws = workers(&status(h)?);
+        let gone: Vec<u32> = serving
+            .values()
+            .filter(|&&pid| !ws.iter().any(|w| w.pid == pid && w.state == "ready"))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            return Ok(Err(format!(
+                "generation {generation} must keep serving, but {gone:?} of {serving:?} are not ready any more; status shows {ws:?}"
+            )));
+        }
+        let now: BTreeMap<u32, u32> = ws.iter().map(|w| (w.slot, w.pid)).collect();
+        (ws.len() == serving.len() && now == *serving)
+            .then_some(Ok(()))
+            .ok_or(format!(
+                "want only generation {generation}'s {serving:?} left, status shows {ws:?}"
+            ))
+    });
+    outcome.and_then(|r| r)
+}
+
+/// Generation 2 says READY=1 from a child that holds none of the listening
+/// sockets. The rollout must fail naming the addresses, and generation 1
+/// keep serving without a failed request.
+#[test]
+fn ready_without_the_listening_sockets_fails_the_rollout() {
+    let _serial = serial();
+    let app = "ready_timeout = \"10s\"\ndrain_timeout = \"10s\"\nmax_surge = 1";
+    let h = Holdfast::start(&config(2, app, &[]));
+    let first = wait_ready(&h, 2, 1);
+    let traffic = Traffic::start(&h);
+    let mut p = Problems::default();
+
+    h.rewrite_config(&config(2, app, &["--close-inherited"]));
+    let o = ctl(&h, &["restart", "--wait"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let tcp = format!("127.0.0.1:{}", h.port);
+    let unix = h.fill("{dir}/app.sock");
+    p.check(
+        !o.status.success() && err.contains(&tcp) && err.contains(&unix),
+        || format!("restart --wait to a generation that holds no socket: want a failure naming {tcp} and {unix}; {}", text(&o)),
+    );
+    p.note(keeps_serving(&h, &first, 1));
+    traffic.stop(&mut p, 100);
+    p.assert_none();
+}
+
+/// Two listeners and `ready_listeners = ["http"]`: a worker that keeps only
+/// `http` is ready; one that keeps only `admin` is not.
+#[test]
+fn ready_listeners_names_the_sockets_a_worker_must_hold() {
+    let _serial = serial();
+    let cfg = |flags: &[&str]| {
+        let flags: String = flags.iter().map(|f| format!(", \"{f}\"")).collect();
+        format!(
+            r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:{{port}}"
+
+[[listen]]
+name = "admin"
+address = "127.0.0.1:{{port2}}"
+
+[app]
+command = ["{{holdfast}}", "test-worker"{flags}]
+workers = 2
+ready_listeners = ["http"]
+ready_timeout = "10s"
+drain_timeout = "10s"
+"#
+        )
+    };
+    let h = Holdfast::start(&cfg(&[]));
+    wait_ready(&h, 2, 1);
+    let traffic = Traffic::start(&h);
+    let mut p = Problems::default();
+
+    // Keeps `http`, closes `admin`: ready.
+    h.rewrite_config(&cfg(&["--close-listener", "admin"]));
+    let o = ctl(&h, &["restart", "--wait"]);
+    p.check(o.status.success(), || {
+        format!(
+            "restart --wait to workers that keep only `http` (the ready_listeners): {}",
+            text(&o)
+        )
+    });
+    let second = p.note(poll(DEADLINE, || all_ready(&h, 2, 2)));
+
+    // Keeps `admin`, closes `http`: not ready, generation 2 keeps serving.
+    h.rewrite_config(&cfg(&["--close-listener", "http"]));
+    let o = ctl(&h, &["restart", "--wait"]);
+    let tcp = format!("127.0.0.1:{}", h.port);
+    p.check(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains(&tcp),
+        || {
+            format!(
+                "restart --wait to workers that close `http`: want a failure naming {tcp}; {}",
+                text(&o)
+            )
+        },
+    );
+    if let Some(second) = second {
+        p.note(keeps_serving(&h, &second, 2));
+    }
+    traffic.stop(&mut p, 100);
     p.assert_none();
 }
