@@ -8,6 +8,8 @@
 //!    listening sockets) do not outlive their worker or holdfast.
 //! 3. "Ready" includes holding the listening sockets (all, or the
 //!    `ready_listeners` subset).
+//! 4. The worker count is bounded by `max_workers` for `scale`, the raw
+//!    control request and SIGTTIN; holdfast stays up.
 //!
 //! Each test asserts what an operator sees: requests answered or failed (by
 //! kind), `status --json`, exit codes, processes in /proc. Where a test reads
@@ -19,14 +21,16 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    http_get, pid_alive, proc_ids, tagged_pids, FailKind, Holdfast, Load, LoadReport, LoadSpec,
-    Response, Swept, DEADLINE,
+    http_get, pid_alive, proc_ids, tagged_pids, FailKind, Holdfast, Launch, Load, LoadReport,
+    LoadSpec, Response, Swept, DEADLINE,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -788,6 +792,204 @@ drain_timeout = "10s"
     if let Some(second) = second {
         p.note(keeps_serving(&h, &second, 2));
     }
+    traffic.stop(&mut p, 100);
+    p.assert_none();
+}
+
+// ---------------------------------------------------------------- item 4
+
+/// Starts holdfast under `prlimit --as=1GiB`: if the worker-count bound
+/// ever regresses, the allocation for 2^32 slots fails at once (and aborts
+/// holdfast) instead of eating the machine's memory.
+fn start_bounded(config: &str) -> Holdfast {
+    let h = Holdfast::launch(
+        Launch {
+            program: "prlimit",
+            args: &[
+                "--as=1073741824",
+                "--",
+                "{holdfast}",
+                "run",
+                "--config",
+                "{config}",
+            ],
+            env: &[],
+            stdin: None,
+        },
+        Some(config),
+    );
+    wait_ready(&h, 2, 1);
+    h
+}
+
+/// 2 workers, `max_workers = 4`.
+fn bounded_config() -> String {
+    config(
+        2,
+        "max_workers = 4\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"",
+        &[],
+    )
+}
+
+/// Holdfast is alive and status shows `n` wanted and `n` ready workers.
+fn still_at(h: &Holdfast, n: u64, when: &str) -> Result<(), String> {
+    if !pid_alive(h.pid()) {
+        return Err(format!(
+            "{when}: holdfast is gone; its log ends: {}",
+            log_tail(h)
+        ));
+    }
+    let s = status(h).map_err(|e| format!("{when}: {e}"))?;
+    let ready = workers(&s).iter().filter(|w| w.state == "ready").count() as u64;
+    let wanted = s["holdfast"]["workers_wanted"].as_u64();
+    (wanted == Some(n) && ready == n)
+        .then_some(())
+        .ok_or(format!(
+            "{when}: want {n} workers wanted and ready, status shows {wanted:?} wanted, {:?}",
+            workers(&s)
+        ))
+}
+
+fn log_tail(h: &Holdfast) -> String {
+    let log = h.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+#[test]
+fn scale_beyond_max_workers_is_refused_and_holdfast_stays_up() {
+    let _serial = serial();
+    let h = start_bounded(&bounded_config());
+    let traffic = Traffic::start(&h);
+    let mut p = Problems::default();
+    for n in ["5", "4294967295"] {
+        let o = ctl(&h, &["scale", n]);
+        p.check(
+            !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("max_workers"),
+            || {
+                format!(
+                    "scale {n} (max_workers = 4): want a refusal naming max_workers; {}",
+                    text(&o)
+                )
+            },
+        );
+        let now = still_at(&h, 2, &format!("after scale {n}"));
+        p.check(now.is_ok(), || now.err().unwrap_or_default());
+        if !pid_alive(h.pid()) {
+            break;
+        }
+    }
+    if pid_alive(h.pid()) {
+        // The bound itself is allowed.
+        let o = ctl(&h, &["scale", "4"]);
+        p.check(o.status.success(), || {
+            format!("scale 4 (= max_workers): {}", text(&o))
+        });
+        p.note(poll(DEADLINE, || still_at(&h, 4, "after scale 4")));
+    }
+    traffic.stop(&mut p, 100);
+    p.assert_none();
+}
+
+/// One request line on the control socket; the response, or why none.
+fn raw_request(h: &Holdfast, line: &str) -> Result<Value, String> {
+    let path = h.fill(SOCK);
+    let mut s = UnixStream::connect(&path).map_err(|e| format!("connect {path}: {e}"))?;
+    s.set_read_timeout(Some(DEADLINE))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("send {line}: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(s)
+        .read_line(&mut reply)
+        .map_err(|e| format!("{line}: read: {e}"))?;
+    serde_json::from_str(&reply).map_err(|e| format!("{line}: response {reply:?}: {e}"))
+}
+
+#[test]
+fn scale_over_the_control_socket_beyond_max_workers_is_refused() {
+    let _serial = serial();
+    let h = start_bounded(&bounded_config());
+    let traffic = Traffic::start(&h);
+    let mut p = Problems::default();
+    for n in [5u64, 4_294_967_295] {
+        let line = format!(r#"{{"v":1,"cmd":"scale","workers":{n}}}"#);
+        match raw_request(&h, &line) {
+            Ok(r) => {
+                p.check(
+                    r["ok"] == false
+                        && r["error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains("max_workers")),
+                    || {
+                        format!(
+                            "{line} (max_workers = 4): want ok=false naming max_workers, got {r}"
+                        )
+                    },
+                );
+            }
+            Err(e) => p.push(e),
+        }
+        let now = still_at(&h, 2, &format!("after {line}"));
+        p.check(now.is_ok(), || now.err().unwrap_or_default());
+        if !pid_alive(h.pid()) {
+            break;
+        }
+    }
+    traffic.stop(&mut p, 100);
+    p.assert_none();
+}
+
+#[test]
+fn sigttin_stops_at_max_workers() {
+    let _serial = serial();
+    let h = start_bounded(&bounded_config());
+    let traffic = Traffic::start(&h);
+    let mut p = Problems::default();
+    for n in [3, 4] {
+        h.signal(Signal::SIGTTIN);
+        p.note(poll(DEADLINE, || {
+            still_at(&h, n, &format!("SIGTTIN to {n}"))
+        }));
+    }
+    // Past the bound: each SIGTTIN is refused, which only the log can show.
+    // The refusal names `max_workers` (the config key, a stable fragment):
+    // wait for one more line with it, or for the count to pass the bound.
+    let refusals = |h: &Holdfast| {
+        h.log()
+            .lines()
+            .filter(|l| l.contains("max_workers"))
+            .count()
+    };
+    for i in 1..=3 {
+        let before = refusals(&h);
+        h.signal(Signal::SIGTTIN);
+        let seen = poll(Duration::from_secs(10), || {
+            if !pid_alive(h.pid()) {
+                return Err(format!("holdfast is gone; its log ends: {}", log_tail(&h)));
+            }
+            let s = status(&h)?;
+            let wanted = s["holdfast"]["workers_wanted"].as_u64().unwrap_or(0);
+            if wanted > 4 {
+                return Ok(Err(format!(
+                    "SIGTTIN {i} past max_workers = 4: holdfast now wants {wanted} workers"
+                )));
+            }
+            (refusals(&h) > before).then_some(Ok(())).ok_or(format!(
+                "SIGTTIN {i} past max_workers = 4: no log line names max_workers"
+            ))
+        });
+        match seen {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                p.push(e);
+                break;
+            }
+        }
+    }
+    p.note(poll(Duration::from_secs(5), || {
+        still_at(&h, 4, "after 3 SIGTTIN past max_workers")
+    }));
     traffic.stop(&mut p, 100);
     p.assert_none();
 }
