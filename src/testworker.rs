@@ -14,8 +14,9 @@
 //!   connections (see the Puma notes in SERVERS.md for why);
 //! - log volume, partial last lines, memory growth (`/grow`, and `/spike`
 //!   that frees it again), children, crashes;
-//! - a "clean crash" on request (`GET /exit?code=N`: answer, stop accepting,
-//!   finish what is in flight, exit N), a quick TERM (Unicorn's: requests in
+//! - a "clean crash" on request (`GET /exit?code=N`, or SIGUSR2 with
+//!   `--exit-on-usr2`: stop accepting, finish what is in flight, exit N),
+//!   a quick TERM (Unicorn's: requests in
 //!   flight are dropped), a daemon that escapes the process group with a
 //!   copy of the listening sockets (`--daemon`), and a server that keeps
 //!   only some of the sockets it was given (`--close-listener`).
@@ -44,7 +45,7 @@ use futures::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{getpeername, getsockname, SockaddrLike, SockaddrStorage};
 use nix::unistd::Pid;
-use signal_hook::consts::signal::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+use signal_hook::consts::signal::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -173,6 +174,11 @@ struct Args {
     /// Ignore SIGTERM and SIGQUIT (keep serving).
     #[arg(long)]
     ignore_term: bool,
+    /// SIGUSR2 is a clean crash aimed at this pid: drain as on the drain
+    /// signal, then exit with CODE (as `GET /exit?code=CODE`). Without it,
+    /// SIGUSR2 keeps its default action.
+    #[arg(long, value_name = "CODE")]
+    exit_on_usr2: Option<u8>,
     /// SIGTERM is a quick exit, as in Unicorn: exit 0 at once, dropping the
     /// requests in flight and the idle connections. SIGQUIT still drains.
     #[arg(long, conflicts_with = "ignore_term")]
@@ -729,7 +735,11 @@ impl Worker {
     /// a `--quick-term` SIGTERM (exit 0), or `--close-inherited` hands over
     /// to a child. `--close-listener` names are closed first.
     async fn run(self: Arc<Self>, mut listeners: Vec<Inbound>) -> ExitCode {
-        let signals = match Signals::new([SIGTERM, SIGQUIT, SIGINT, SIGUSR1]) {
+        let mut handled = vec![SIGTERM, SIGQUIT, SIGINT, SIGUSR1];
+        if self.args.exit_on_usr2.is_some() {
+            handled.push(SIGUSR2);
+        }
+        let signals = match Signals::new(handled) {
             Ok(signals) => signals,
             Err(source) => {
                 say(&format!(
@@ -831,6 +841,11 @@ impl Worker {
                     Some(SIGTERM | SIGQUIT) => break 0,
                     Some(SIGINT) | None => return Ok(self.exit_now("SIGINT")),
                     Some(SIGUSR1) => say(&format!("test-worker {}: USR1", self.pid)),
+                    // Only handled (registered) with --exit-on-usr2.
+                    Some(SIGUSR2) => if let Some(code) = self.args.exit_on_usr2 {
+                        say(&format!("test-worker {}: SIGUSR2 (--exit-on-usr2): draining, then exiting with {code}", self.pid));
+                        break code;
+                    },
                     Some(_) => {}
                 },
                 Ok(()) = exit_request.changed() => {
@@ -1182,25 +1197,17 @@ impl Worker {
 }
 
 impl Worker {
-    /// `/exit?code=N[&pid=P]`: a clean crash. Answers 200, then the worker
-    /// drains as on its drain signal (stops accepting, finishes what is in
-    /// flight, keeps idle keep-alive connections for the lame duck) and
-    /// exits with N instead of 0. With `pid=P` for another pid it answers
-    /// 409 and keeps serving, so a test can aim at one worker of several
-    /// sharing a socket by retrying.
+    /// `/exit?code=N`: a clean crash. Answers 200, then the worker drains
+    /// as on its drain signal (stops accepting, finishes what is in flight,
+    /// keeps idle keep-alive connections for the lame duck) and exits with
+    /// N instead of 0. Whichever worker accepts the request exits: under
+    /// load an idle worker wins nearly every accept, so to aim at one pid
+    /// use SIGUSR2 with `--exit-on-usr2`.
     fn exit_on_request(&self, req: &Request) -> Response {
         let code = match req.param("code").map(str::parse::<u8>) {
             Some(Ok(code)) => code,
             _ => return Response::text(400, "want /exit?code=N with N in 0..=255\n".into()),
         };
-        match req.param("pid").map(str::parse::<u32>) {
-            None => {}
-            Some(Ok(pid)) if pid == self.pid => {}
-            Some(Ok(pid)) => {
-                return Response::text(409, format!("pid={} is not {pid}\n", self.pid));
-            }
-            Some(Err(_)) => return Response::text(400, "bad pid=\n".into()),
-        }
         self.exit_request.send_replace(Some(code));
         Response::text(200, format!("pid={} exiting with {code}\n", self.pid))
     }
@@ -1635,7 +1642,6 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
-        409 => "Conflict",
         413 => "Content Too Large",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -2135,11 +2141,14 @@ mod tests {
             "--close-listener=admin",
             "--close-listener",
             "sock",
+            "--exit-on-usr2=3",
         ])
         .map_err(|e| e.to_string());
         assert!(
-            args.as_ref()
-                .is_ok_and(|a| a.daemon && a.quick_term && a.close_listener == ["admin", "sock"]),
+            args.as_ref().is_ok_and(|a| a.daemon
+                && a.quick_term
+                && a.close_listener == ["admin", "sock"]
+                && a.exit_on_usr2 == Some(3)),
             "{args:?}"
         );
         for conflict in [
@@ -2152,20 +2161,17 @@ mod tests {
     }
 
     #[test]
-    fn exit_endpoint_asks_for_a_drain_with_the_code_only_for_its_pid() {
+    fn exit_endpoint_asks_for_a_drain_with_the_code() {
         let args = Args::try_parse_from(["x"]).map_err(|e| e.to_string());
         let worker = Worker::new(args.expect("no flags"), Inherited::capture())
             .map_err(|e| e.to_string())
             .expect("worker");
-        let me = std::process::id();
-        let other = me.wrapping_add(1);
         let table = [
-            ("/exit".to_string(), 400, None),
-            ("/exit?code=256".to_string(), 400, None),
-            (format!("/exit?code=3&pid={other}"), 409, None),
-            ("/exit?code=3&pid=x".to_string(), 400, None),
-            (format!("/exit?code=3&pid={me}"), 200, Some(3)),
-            ("/exit?code=0".to_string(), 200, Some(0)),
+            ("/exit", 400, None),
+            ("/exit?code=256", 400, None),
+            ("/exit?code=x", 400, None),
+            ("/exit?code=3", 200, Some(3)),
+            ("/exit?code=0", 200, Some(0)),
         ];
         for (target, status, asked) in table {
             worker.exit_request.send_replace(None);

@@ -29,10 +29,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    http_get, pid_alive, proc_ids, tagged_pids, FailKind, Holdfast, Launch, Load, LoadReport,
-    LoadSpec, Response, Swept, DEADLINE,
+    has_tag, http_get, pid_alive, proc_ids, tagged_pids, FailKind, Holdfast, Launch, Load,
+    LoadReport, LoadSpec, Response, Swept, DEADLINE,
 };
-use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 /// The control socket of every test here (next to the config).
@@ -307,19 +308,22 @@ fn in_flight_on_each(h: &Holdfast, pids: &BTreeSet<u32>, path: &str) -> InFlight
     }
 }
 
-/// `GET /exit?code=CODE&pid=PID` until worker `pid` answers it (the others
-/// answer 409): `pid` then drains and exits with CODE, a crash that loses
-/// no request.
-fn clean_crash(h: &Holdfast, pid: u32, code: u8) -> Result<(), String> {
-    let path = format!("/exit?code={code}&pid={pid}");
-    for _ in 0..200 {
-        match http_get(&h.tcp(), &path) {
-            Ok(r) if r.status == 200 && r.pid() == Some(pid) => return Ok(()),
-            Ok(r) if r.status == 409 => {}
-            other => return Err(format!("GET {path}: {other:?}")),
-        }
+/// SIGUSR2 to worker `pid` of `slot`, run with `--exit-on-usr2`: it drains
+/// and exits with that code, a crash that loses no request. A signal, not
+/// `GET /exit`: under load the kernel hands nearly every new connection to
+/// the idlest worker, so a request cannot be aimed at one. Sent only to a
+/// pid that status lists in `slot` and that carries this test's tag.
+fn clean_crash(h: &Holdfast, slot: u32, pid: u32) -> Result<(), String> {
+    let listed = workers(&status(h)?)
+        .iter()
+        .any(|w| w.slot == slot && w.pid == pid);
+    if !listed || !has_tag(pid, h.tag()) {
+        return Err(format!(
+            "slot {slot}: worker {pid} is not there to crash (listed in status: {listed})"
+        ));
     }
-    Err(format!("GET {path}: 200 tries, never reached {pid}"))
+    kill(Pid::from_raw(pid as i32), Signal::SIGUSR2)
+        .map_err(|e| format!("SIGUSR2 to worker {pid}: {e}"))
 }
 
 // ---------------------------------------------------------------- item 1
@@ -339,7 +343,7 @@ fn failed_deploy_then_every_old_worker_crashes(trigger: Trigger) {
     let h = Holdfast::start(&config(
         2,
         &format!("ready = \"notify\"\n{timeouts}"),
-        &["--lame-duck-ms", "500"],
+        &["--exit-on-usr2", "3", "--lame-duck-ms", "500"],
     ));
     let first = wait_ready(&h, 2, 1);
     let traffic = Traffic::start(&h);
@@ -363,14 +367,17 @@ fn failed_deploy_then_every_old_worker_crashes(trigger: Trigger) {
         }
     }
     // The rollout failed and only generation 1 is left (precondition).
-    poll(DEADLINE, || {
+    // Whether the failed new worker counts as a restart of its slot is not
+    // this test's business: restarts are counted from here.
+    let restarts_before: BTreeMap<u32, u64> = poll(DEADLINE, || {
         let s = status(&h)?;
         let failed = s["holdfast"]["last_rollout"]["generation"] == 2
             && s["holdfast"]["last_rollout"]["ok"] == false
             && s["holdfast"]["rollout"].is_null();
-        let left: BTreeMap<u32, u32> = workers(&s).iter().map(|w| (w.slot, w.pid)).collect();
+        let ws = workers(&s);
+        let left: BTreeMap<u32, u32> = ws.iter().map(|w| (w.slot, w.pid)).collect();
         (failed && left == first)
-            .then_some(())
+            .then(|| ws.iter().map(|w| (w.slot, w.restarts)).collect())
             .ok_or(format!("want generation 2 failed and only {first:?}: {s}"))
     })
     .unwrap_or_else(|e| panic!("the failed deploy: {e}"));
@@ -378,7 +385,7 @@ fn failed_deploy_then_every_old_worker_crashes(trigger: Trigger) {
     // Each generation-1 worker crashes; its slot must get a ready
     // generation-1 worker back before the next one crashes.
     for (&slot, &pid) in &first {
-        if let Err(e) = clean_crash(&h, pid, 3) {
+        if let Err(e) = clean_crash(&h, slot, pid) {
             p.push(format!("slot {slot}: {e}"));
             break;
         }
@@ -405,12 +412,12 @@ fn failed_deploy_then_every_old_worker_crashes(trigger: Trigger) {
                 && ws.iter().all(|w| {
                     w.state == "ready"
                         && w.generation == 1
-                        && w.restarts == 1
+                        && Some(w.restarts) == restarts_before.get(&w.slot).map(|r| r + 1)
                         && !first.values().any(|&old| old == w.pid)
                 }),
             || {
                 format!(
-                    "want 2 new ready generation-1 workers, each slot restarted once; status shows {ws:?}"
+                    "want 2 new ready generation-1 workers, each slot restarted once more than its {restarts_before:?} after the failed deploy; status shows {ws:?}"
                 )
             },
         );
