@@ -13,15 +13,22 @@
 //! - draining on SIGTERM/SIGQUIT with a lame-duck period for idle keep-alive
 //!   connections (see the Puma notes in SERVERS.md for why);
 //! - log volume, partial last lines, memory growth (`/grow`, and `/spike`
-//!   that frees it again), children, crashes.
+//!   that frees it again), children, crashes;
+//! - a "clean crash" on request (`GET /exit?code=N`, or SIGUSR2 with
+//!   `--exit-on-usr2`: stop accepting, finish what is in flight, exit N),
+//!   a quick TERM (Unicorn's: requests in
+//!   flight are dropped), a daemon that escapes the process group with a
+//!   copy of the listening sockets (`--daemon`), and a server that keeps
+//!   only some of the sockets it was given (`--close-listener`).
 //!
 //! Layout: [`main`] captures the inherited state, parses flags, takes the
 //! listeners (sd_listen_fds(3) through the `listenfd` crate, or `UNICORN_FD`)
 //! and runs [`Worker::run`] on a current-thread tokio runtime. The HTTP
 //! parser ([`parse_head`]) is a pure function so it can be unit-tested
 //! without sockets. There is no `unsafe` here: the "children" are re-execs of
-//! this binary with a hidden `--child-role`, and [`FORKING_PY`] covers the
-//! copy-on-write case that needs a real `fork`.
+//! this binary with a hidden `--child-role` (the daemon gets its sockets as
+//! `dup`s without close-on-exec, and calls `setsid` through nix), and
+//! [`FORKING_PY`] covers the copy-on-write case that needs a real `fork`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -38,7 +45,7 @@ use futures::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{getpeername, getsockname, SockaddrLike, SockaddrStorage};
 use nix::unistd::Pid;
-use signal_hook::consts::signal::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
+use signal_hook::consts::signal::{SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -167,9 +174,29 @@ struct Args {
     /// Ignore SIGTERM and SIGQUIT (keep serving).
     #[arg(long)]
     ignore_term: bool,
+    /// SIGUSR2 is a clean crash aimed at this pid: drain as on the drain
+    /// signal, then exit with CODE (as `GET /exit?code=CODE`). Without it,
+    /// SIGUSR2 keeps its default action.
+    #[arg(long, value_name = "CODE")]
+    exit_on_usr2: Option<u8>,
+    /// SIGTERM is a quick exit, as in Unicorn: exit 0 at once, dropping the
+    /// requests in flight and the idle connections. SIGQUIT still drains.
+    #[arg(long, conflicts_with = "ignore_term")]
+    quick_term: bool,
     /// Close the inherited listeners; a child without them sends READY=1.
     #[arg(long)]
     close_inherited: bool,
+    /// Close the inherited listener of this LISTEN_FDNAMES name and serve
+    /// the others (repeatable). READY=1 is sent as usual.
+    #[arg(long, value_name = "NAME", conflicts_with = "close_inherited")]
+    close_listener: Vec<String>,
+    /// At start, spawn a daemon: a child that calls setsid(2) (leaving this
+    /// worker's process group and session), holds a copy of every inherited
+    /// listener, does not die with this worker, has /dev/null as stdio, and
+    /// sleeps until SIGTERM, SIGINT or SIGQUIT. The worker never signals or
+    /// waits for it.
+    #[arg(long, conflicts_with = "close_inherited")]
+    daemon: bool,
     /// After the drain signal, keep idle keep-alive connections this long.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     lame_duck_ms: u64,
@@ -226,14 +253,19 @@ enum ChildRole {
     ServeNothing,
     /// Allocate `--shared-mb`, grow at `--grow-mb-per-sec`, sleep until killed.
     Idle,
+    /// `--daemon`: setsid(2), keep the fds it inherited (the listeners),
+    /// sleep until SIGTERM/SIGINT/SIGQUIT, then exit 0. No parent-death
+    /// signal: it outlives the worker.
+    Daemon,
 }
 
 /// Entry for `holdfast test-worker ARGS...`; `args` excludes the program name
 /// and the word `test-worker`.
 ///
-/// Exit codes: 0 after a drain or SIGINT, 1 when there is no listener, 3 for
-/// `--crash-after-ms`, 64 for bad flags, 70 for other start-up failures, or
-/// the `--exit-at-start` code.
+/// Exit codes: 0 after a drain, SIGINT or a `--quick-term` SIGTERM, 1 when
+/// there is no listener, 3 for `--crash-after-ms`, 64 for bad flags, 70 for
+/// other start-up failures, the `--exit-at-start` code, or the code a
+/// `GET /exit?code=N` asked for.
 pub fn main(args: Vec<OsString>) -> ExitCode {
     // First, before anything opens an fd or reads the env destructively.
     let inherited = Inherited::capture();
@@ -555,6 +587,15 @@ enum StdListener {
     Unix(std::os::unix::net::UnixListener),
 }
 
+impl std::os::fd::AsFd for StdListener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            StdListener::Tcp(l) => l.as_fd(),
+            StdListener::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
 /// A listener and its `LISTEN_FDNAMES` name, if any.
 #[derive(Debug)]
 struct Inbound {
@@ -670,6 +711,8 @@ struct Worker {
     inherited_json: std::sync::OnceLock<String>,
     requests: AtomicU64,
     memory: Memory,
+    /// Set by `GET /exit?code=N`: drain, then exit with N.
+    exit_request: watch::Sender<Option<u8>>,
 }
 
 impl Worker {
@@ -683,14 +726,20 @@ impl Worker {
             inherited,
             requests: AtomicU64::new(0),
             memory: Memory::default(),
+            exit_request: watch::Sender::new(None),
             args,
         })
     }
 
-    /// Serves until drained (exit 0) or SIGINT (exit 0), or `--close-inherited`
-    /// hands over to a child.
-    async fn run(self: Arc<Self>, listeners: Vec<Inbound>) -> ExitCode {
-        let signals = match Signals::new([SIGTERM, SIGQUIT, SIGINT, SIGUSR1]) {
+    /// Serves until drained (exit 0, or the `/exit` code), SIGINT (exit 0) or
+    /// a `--quick-term` SIGTERM (exit 0), or `--close-inherited` hands over
+    /// to a child. `--close-listener` names are closed first.
+    async fn run(self: Arc<Self>, mut listeners: Vec<Inbound>) -> ExitCode {
+        let mut handled = vec![SIGTERM, SIGQUIT, SIGINT, SIGUSR1];
+        if self.args.exit_on_usr2.is_some() {
+            handled.push(SIGUSR2);
+        }
+        let signals = match Signals::new(handled) {
             Ok(signals) => signals,
             Err(source) => {
                 say(&format!(
@@ -706,6 +755,16 @@ impl Worker {
         if self.args.close_inherited {
             drop(listeners);
             return self.run_without_listeners(signals).await;
+        }
+        for name in &self.args.close_listener {
+            let before = listeners.len();
+            listeners.retain(|l| l.name.as_deref() != Some(name.as_str()));
+            if listeners.len() == before {
+                say(&format!(
+                    "test-worker {}: --close-listener {name}: no inherited listener of that name",
+                    self.pid
+                ));
+            }
         }
         match self.serve(listeners, signals).await {
             Ok(code) => code,
@@ -723,6 +782,9 @@ impl Worker {
     ) -> Result<ExitCode, Error> {
         if self.args.shared_mb > 0 {
             self.memory.grow(self.args.shared_mb.min(MAX_GROW_MB) * MIB);
+        }
+        if self.args.daemon {
+            self.spawn_daemon(&listeners)?;
         }
         let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
         let (conn_tx, mut conn_rx) = mpsc::channel::<()>(1);
@@ -765,18 +827,35 @@ impl Worker {
         }
         let log = LogThread::start(self);
 
-        // Serving: wait for the drain signal.
-        loop {
-            match signals.next().await {
-                Some(SIGTERM | SIGQUIT) if self.args.ignore_term => {
-                    say(&format!("test-worker {}: ignoring drain signal", self.pid));
+        // Serving: wait for the drain signal or `/exit`.
+        let mut exit_request = self.exit_request.subscribe();
+        let code = loop {
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    Some(SIGTERM | SIGQUIT) if self.args.ignore_term => {
+                        say(&format!("test-worker {}: ignoring drain signal", self.pid));
+                    }
+                    Some(SIGTERM) if self.args.quick_term => {
+                        return Ok(self.exit_now("SIGTERM (--quick-term)"));
+                    }
+                    Some(SIGTERM | SIGQUIT) => break 0,
+                    Some(SIGINT) | None => return Ok(self.exit_now("SIGINT")),
+                    Some(SIGUSR1) => say(&format!("test-worker {}: USR1", self.pid)),
+                    // Only handled (registered) with --exit-on-usr2.
+                    Some(SIGUSR2) => if let Some(code) = self.args.exit_on_usr2 {
+                        say(&format!("test-worker {}: SIGUSR2 (--exit-on-usr2): draining, then exiting with {code}", self.pid));
+                        break code;
+                    },
+                    Some(_) => {}
+                },
+                Ok(()) = exit_request.changed() => {
+                    if let Some(code) = *exit_request.borrow_and_update() {
+                        say(&format!("test-worker {}: GET /exit: draining, then exiting with {code}", self.pid));
+                        break code;
+                    }
                 }
-                Some(SIGTERM | SIGQUIT) => break,
-                Some(SIGINT) | None => return Ok(self.exit_now()),
-                Some(SIGUSR1) => say(&format!("test-worker {}: USR1", self.pid)),
-                Some(_) => {}
             }
-        }
+        };
 
         // Draining.
         say(&format!("test-worker {}: draining", self.pid));
@@ -798,7 +877,10 @@ impl Worker {
             tokio::select! {
                 _ = conn_rx.recv() => break,
                 signal = signals.next() => match signal {
-                    Some(SIGINT) | None => return Ok(self.exit_now()),
+                    Some(SIGINT) | None => return Ok(self.exit_now("SIGINT")),
+                    Some(SIGTERM) if self.args.quick_term => {
+                        return Ok(self.exit_now("SIGTERM (--quick-term)"));
+                    }
                     Some(SIGUSR1) => say(&format!("test-worker {}: USR1", self.pid)),
                     Some(_) => {}
                 },
@@ -811,14 +893,19 @@ impl Worker {
             let last = log.finish();
             let _ = self.write_log(format!("w{} {} done {last}\n", self.slot, self.pid).as_bytes());
         }
-        say(&format!("test-worker {}: drained, exiting", self.pid));
+        say(&format!(
+            "test-worker {}: drained, exiting with {code}",
+            self.pid
+        ));
         self.write_partial_line();
-        Ok(ExitCode::SUCCESS)
+        Ok(ExitCode::from(code))
     }
 
-    /// SIGINT: exit 0 at once (children are killed on drop).
-    fn exit_now(&self) -> ExitCode {
-        say(&format!("test-worker {}: SIGINT, exiting", self.pid));
+    /// SIGINT, or SIGTERM with `--quick-term`: exit 0 at once. Returning
+    /// drops the runtime, which closes every connection unanswered;
+    /// children are killed on drop.
+    fn exit_now(&self, why: &str) -> ExitCode {
+        say(&format!("test-worker {}: {why}, exiting at once", self.pid));
         self.write_partial_line();
         ExitCode::SUCCESS
     }
@@ -889,13 +976,63 @@ impl Worker {
 
     /// Re-execs this binary as `test-worker --child-role ROLE`, without the
     /// socket-activation variables (the listeners are close-on-exec) and,
-    /// unless `notify`, without `NOTIFY_SOCKET`.
+    /// unless `notify`, without `NOTIFY_SOCKET`. The child is killed when
+    /// its handle is dropped.
     fn spawn_helper(
         &self,
         role: ChildRole,
         extra: &[String],
         notify: bool,
     ) -> Result<tokio::process::Child, Error> {
+        let mut command = self.helper_command(role, extra, notify)?;
+        command.kill_on_drop(true);
+        command.spawn().map_err(|source| Error::Setup {
+            what: "spawn child",
+            source,
+        })
+    }
+
+    /// `--daemon`: spawns the [`ChildRole::Daemon`] helper with a `dup` of
+    /// every listener. `dup` leaves close-on-exec off, so the child inherits
+    /// the copies (at whatever numbers they got); this process closes them
+    /// again as soon as the child is spawned. Nothing else spawns meanwhile:
+    /// this runs before any helper, task or thread is started. The child is
+    /// not tracked: not killed on drop, not signalled at the drain.
+    fn spawn_daemon(&self, listeners: &[Inbound]) -> Result<(), Error> {
+        let copies = listeners
+            .iter()
+            .map(|l| nix::unistd::dup(std::os::fd::AsFd::as_fd(&l.listener)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::Setup {
+                what: "dup listener for the daemon",
+                source: e.into(),
+            })?;
+        let mut command = self.helper_command(ChildRole::Daemon, &[], false)?;
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false);
+        let child = command.spawn().map_err(|source| Error::Setup {
+            what: "spawn daemon",
+            source,
+        })?;
+        drop(copies);
+        say(&format!(
+            "test-worker {}: daemon {} holds {} listener(s)",
+            self.pid,
+            child.id().unwrap_or(0),
+            listeners.len()
+        ));
+        Ok(())
+    }
+
+    /// The command line and environment of a helper (see [`Worker::spawn_helper`]).
+    fn helper_command(
+        &self,
+        role: ChildRole,
+        extra: &[String],
+        notify: bool,
+    ) -> Result<tokio::process::Command, Error> {
         let exe = std::env::current_exe().map_err(|source| Error::Setup {
             what: "current_exe",
             source,
@@ -904,6 +1041,7 @@ impl Worker {
             ChildRole::Notify => "notify",
             ChildRole::ServeNothing => "serve-nothing",
             ChildRole::Idle => "idle",
+            ChildRole::Daemon => "daemon",
         };
         let mut command = tokio::process::Command::new(exe);
         command
@@ -911,8 +1049,7 @@ impl Worker {
             .arg(format!("--child-role={role_name}"))
             .arg(format!("--parent-pid={}", self.pid))
             .args(extra)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true);
+            .stdin(std::process::Stdio::null());
         for var in [
             "LISTEN_FDS",
             "LISTEN_PID",
@@ -925,10 +1062,7 @@ impl Worker {
         if !notify {
             command.env_remove("NOTIFY_SOCKET");
         }
-        command.spawn().map_err(|source| Error::Setup {
-            what: "spawn child",
-            source,
-        })
+        Ok(command)
     }
 
     /// Sends READY=1 (after `--ready-delay-ms`), from this pid or, with
@@ -1032,6 +1166,9 @@ impl Worker {
         if path == "/spike" {
             return self.spike(req).await;
         }
+        if path == "/exit" {
+            return self.exit_on_request(req);
+        }
         if path == "/grow" {
             return match req.param("mb").map(str::parse::<u64>) {
                 Some(Ok(mb)) if mb <= MAX_GROW_MB => {
@@ -1060,6 +1197,21 @@ impl Worker {
 }
 
 impl Worker {
+    /// `/exit?code=N`: a clean crash. Answers 200, then the worker drains
+    /// as on its drain signal (stops accepting, finishes what is in flight,
+    /// keeps idle keep-alive connections for the lame duck) and exits with
+    /// N instead of 0. Whichever worker accepts the request exits: under
+    /// load an idle worker wins nearly every accept, so to aim at one pid
+    /// use SIGUSR2 with `--exit-on-usr2`.
+    fn exit_on_request(&self, req: &Request) -> Response {
+        let code = match req.param("code").map(str::parse::<u8>) {
+            Some(Ok(code)) => code,
+            _ => return Response::text(400, "want /exit?code=N with N in 0..=255\n".into()),
+        };
+        self.exit_request.send_replace(Some(code));
+        Response::text(200, format!("pid={} exiting with {code}\n", self.pid))
+    }
+
     /// `/spike?mb=N&ms=D`: allocates and touches N MiB, holds it D ms
     /// (default 500), then frees it (a block this big is its own mmap, so
     /// freeing it returns the pages to the kernel). A short spike for the
@@ -1748,15 +1900,23 @@ fn notify_ready() -> Result<(), Error> {
     }
 }
 
-/// The re-exec'd helpers. Each dies with its parent (PR_SET_PDEATHSIG).
+/// The re-exec'd helpers. Each dies with its parent (PR_SET_PDEATHSIG),
+/// except the daemon, which leaves its session instead.
 async fn run_child(role: ChildRole, args: &Args) -> ExitCode {
     let pid = std::process::id();
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
-    if args
-        .parent_pid
-        .is_some_and(|parent| nix::unistd::getppid() != Pid::from_raw(parent))
-    {
-        return ExitCode::SUCCESS; // The parent is already gone.
+    if role == ChildRole::Daemon {
+        if let Err(e) = nix::unistd::setsid() {
+            say(&format!("test-worker {pid} (daemon): setsid: {e}"));
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    } else {
+        let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
+        if args
+            .parent_pid
+            .is_some_and(|parent| nix::unistd::getppid() != Pid::from_raw(parent))
+        {
+            return ExitCode::SUCCESS; // The parent is already gone.
+        }
     }
     if role == ChildRole::Notify {
         // This child exits right after READY=1: wait until the manager has
@@ -1974,5 +2134,50 @@ mod tests {
         assert!(args.is_ok(), "{args:?}");
         assert!(Args::try_parse_from(["x", "--grow-mb=1"]).is_err());
         assert!(Args::try_parse_from(["x", "--never-ready", "--ready-from-child"]).is_err());
+        let args = Args::try_parse_from([
+            "x",
+            "--daemon",
+            "--quick-term",
+            "--close-listener=admin",
+            "--close-listener",
+            "sock",
+            "--exit-on-usr2=3",
+        ])
+        .map_err(|e| e.to_string());
+        assert!(
+            args.as_ref().is_ok_and(|a| a.daemon
+                && a.quick_term
+                && a.close_listener == ["admin", "sock"]
+                && a.exit_on_usr2 == Some(3)),
+            "{args:?}"
+        );
+        for conflict in [
+            ["x", "--quick-term", "--ignore-term"],
+            ["x", "--daemon", "--close-inherited"],
+            ["x", "--close-listener=a", "--close-inherited"],
+        ] {
+            assert!(Args::try_parse_from(conflict).is_err(), "{conflict:?}");
+        }
+    }
+
+    #[test]
+    fn exit_endpoint_asks_for_a_drain_with_the_code() {
+        let args = Args::try_parse_from(["x"]).map_err(|e| e.to_string());
+        let worker = Worker::new(args.expect("no flags"), Inherited::capture())
+            .map_err(|e| e.to_string())
+            .expect("worker");
+        let table = [
+            ("/exit", 400, None),
+            ("/exit?code=256", 400, None),
+            ("/exit?code=x", 400, None),
+            ("/exit?code=3", 200, Some(3)),
+            ("/exit?code=0", 200, Some(0)),
+        ];
+        for (target, status, asked) in table {
+            worker.exit_request.send_replace(None);
+            let req = request(&format!("GET {target} HTTP/1.1\r\n\r\n"));
+            assert_eq!(worker.exit_on_request(&req).status, status, "{target}");
+            assert_eq!(*worker.exit_request.borrow(), asked, "{target}");
+        }
     }
 }

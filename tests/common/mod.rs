@@ -78,6 +78,115 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Live (not zombie) processes whose environment holds the entry `tag`
+/// exactly (`HOLDFAST_TEST_TAG=...`, see [`Holdfast::tag`]), in pid order.
+/// This finds every process a test's holdfast started, whatever group or
+/// session it moved to; environments are read, never names.
+pub fn tagged_pids(tag: &str) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| has_tag(pid, tag) && pid_alive(pid))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Whether `pid`'s environment holds the entry `tag` exactly.
+pub fn has_tag(pid: u32, tag: &str) -> bool {
+    fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == tag.as_bytes()))
+}
+
+/// A process's parent, process group and session, from /proc/PID/stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcIds {
+    pub ppid: u32,
+    pub pgid: u32,
+    pub sid: u32,
+}
+
+/// [`ProcIds`] of `pid`; `None` once it is gone.
+pub fn proc_ids(pid: u32) -> Option<ProcIds> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: state ppid pgrp session ...
+    let mut f = stat[stat.rfind(')')? + 1..].split_whitespace().skip(1);
+    Some(ProcIds {
+        ppid: f.next()?.parse().ok()?,
+        pgid: f.next()?.parse().ok()?,
+        sid: f.next()?.parse().ok()?,
+    })
+}
+
+/// A [`Holdfast`] whose `Drop`, after the Holdfast's own cleanup (which
+/// kills holdfast's group and its workers' groups), SIGKILLs every process
+/// still carrying the instance's tag: those that left their worker's
+/// process group (`setsid`, double fork), which no group kill reaches.
+/// Each pid's tag is read again right before it is killed.
+pub struct Swept {
+    h: Option<Holdfast>,
+    tag: String,
+}
+
+impl Swept {
+    pub fn new(h: Holdfast) -> Swept {
+        Swept {
+            tag: h.tag().to_string(),
+            h: Some(h),
+        }
+    }
+}
+
+impl std::ops::Deref for Swept {
+    type Target = Holdfast;
+    fn deref(&self) -> &Holdfast {
+        self.h
+            .as_ref()
+            .expect("Swept holds its Holdfast until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Swept {
+    fn deref_mut(&mut self) -> &mut Holdfast {
+        self.h
+            .as_mut()
+            .expect("Swept holds its Holdfast until dropped")
+    }
+}
+
+impl Drop for Swept {
+    fn drop(&mut self) {
+        drop(self.h.take());
+        let mut swept = Vec::new();
+        // A process being killed may still be listed for a moment; a
+        // bounded number of passes, each killing what is left.
+        for _ in 0..50 {
+            let left = tagged_pids(&self.tag);
+            if left.is_empty() {
+                break;
+            }
+            for pid in left {
+                if has_tag(pid, &self.tag) {
+                    let _ = kill(pid_of(pid), Signal::SIGKILL);
+                    if !swept.contains(&pid) {
+                        swept.push(pid);
+                    }
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+        if !swept.is_empty() {
+            eprintln!(
+                "holdfast test cleanup: killed {} process(es) left with {}: {swept:?}",
+                swept.len(),
+                self.tag
+            );
+        }
+    }
+}
+
 /// Runs `holdfast ARGS` to completion (for `check`, `status`, ...). Panics
 /// with whatever it printed if it takes longer than 30 s.
 pub fn run_holdfast(args: &[&str]) -> Output {
@@ -297,6 +406,12 @@ impl Holdfast {
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// `HOLDFAST_TEST_TAG=<value>`: the environment entry holdfast and every
+    /// process it starts inherit (see [`tagged_pids`]).
+    pub fn tag(&self) -> &str {
+        &self.tag
     }
 
     pub fn log_path(&self) -> &Path {
