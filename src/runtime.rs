@@ -398,7 +398,7 @@ impl Runtime {
                     Err(e) => warn!(error = %e, "notify socket receive failed"),
                 },
                 _ = sleep => self.feed(Event::Tick),
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = housekeeping.tick() => self.housekeeping(false),
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
                 Some(d) = next_signal(&mut stall) => stall_loop(d),
             }
@@ -852,8 +852,9 @@ impl Runtime {
             any = true;
         }
         if any {
-            // An exit may have orphaned descendants, or unlinked a unix path.
-            self.housekeeping();
+            // An exit may have orphaned descendants, or unlinked a unix path:
+            // the supervisor hears of both before it decides anything else.
+            self.housekeeping(true);
         }
     }
 
@@ -875,9 +876,9 @@ impl Runtime {
         });
     }
 
-    /// Every second and after exits: settle exec reports, list adopted
-    /// descendants, restore unlinked unix paths.
-    fn housekeeping(&mut self) {
+    /// Every second and after exits (`after_exit`): settle exec reports,
+    /// list adopted descendants, restore unlinked unix paths.
+    fn housekeeping(&mut self, after_exit: bool) {
         self.execs
             .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
         self.repair_paths();
@@ -892,7 +893,7 @@ impl Runtime {
                     comm: a.comm,
                 })
                 .collect();
-        if !procs.is_empty() || self.sv.strays().next().is_some() {
+        if after_exit || !procs.is_empty() || self.sv.strays().next().is_some() {
             self.feed(Event::Adopted { procs });
         }
     }

@@ -572,7 +572,8 @@ fn daemons_that_leave_the_process_group_die_with_their_worker_and_holdfast() {
     p.check(o.status.success(), || format!("stop --wait: {}", text(&o)));
     let code = h.wait_exit(DEADLINE).code();
     p.check(code == Some(0), || format!("holdfast exited with {code:?}"));
-    let left = poll(Duration::from_secs(2), || {
+    // holdfast exits only once every descendant is gone: no grace here.
+    let left = poll(Duration::ZERO, || {
         let left = tagged_pids(&tag);
         left.is_empty().then_some(()).ok_or(format!(
             "after holdfast exited, processes with its tag alive (pid, parent, sid, holds the listener): {:?}",
@@ -671,7 +672,8 @@ fn a_crash_looping_worker_does_not_pile_up_daemons() {
     h.signal(Signal::SIGTERM);
     let code = h.wait_exit(DEADLINE).code();
     p.check(code == Some(0), || format!("holdfast exited with {code:?}"));
-    let left = poll(Duration::from_secs(2), || {
+    // holdfast exits only once every descendant is gone: no grace here.
+    let left = poll(Duration::ZERO, || {
         let left = tagged_pids(&tag);
         left.is_empty().then_some(()).ok_or(format!(
             "after holdfast exited, {} processes with its tag alive: {left:?}",
@@ -998,5 +1000,96 @@ fn sigttin_stops_at_max_workers() {
         still_at(&h, 4, "after 3 SIGTTIN past max_workers")
     }));
     traffic.stop(&mut p, 100);
+    p.assert_none();
+}
+
+/// The same daemons, with holdfast in a delegated cgroup (as under systemd
+/// with `Delegate=yes`): each worker runs in `worker-N` with its daemon, a
+/// drained worker's cgroup goes with it, and a stop leaves no cgroup and no
+/// process behind.
+#[test]
+fn daemons_are_contained_in_a_cgroup_per_worker() {
+    let _serial = serial();
+    let cg = common::TestCgroup::new("model");
+    cg.delegate();
+    let dir = cg.dir.to_str().expect("utf-8 cgroup path").to_string();
+    let cfg = config(
+        2,
+        "drain_timeout = \"3s\"\nready_timeout = \"10s\"",
+        &["--daemon", "--lame-duck-ms", "500"],
+    );
+    // Into the cgroup first, then exec holdfast (same pid).
+    let mut h = Swept::new(Holdfast::launch(
+        Launch {
+            program: "sh",
+            args: &[
+                "-c",
+                "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"",
+                "sh",
+                &dir,
+                "{holdfast}",
+                "run",
+                "--config",
+                "{config}",
+            ],
+            env: &[],
+            stdin: None,
+        },
+        Some(&cfg),
+    ));
+    let tag = h.tag().to_string();
+    let first = wait_ready(&h, 2, 1);
+    let mut p = Problems::default();
+    // holdfast says which way it contains descendants (the one log line read).
+    p.check(h.log().contains("a cgroup per worker"), || {
+        format!("no `a cgroup per worker` line in the log:\n{}", h.log())
+    });
+    // Each worker and its daemon share the worker's own cgroup.
+    let cgroup_of = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            })
+    };
+    let inode = listener_inode(&status(&h).expect("status"), "http");
+    let pids: BTreeSet<u32> = first.values().copied().collect();
+    for (worker, daemon) in daemons_of(&tag, &pids, inode) {
+        let (w, d) = (cgroup_of(worker), cgroup_of(daemon));
+        p.check(
+            w.is_some() && w == d && w.as_deref().is_some_and(|c| c.contains("/worker-")),
+            || format!("worker {worker} in {w:?}, its daemon {daemon} in {d:?}"),
+        );
+    }
+    p.check(cg.children().len() == 2, || {
+        format!("want 2 worker cgroups, got {:?}", cg.children())
+    });
+    let traffic = Traffic::start(&h);
+    let o = ctl(&h, &["restart", "--wait"]);
+    p.check(o.status.success(), || {
+        format!("restart --wait: {}", text(&o))
+    });
+    // The drained workers' cgroups (and daemons) are gone within drain_timeout.
+    let settled = poll(Duration::from_secs(5), || {
+        let (children, left) = (cg.children(), daemons(&tag).len());
+        (children.len() == 2 && left == 2)
+            .then_some(())
+            .ok_or(format!("worker cgroups {children:?}, {left} daemons alive"))
+    });
+    p.check(settled.is_ok(), || settled.err().unwrap_or_default());
+    traffic.stop(&mut p, 100);
+    let o = ctl(&h, &["stop", "--wait"]);
+    p.check(o.status.success(), || format!("stop --wait: {}", text(&o)));
+    let code = h.wait_exit(DEADLINE).code();
+    p.check(code == Some(0), || format!("holdfast exited with {code:?}"));
+    // holdfast waits for every descendant before it exits: nothing is left.
+    let left = tagged_pids(&tag);
+    p.check(left.is_empty(), || {
+        format!("processes left after exit: {left:?}")
+    });
+    p.check(cg.children().is_empty(), || {
+        format!("worker cgroups left after exit: {:?}", cg.children())
+    });
     p.assert_none();
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{wait_until, DEADLINE};
+use common::{wait_until, TestCgroup, DEADLINE};
 use holdfast::procs::{self, Cgroups, SERIAL_VAR};
 use holdfast::sys::{self, ExecPlan, SpawnError, Spawned};
 use nix::sys::signal::{kill, Signal};
@@ -372,57 +372,6 @@ fn adopted_lists_a_setsid_grandchild_with_its_serial() {
 }
 
 // ---------------------------------------------------------------- cgroups
-
-/// A cgroup made for one test under the cgroup2 mount's root, removed in
-/// `Drop` with everything in it (only our processes can be in it).
-struct TestCgroup {
-    dir: PathBuf,
-}
-
-impl TestCgroup {
-    fn new(name: &str) -> TestCgroup {
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        let mount = procs::parse_cgroup2_mounts(&mountinfo)
-            .into_iter()
-            .find(|m| m.root == "/")
-            .expect("a cgroup2 mount (these tests need cgroup v2 and root)");
-        let dir = mount
-            .mount_point
-            .join(format!("holdfast-test-{}-{name}", std::process::id()));
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        TestCgroup { dir }
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = fs::write(self.dir.join("cgroup.kill"), "1");
-        // Deepest first.
-        let mut dirs = vec![self.dir.clone()];
-        let mut i = 0;
-        while i < dirs.len() {
-            if let Ok(entries) = fs::read_dir(&dirs[i]) {
-                dirs.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
-            }
-            i += 1;
-        }
-        for dir in dirs.iter().rev() {
-            let deadline = std::time::Instant::now() + DEADLINE;
-            while fs::remove_dir(dir).is_err()
-                && dir.exists()
-                && std::time::Instant::now() < deadline
-            {
-                let _ = fs::write(dir.join("cgroup.kill"), "1");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
 
 /// Detection in a delegated directory, then a worker cgroup through its whole
 /// life: spawn into it, list every member (a setsid one too), attribute an

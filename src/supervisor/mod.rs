@@ -479,6 +479,10 @@ pub struct Supervisor {
     next_id: u64,
     phase: Phase,
     strays: BTreeMap<Pid, Stray>,
+    /// The edge listed adopted processes since the last worker exited: a
+    /// stop may only end once it has (a worker's daemon is re-parented to
+    /// holdfast only when the worker exits).
+    listed_since_exit: bool,
     /// Recently gone workers (for messages about their descendants).
     gone: VecDeque<(WorkerId, Slot, Pid)>,
     /// When the next memory sampling round is due.
@@ -514,6 +518,7 @@ impl Supervisor {
             next_id: 1,
             phase: Phase::Starting,
             strays: BTreeMap::new(),
+            listed_since_exit: true,
             gone: VecDeque::new(),
             sample_at: None,
             sampling: None,
@@ -969,6 +974,7 @@ impl Supervisor {
         let Some(w) = self.workers.remove(&id) else {
             return;
         };
+        self.listed_since_exit = false;
         self.gone.push_back((id, w.slot, pid));
         if self.gone.len() > 256 {
             self.gone.pop_front();
@@ -1517,7 +1523,7 @@ impl Supervisor {
 
     /// Stopping: exit once every worker and every descendant is gone.
     fn finish_stop(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if !self.workers.is_empty() || !self.strays_settled(now) {
+        if !self.workers.is_empty() || !self.listed_since_exit || !self.strays_settled(now) {
             return;
         }
         let Phase::Stopping { waiters } = &mut self.phase else {

@@ -64,6 +64,7 @@ impl Supervisor {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
+        self.listed_since_exit = true;
         let listed: std::collections::BTreeSet<Pid> = procs.iter().map(|p| p.pid).collect();
         let vanished: Vec<Pid> = self
             .strays

@@ -404,7 +404,13 @@ fn graceful_stop_then_second_stop_kills() {
             (10, stop(), vec![term(1, 100), term(2, 101)]),
             (20, exited(100), vec![]),
             (30, stop(), vec![kill(2, 101)]),
-            (40, exited(101), vec![Action::Exit { code: 0 }]),
+            (40, exited(101), vec![]),
+            // The edge lists adopted processes after every exit: nothing left.
+            (
+                41,
+                Event::Adopted { procs: vec![] },
+                vec![Action::Exit { code: 0 }],
+            ),
         ],
     );
 }

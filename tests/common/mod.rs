@@ -12,9 +12,12 @@
 // Each test binary uses a subset of the harness.
 #![allow(dead_code)]
 
+pub mod cgroup;
 pub mod load;
 
 // Re-exported for the test binaries; each uses a subset.
+#[allow(unused_imports)]
+pub use cgroup::TestCgroup;
 #[allow(unused_imports)]
 pub use load::{http_get, FailKind, Load, LoadReport, LoadSpec, Response, Target};
 

@@ -396,6 +396,7 @@ fn a_daemon_is_sigkilled_with_its_worker_at_the_drain_deadline() {
             ),
             // The worker is reaped first: holdfast does not exit yet.
             (30_030, exited_with(100, ExitReason::Signal(9)), vec![]),
+            (30_031, adopted(&[(500, 500, Some(1))]), vec![]),
             (
                 30_040,
                 exited_with(500, ExitReason::Signal(9)),
@@ -415,7 +416,27 @@ fn a_stop_waits_for_every_descendant() {
             (20, stop(), vec![term(1, 100)]),
             // The worker drains in time; its daemon is told to go.
             (1_000, exited(100), vec![signal(500, Signal::SIGTERM)]),
+            (1_001, adopted(&[(500, 500, Some(1))]), vec![]),
             (1_500, exited(500), vec![Action::Exit { code: 0 }]),
+        ],
+    );
+}
+
+#[test]
+fn a_stop_ends_only_after_the_listing_that_follows_the_last_exit() {
+    let mut sv = running(1, 1);
+    play(
+        &mut sv,
+        vec![
+            (20, stop(), vec![term(1, 100)]),
+            // The daemon was the worker's child until now: not known yet.
+            (1_000, exited(100), vec![]),
+            (
+                1_001,
+                adopted(&[(700, 700, Some(1))]),
+                vec![signal(700, Signal::SIGTERM)],
+            ),
+            (1_002, exited(700), vec![Action::Exit { code: 0 }]),
         ],
     );
 }
@@ -493,6 +514,7 @@ fn a_stop_gives_up_on_a_process_sigkill_cannot_end() {
             ),
             (20, stop(), vec![term(1, 100)]),
             (30, exited(100), vec![]),
+            (31, adopted(&[(600, 600, None)]), vec![]),
             (30_010, Event::Tick, vec![signal(600, Signal::SIGKILL)]),
             (35_009, Event::Tick, vec![]),
             (35_010, Event::Tick, vec![Action::Exit { code: 0 }]),
