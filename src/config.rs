@@ -1,20 +1,40 @@
 //! The configuration: TOML schema, defaults, validation, and errors that name
 //! the file, line and column.
 //!
-//! Validation happens while deserializing (every checked value is a type whose
-//! `Deserialize` refuses bad input), so toml attaches the exact span to every
-//! error and there is no second pass that could forget to report a position.
+//! Nothing that `run` would refuse, loop on or panic on gets past this module,
+//! so `check` (this module plus the command lookup) refuses it too, with the
+//! same message. A file is read in two steps, and every error of either names
+//! file:line:col when the value came from the file:
+//! - [`parse`] deserializes the TOML into private raw structs whose fields are
+//!   checked types: their `Deserialize` refuses a bad value (a duration, count
+//!   or size outside its key's [`Bounds`], a malformed mode or name), so
+//!   toml attaches the value's span to the error. The values are
+//!   kept [`Spanned`], so the conversion into the public types (relative paths
+//!   made absolute and looked at, keys of one table against each other) has
+//!   the position of every key it names.
+//! - [`Config::build`] relates the file to the command line (`--workers`,
+//!   `--listen`) and the tables to each other (listener names and addresses,
+//!   the control socket, metrics) with the positions `parse` kept in
+//!   [`FileConfig`]. Nothing checks the config after `build`.
+//!
+//! The public types (`AppConfig`, `MemoryConfig`, ...) also derive
+//! `Deserialize`, to read back what their `Serialize` wrote (a handover between
+//! holdfasts); a config file is only ever read through [`parse`].
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use serde::de::Error as _;
 use serde::Deserialize;
+use toml::Spanned;
 
 /// Every config problem, with where it was found.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +44,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A value (or a relation of values) written at `line:column` of `path`.
     #[error("config {path}:{line}:{column}: {message}")]
     Parse {
         path: PathBuf,
@@ -31,6 +52,7 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
+    /// A problem with no position in a file: the command line, or a default.
     #[error("config {origin}: {message}")]
     Invalid { origin: String, message: String },
 }
@@ -44,6 +66,10 @@ pub enum Address {
     Systemd(String),
 }
 
+/// The longest unix socket path the kernel takes: `sun_path` is 108 bytes,
+/// NUL included (unix(7)).
+const UNIX_PATH_MAX: usize = 107;
+
 impl FromStr for Address {
     type Err = String;
 
@@ -52,9 +78,9 @@ impl FromStr for Address {
             if path.is_empty() {
                 return Err("`unix:` needs a path, e.g. \"unix:/run/app.sock\"".into());
             }
-            if path.len() >= 108 {
+            if path.len() > UNIX_PATH_MAX {
                 return Err(format!(
-                    "unix socket path {path} is {} bytes; the kernel allows at most 107",
+                    "unix socket path {path} is {} bytes; the kernel allows at most {UNIX_PATH_MAX}",
                     path.len()
                 ));
             }
@@ -111,7 +137,7 @@ impl serde::Serialize for Address {
 impl<'de> Deserialize<'de> for Address {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        s.parse().map_err(D::Error::custom)
     }
 }
 
@@ -143,7 +169,7 @@ impl serde::Serialize for SignalName {
 impl<'de> Deserialize<'de> for SignalName {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        s.parse().map_err(D::Error::custom)
     }
 }
 
@@ -162,7 +188,7 @@ impl<'de> Deserialize<'de> for Argv {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = Vec::<String>::deserialize(d)?;
         if v.is_empty() || v[0].is_empty() {
-            return Err(serde::de::Error::custom(
+            return Err(D::Error::custom(
                 "command is empty; give the program and its arguments, e.g. [\"bundle\", \"exec\", \"puma\"]",
             ));
         }
@@ -185,7 +211,7 @@ impl<'de> Deserialize<'de> for Mode {
         let s = String::deserialize(d)?;
         match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
             Ok(m) if m <= 0o7777 => Ok(Mode(m)),
-            _ => Err(serde::de::Error::custom(format!(
+            _ => Err(D::Error::custom(format!(
                 "mode `{s}` is not an octal file mode like \"0660\""
             ))),
         }
@@ -215,26 +241,342 @@ pub enum Handoff {
     Unicorn,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenConfig {
-    pub name: Option<String>,
+// ---------------------------------------------------------------------------
+// Ranges
+
+/// One key's range and the reason for it: `MIN..=MAX` in the key's unit
+/// (milliseconds for a duration, bytes for a size, a plain number for a
+/// count). Each marker's doc is the rationale; `WHY` says it in the error.
+///
+/// Upper bounds keep every deadline holdfast computes (`Instant` + duration,
+/// durations summed) far from overflow, and every count far from an
+/// allocation that aborts; lower bounds refuse the values that break
+/// something (a zero drain is a SIGKILL).
+trait Bounds {
+    const KEY: &'static str;
+    const MIN: u64;
+    const MAX: u64;
+    const WHY: &'static str;
+    /// Refuse 0 with serde's own "expected a nonzero u32" (the words users
+    /// and tests know for `workers`) rather than with `MIN` and `WHY`.
+    const NONZERO: bool = false;
+}
+
+macro_rules! bounds {
+    ($($(#[$doc:meta])* $name:ident = $key:literal, $min:expr, $max:expr, $why:literal
+        $(, nonzero = $nz:literal)?;)+) => {$(
+        $(#[$doc])*
+        struct $name;
+        impl Bounds for $name {
+            const KEY: &'static str = $key;
+            const MIN: u64 = $min;
+            const MAX: u64 = $max;
+            const WHY: &'static str = $why;
+            $(const NONZERO: bool = $nz;)?
+        }
+    )+};
+}
+
+const SECOND: u64 = 1000;
+const MINUTE: u64 = 60 * SECOND;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+const YEAR: u64 = 365 * DAY;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+const PIB: u64 = 1 << 50;
+
+/// The most workers holdfast runs: the ceiling of `workers`, `max_workers`
+/// and `max_surge`.
+pub const WORKERS_CEILING: u32 = 65_536;
+
+bounds! {
+    /// `[app] workers`: 1 to 65536 ([`WORKERS_CEILING`]), and at most
+    /// `max_workers`. Each worker is a process tree with pipes and fds of its
+    /// own; no host serves better with more, and the ceiling keeps a typo
+    /// from asking the supervisor for millions of slots.
+    Workers = "workers", 1, WORKERS_CEILING as u64,
+        "holdfast runs at most 65536 workers", nonzero = true;
+    /// `[app] max_workers`: 1 to 65536, default 256; the bound on `workers`,
+    /// `scale` and SIGTTIN.
+    MaxWorkers = "max_workers", 1, WORKERS_CEILING as u64,
+        "it bounds `workers`, `scale` and SIGTTIN, and holdfast runs at most 65536 workers",
+        nonzero = true;
+    /// `[app] max_surge`: 0 (stop each old worker first) to 65536 (all at once).
+    MaxSurge = "max_surge", 0, WORKERS_CEILING as u64,
+        "it counts workers started at once, and there are at most 65536";
+    /// `[app] ready_delay`: 0 (ready at once) to 24 h.
+    ReadyDelay = "ready_delay", 0, DAY,
+        "a worker that needs more than a day to start is not starting";
+    /// `[app] ready_timeout`: 100 ms to 24 h. Below 100 ms no server can exec
+    /// and bind before it is judged not ready, so every rollout fails; a
+    /// timeout of a day already means "never".
+    ReadyTimeout = "ready_timeout", 100, DAY,
+        "below 100ms every worker is judged not ready before it can start; a day already means never";
+    /// `[app] drain_timeout`: 100 ms to 24 h. Below 100 ms SIGKILL follows
+    /// the drain signal at once and cuts the requests in flight; a drain
+    /// longer than a day is a hung worker, not a slow request.
+    DrainTimeout = "drain_timeout", 100, DAY,
+        "below 100ms SIGKILL follows the drain signal at once and cuts requests in flight; a drain longer than a day is a hung worker";
+    /// `[app] restart_backoff_max`: 100 ms to 24 h. The delay before a
+    /// crashed worker's restart starts at 100 ms and doubles up to this cap:
+    /// a smaller cap restarts a crashing worker in a busy loop.
+    RestartBackoffMax = "restart_backoff_max", 100, DAY,
+        "the restart delay after a crash starts at 100ms and doubles up to this cap; below that a crashing worker restarts in a busy loop";
+    /// `[[listen]] backlog`: 1 to 2147483647. listen(2) takes an `int`, and
+    /// the kernel caps it at `net.core.somaxconn` (holdfast warns when it
+    /// does); 0 queues at most one connection, so clients are refused while
+    /// workers are being replaced.
+    Backlog = "backlog", 1, i32::MAX as u64,
+        "listen(2) takes an int (the kernel then caps it at net.core.somaxconn); 0 queues at most one connection, so clients are refused during rollouts";
+    /// `[memory] limit`: 1 MiB to 1 PiB. No app server fits in less, so
+    /// every worker would be recycled as soon as `min_lifetime` allows; no
+    /// host has more.
+    MemoryLimit = "limit", MIB, PIB,
+        "no app server fits in less than 1MiB (every worker would be recycled), and no host has more than 1PiB";
+    /// `[memory] interval`: 100 ms to 24 h. Each sample walks /proc for every
+    /// worker's tree; more often costs more CPU than it tells.
+    Interval = "interval", 100, DAY,
+        "each sample walks /proc for every worker's tree: more often than every 100ms costs more than it tells, less often than daily is no sampling";
+    /// `[memory] grace`: 1 to 1000 consecutive samples over the limit before
+    /// a worker is recycled. Beyond 1000 it no longer filters spikes (raise
+    /// `interval` instead).
+    Grace = "grace", 1, 1000,
+        "it counts consecutive samples over the limit before a worker is recycled; beyond 1000 raise `interval` instead";
+    /// `[memory] min_lifetime`: 0 to 365 days.
+    MinLifetime = "min_lifetime", 0, YEAR,
+        "a worker protected for more than a year is never recycled; leave out [memory] `limit` instead";
+    /// `[memory] max_lifetime`: 1 s to 365 days. Below a second a worker is
+    /// replaced as soon as it is ready, in a loop.
+    MaxLifetime = "max_lifetime", SECOND, YEAR,
+        "below 1s a worker is replaced as soon as it is ready, in a loop; for more than a year leave it out";
+    /// `[memory] lifetime_jitter`: 0 to 365 days (it is added to `max_lifetime`).
+    LifetimeJitter = "lifetime_jitter", 0, YEAR,
+        "it is added to max_lifetime; more than a year is a typo";
+}
+
+/// The sentence for a value outside `B`'s range; `written` is the value as
+/// the file says it, `bound` the broken bound in the key's unit.
+fn out_of_range<B: Bounds>(written: &str, below: bool, bound: &str) -> String {
+    let (side, which) = if below {
+        ("below", "minimum")
+    } else {
+        ("above", "maximum")
+    };
+    format!(
+        "`{}` = {written} is {side} the {which} of {bound}: {}",
+        B::KEY,
+        B::WHY
+    )
+}
+
+/// A humantime duration ("30s", "1m 30s", "250ms") within `B`'s range.
+struct Dur<B>(Duration, PhantomData<B>);
+
+impl<'de, B: Bounds> Deserialize<'de> for Dur<B> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let v = humantime::parse_duration(&s).map_err(|e| {
+            D::Error::custom(format!(
+                "`{}` = {s:?} is not a duration ({e}); write e.g. \"30s\", \"1m 30s\" or \"250ms\"",
+                B::KEY
+            ))
+        })?;
+        let (min, max) = (Duration::from_millis(B::MIN), Duration::from_millis(B::MAX));
+        if v < min || v > max {
+            let (below, bound) = if v < min {
+                (true, B::MIN)
+            } else {
+                (false, B::MAX)
+            };
+            return Err(D::Error::custom(out_of_range::<B>(
+                &format!("{s:?}"),
+                below,
+                &fmt_ms(bound),
+            )));
+        }
+        Ok(Dur(v, PhantomData))
+    }
+}
+
+/// `ms` as humantime writes it back: "100ms", "30s", "24h", "365days".
+fn fmt_ms(ms: u64) -> String {
+    match ms {
+        0 => "0s".into(),
+        ms if ms >= 2 * DAY && ms % DAY == 0 => format!("{}days", ms / DAY),
+        ms if ms % HOUR == 0 => format!("{}h", ms / HOUR),
+        ms if ms % MINUTE == 0 => format!("{}m", ms / MINUTE),
+        ms if ms % SECOND == 0 => format!("{}s", ms / SECOND),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// A whole number within `B`'s range.
+struct Count<B>(u32, PhantomData<B>);
+
+impl<'de, B: Bounds> Deserialize<'de> for Count<B> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = if B::NONZERO {
+            NonZeroU32::deserialize(d)?.get()
+        } else {
+            u32::deserialize(d)?
+        };
+        let n = u64::from(v);
+        if n < B::MIN || n > B::MAX {
+            let (below, bound) = if n < B::MIN {
+                (true, B::MIN)
+            } else {
+                (false, B::MAX)
+            };
+            return Err(D::Error::custom(out_of_range::<B>(
+                &v.to_string(),
+                below,
+                &bound.to_string(),
+            )));
+        }
+        Ok(Count(v, PhantomData))
+    }
+}
+
+impl<B> Count<B> {
+    /// The count of a key whose `Bounds::MIN` is at least 1.
+    fn nonzero(&self) -> NonZeroU32 {
+        NonZeroU32::new(self.0).unwrap_or(NonZeroU32::MIN)
+    }
+}
+
+/// A size ("512MiB", "1.5GiB", "300MB", or bytes) within `B`'s range.
+struct Size<B>(bytesize::ByteSize, PhantomData<B>);
+
+impl<'de, B: Bounds> Deserialize<'de> for Size<B> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (written, v) = d.deserialize_any(SizeVisitor::<B>(PhantomData))?;
+        if v < B::MIN || v > B::MAX {
+            let (below, bound) = if v < B::MIN {
+                (true, B::MIN)
+            } else {
+                (false, B::MAX)
+            };
+            return Err(D::Error::custom(out_of_range::<B>(
+                &written,
+                below,
+                &fmt_bytes(bound),
+            )));
+        }
+        Ok(Size(bytesize::ByteSize::b(v), PhantomData))
+    }
+}
+
+/// A size as written (for the error) and in bytes.
+struct SizeVisitor<B>(PhantomData<B>);
+
+impl<B: Bounds> serde::de::Visitor<'_> for SizeVisitor<B> {
+    type Value = (String, u64);
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a size like \"512MiB\" or a number of bytes")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok((v.to_string(), v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        u64::try_from(v)
+            .map(|b| (v.to_string(), b))
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        s.parse::<bytesize::ByteSize>()
+            .map(|b| (format!("{s:?}"), b.as_u64()))
+            .map_err(|e| {
+                E::custom(format!(
+                    "`{}` = {s:?} is not a size ({e}); write e.g. \"512MiB\", \"1.5GiB\" or \"300MB\"",
+                    B::KEY
+                ))
+            })
+    }
+}
+
+/// `bytes` as "1MiB", "1PiB" (the bounds are powers of two).
+fn fmt_bytes(bytes: u64) -> String {
+    for (unit, name) in [(PIB, "PiB"), (TIB, "TiB"), (GIB, "GiB"), (MIB, "MiB")] {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    format!("{bytes}B")
+}
+
+// ---------------------------------------------------------------------------
+// Checked strings
+
+/// A `[[listen]] name`: goes into LISTEN_FDNAMES (sd_listen_fds(3)).
+struct ListenName(String);
+
+impl<'de> Deserialize<'de> for ListenName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = String::deserialize(d)?;
+        let problem = if n.is_empty() {
+            Some("must not be empty")
+        } else if n == PROBE_NAME {
+            Some("is the probe socket's own name")
+        } else if n.contains(':') {
+            Some("must not contain `:` (it separates the names in LISTEN_FDNAMES)")
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(D::Error::custom(format!("listen name {n:?} {p}"))),
+            None => Ok(ListenName(n)),
+        }
+    }
+}
+
+/// `[app] ready_path`: the request-target of the probe's `GET`.
+struct ReadyPath(String);
+
+impl<'de> Deserialize<'de> for ReadyPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let p = String::deserialize(d)?;
+        let problem = if !p.starts_with('/') {
+            Some("must start with `/`")
+        } else {
+            None
+        };
+        match problem {
+            Some(why) => Err(D::Error::custom(format!("`ready_path` {p:?} {why}"))),
+            None => Ok(ReadyPath(p)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The public, validated types
+
+/// A listener after defaults are applied.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct Listen {
+    pub name: String,
     pub address: Address,
-    #[serde(default = "default_backlog")]
     pub backlog: u32,
-    pub mode: Option<Mode>,
+    pub mode: Option<u32>,
 }
 
 fn default_backlog() -> u32 {
     1024
 }
 
+/// `[app]`. Ranges: see the [`Bounds`] markers (`Workers`, `DrainTimeout`, ...).
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub command: Argv,
     #[serde(default = "default_workers")]
     pub workers: NonZeroU32,
+    /// Absolute.
     pub cwd: Option<PathBuf>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -260,7 +602,8 @@ pub struct AppConfig {
     #[serde(default = "default_max_workers")]
     pub max_workers: NonZeroU32,
     /// The `[[listen]]` names a worker's process tree must hold to count as
-    /// ready; `None`: every listener it is given.
+    /// ready; `None`: every listener it is given. Every name is a
+    /// listener's.
     #[serde(default)]
     pub ready_listeners: Option<Vec<String>>,
 }
@@ -298,6 +641,27 @@ fn default_backoff_max() -> Duration {
     Duration::from_secs(30)
 }
 
+/// `[app]` for a command given on the command line: every default.
+fn default_app(command: Argv) -> AppConfig {
+    AppConfig {
+        command,
+        workers: default_workers(),
+        cwd: None,
+        env: BTreeMap::new(),
+        handoff: default_handoff(),
+        ready: ReadyMode::default(),
+        ready_delay: default_ready_delay(),
+        ready_path: default_ready_path(),
+        ready_timeout: default_ready_timeout(),
+        drain_signal: default_drain_signal(),
+        drain_timeout: default_drain_timeout(),
+        max_surge: default_max_surge(),
+        restart_backoff_max: default_backoff_max(),
+        max_workers: default_max_workers(),
+        ready_listeners: None,
+    }
+}
+
 /// Which memory figure is compared to the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -318,7 +682,8 @@ pub enum Scope {
     Process,
 }
 
-/// `[memory]`: recycling bloated and old workers.
+/// `[memory]`: recycling bloated and old workers. At least one of `limit`
+/// and `max_lifetime`; ranges: see the [`Bounds`] markers.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemoryConfig {
@@ -363,7 +728,7 @@ fn default_child_signal() -> SignalName {
     SignalName(Signal::SIGQUIT)
 }
 
-/// `[logs]`: where workers' stdout/stderr go.
+/// `[logs]`: where workers' stdout/stderr go. Paths are absolute.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsConfig {
@@ -392,18 +757,21 @@ fn default_true() -> bool {
     true
 }
 
-/// The file as written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A file after [`parse`]: every value checked, relative paths made absolute,
+/// listener names defaulted; what relates it to the command line and its
+/// tables to each other is left to [`Config::build`], with `at`.
+#[derive(Debug, Clone, Default)]
 pub struct FileConfig {
+    /// Absolute.
     pub control_socket: Option<PathBuf>,
     /// Prometheus text format at `/metrics`; off when unset.
     pub metrics_listen: Option<SocketAddr>,
-    #[serde(default)]
-    pub listen: Vec<ListenConfig>,
+    pub listen: Vec<Listen>,
     pub app: Option<AppConfig>,
     pub memory: Option<MemoryConfig>,
     pub logs: Option<LogsConfig>,
+    /// Where the keys `build` relates were written.
+    at: Places,
 }
 
 /// What the command line may say instead of, or on top of, the file.
@@ -412,15 +780,6 @@ pub struct Overrides {
     pub listen: Vec<Address>,
     pub workers: Option<u32>,
     pub command: Vec<String>,
-}
-
-/// A listener after defaults are applied.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
-pub struct Listen {
-    pub name: String,
-    pub address: Address,
-    pub backlog: u32,
-    pub mode: Option<u32>,
 }
 
 /// The validated configuration holdfast runs with.
@@ -436,6 +795,324 @@ pub struct Config {
     /// `[logs]`, with relative paths made absolute.
     pub logs: LogsConfig,
 }
+
+// ---------------------------------------------------------------------------
+// Positions
+
+/// A place in the config file: 1-based line and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct At {
+    line: usize,
+    column: usize,
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// " (7:11)" for a key written in the file, " (the default)" otherwise.
+fn written(at: Option<At>) -> String {
+    match at {
+        Some(a) => format!(" ({a})"),
+        None => " (the default)".into(),
+    }
+}
+
+/// Where the keys that [`Config::build`] relates to each other were written.
+#[derive(Debug, Clone, Default)]
+struct Places {
+    control_socket: Option<At>,
+    metrics_listen: Option<At>,
+    /// One per `[[listen]]` entry, in order.
+    listen: Vec<ListenAt>,
+    workers: Option<At>,
+    max_workers: Option<At>,
+    /// One per `ready_listeners` name, in order.
+    ready_listeners: Vec<At>,
+}
+
+/// Where one `[[listen]]` entry was written: its header, its name (unless
+/// defaulted) and its address.
+#[derive(Debug, Clone, Copy)]
+struct ListenAt {
+    entry: At,
+    name: Option<At>,
+    address: At,
+}
+
+/// The text being parsed: turns spans into positions and errors, and
+/// relative paths into absolute ones.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+    /// The file's directory.
+    base: PathBuf,
+}
+
+impl Source<'_> {
+    fn at(&self, span: Range<usize>) -> At {
+        let (line, column) = line_col(self.text, span.start);
+        At { line, column }
+    }
+
+    fn error(&self, span: Range<usize>, message: String) -> ConfigError {
+        let At { line, column } = self.at(span);
+        ConfigError::Parse {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_relative() {
+            self.base.join(p)
+        } else {
+            p
+        }
+    }
+}
+
+/// Whether two unix socket paths name the same file (`a/./b` is `a/b`).
+fn same_path(a: &Path, b: &Path) -> bool {
+    a.components().eq(b.components())
+}
+
+// ---------------------------------------------------------------------------
+// The file as written
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    control_socket: Option<Spanned<PathBuf>>,
+    metrics_listen: Option<Spanned<SocketAddr>>,
+    #[serde(default)]
+    listen: Vec<Spanned<RawListen>>,
+    app: Option<Spanned<RawApp>>,
+    memory: Option<Spanned<RawMemory>>,
+    logs: Option<RawLogs>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    name: Option<Spanned<ListenName>>,
+    address: Spanned<Address>,
+    backlog: Option<Count<Backlog>>,
+    mode: Option<Spanned<Mode>>,
+}
+
+/// `[app]`; the fields in `AppConfig`'s order, which serde's "expected one
+/// of" lists.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    command: Argv,
+    workers: Option<Spanned<Count<Workers>>>,
+    cwd: Option<Spanned<PathBuf>>,
+    env: Option<BTreeMap<String, String>>,
+    handoff: Option<Vec<Handoff>>,
+    ready: Option<ReadyMode>,
+    ready_delay: Option<Dur<ReadyDelay>>,
+    ready_path: Option<ReadyPath>,
+    ready_timeout: Option<Dur<ReadyTimeout>>,
+    drain_signal: Option<SignalName>,
+    drain_timeout: Option<Dur<DrainTimeout>>,
+    max_surge: Option<Count<MaxSurge>>,
+    restart_backoff_max: Option<Dur<RestartBackoffMax>>,
+    max_workers: Option<Spanned<Count<MaxWorkers>>>,
+    ready_listeners: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMemory {
+    limit: Option<Size<MemoryLimit>>,
+    metric: Option<Metric>,
+    scope: Option<Scope>,
+    interval: Option<Dur<Interval>>,
+    grace: Option<Count<Grace>>,
+    min_lifetime: Option<Dur<MinLifetime>>,
+    child_signal: Option<SignalName>,
+    max_lifetime: Option<Dur<MaxLifetime>>,
+    lifetime_jitter: Option<Dur<LifetimeJitter>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    stdout: Option<Spanned<PathBuf>>,
+    stderr: Option<Spanned<PathBuf>>,
+    prefix: Option<bool>,
+    reopen_signal: Option<SignalName>,
+    holdfast_log: Option<Spanned<PathBuf>>,
+}
+
+impl RawFile {
+    fn check(self, src: &Source<'_>) -> Result<FileConfig, ConfigError> {
+        let mut at = Places::default();
+        let control_socket = match self.control_socket {
+            Some(s) => {
+                at.control_socket = Some(src.at(s.span()));
+                Some(src.resolve(s.into_inner()))
+            }
+            None => None,
+        };
+        let metrics_listen = self.metrics_listen.map(|m| {
+            at.metrics_listen = Some(src.at(m.span()));
+            m.into_inner()
+        });
+        let mut listen = Vec::new();
+        for (i, entry) in self.listen.into_iter().enumerate() {
+            let entry_at = src.at(entry.span());
+            let raw = entry.into_inner();
+            let (name, name_at) = match raw.name {
+                Some(n) => (n.get_ref().0.clone(), Some(src.at(n.span()))),
+                None => (format!("listen{i}"), None),
+            };
+            let address_span = raw.address.span();
+            let address = absolute(&src.base, raw.address.into_inner());
+            let mode = match raw.mode {
+                Some(m) if !matches!(address, Address::Unix(_)) => {
+                    return Err(src.error(
+                        m.span(),
+                        format!("`mode` is for unix sockets only; {address} is not one"),
+                    ))
+                }
+                Some(m) => Some(m.into_inner().0),
+                None => None,
+            };
+            at.listen.push(ListenAt {
+                entry: entry_at,
+                name: name_at,
+                address: src.at(address_span),
+            });
+            listen.push(Listen {
+                name,
+                address,
+                backlog: raw.backlog.map_or_else(default_backlog, |b| b.0),
+                mode,
+            });
+        }
+        let app = match self.app {
+            Some(a) => Some(a.into_inner().check(src, &mut at)?),
+            None => None,
+        };
+        let memory = self
+            .memory
+            .map(|m| {
+                let span = m.span();
+                m.into_inner().check(span, src)
+            })
+            .transpose()?;
+        let logs = self.logs.map(|l| l.check(src));
+        Ok(FileConfig {
+            control_socket,
+            metrics_listen,
+            listen,
+            app,
+            memory,
+            logs,
+            at,
+        })
+    }
+}
+
+impl RawApp {
+    fn check(self, src: &Source<'_>, at: &mut Places) -> Result<AppConfig, ConfigError> {
+        let workers = match self.workers {
+            Some(w) => {
+                at.workers = Some(src.at(w.span()));
+                w.into_inner().nonzero()
+            }
+            None => default_workers(),
+        };
+        let max_workers = match self.max_workers {
+            Some(m) => {
+                at.max_workers = Some(src.at(m.span()));
+                m.into_inner().nonzero()
+            }
+            None => default_max_workers(),
+        };
+        let cwd = self.cwd.map(|c| src.resolve(c.into_inner()));
+        let ready = self.ready.unwrap_or_default();
+        let ready_listeners = self.ready_listeners.map(|list| {
+            list.into_inner()
+                .into_iter()
+                .map(|n| {
+                    at.ready_listeners.push(src.at(n.span()));
+                    n.into_inner()
+                })
+                .collect()
+        });
+        Ok(AppConfig {
+            command: self.command,
+            workers,
+            cwd,
+            env: self.env.unwrap_or_default(),
+            handoff: self.handoff.unwrap_or_else(default_handoff),
+            ready,
+            ready_delay: self.ready_delay.map_or_else(default_ready_delay, |d| d.0),
+            ready_path: self.ready_path.map_or_else(default_ready_path, |p| p.0),
+            ready_timeout: self
+                .ready_timeout
+                .map_or_else(default_ready_timeout, |d| d.0),
+            drain_signal: self.drain_signal.unwrap_or_else(default_drain_signal),
+            drain_timeout: self
+                .drain_timeout
+                .map_or_else(default_drain_timeout, |d| d.0),
+            max_surge: self.max_surge.map_or_else(default_max_surge, |m| m.0),
+            restart_backoff_max: self
+                .restart_backoff_max
+                .map_or_else(default_backoff_max, |d| d.0),
+            max_workers,
+            ready_listeners,
+        })
+    }
+}
+
+impl RawMemory {
+    /// `span`: the `[memory]` header.
+    fn check(self, span: Range<usize>, src: &Source<'_>) -> Result<MemoryConfig, ConfigError> {
+        let m = self;
+        if m.limit.is_none() && m.max_lifetime.is_none() {
+            return Err(src.error(
+                span,
+                "[memory] needs `limit` or `max_lifetime` (or both)".into(),
+            ));
+        }
+        Ok(MemoryConfig {
+            limit: m.limit.map(|l| l.0),
+            metric: m.metric,
+            scope: m.scope.unwrap_or_default(),
+            interval: m.interval.map_or_else(default_interval, |d| d.0),
+            grace: m.grace.map_or_else(default_grace, |g| g.0),
+            min_lifetime: m.min_lifetime.map_or_else(default_min_lifetime, |d| d.0),
+            child_signal: m.child_signal.unwrap_or_else(default_child_signal),
+            max_lifetime: m.max_lifetime.map(|d| d.0),
+            lifetime_jitter: m.lifetime_jitter.map(|d| d.0),
+        })
+    }
+}
+
+impl RawLogs {
+    fn check(self, src: &Source<'_>) -> LogsConfig {
+        let path = |p: Option<Spanned<PathBuf>>| p.map(|p| src.resolve(p.into_inner()));
+        LogsConfig {
+            stdout: path(self.stdout),
+            stderr: path(self.stderr),
+            prefix: self.prefix.unwrap_or_else(default_true),
+            reopen_signal: self.reopen_signal,
+            holdfast_log: path(self.holdfast_log),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading and building
 
 impl Config {
     /// Reads, parses and validates `path` (if any), then applies `overrides`.
@@ -461,6 +1138,9 @@ impl Config {
         Self::build(path, file, overrides)
     }
 
+    /// Applies `o` to `file` and checks what relates the two, and the
+    /// tables to each other. An error names the file position of the key it
+    /// is about, or the command-line option.
     fn build(
         path: Option<&Path>,
         file: Option<FileConfig>,
@@ -470,22 +1150,24 @@ impl Config {
             Some(p) => p.display().to_string(),
             None => "(command line)".to_string(),
         };
-        let invalid = |message: String| ConfigError::Invalid {
-            origin: origin.clone(),
-            message,
+        let refuse = |Refusal { at, message }: Refusal| match (path, at) {
+            (Some(p), Some(At { line, column })) => ConfigError::Parse {
+                path: p.to_path_buf(),
+                line,
+                column,
+                message,
+            },
+            _ => ConfigError::Invalid {
+                origin: origin.clone(),
+                message,
+            },
         };
         let base = path
             .and_then(|p| p.parent())
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let file = file.unwrap_or(FileConfig {
-            control_socket: None,
-            metrics_listen: None,
-            listen: Vec::new(),
-            app: None,
-            memory: None,
-            logs: None,
-        });
+        let file = file.unwrap_or_default();
+        let places = file.at;
 
         let mut app = match (file.app, o.command.is_empty()) {
             (Some(mut app), false) => {
@@ -493,136 +1175,183 @@ impl Config {
                 app
             }
             (Some(app), true) => app,
-            (None, false) => cli_app(o.command.clone()),
+            (None, false) => default_app(Argv(o.command.clone())),
             (None, true) => {
-                return Err(invalid(
-                    "no [app] command: add an [app] table with `command = [...]`, or give it after `--` on the command line".into(),
-                ))
+                return Err(refuse(Refusal::cli(
+                    "no [app] command: add an [app] table with `command = [...]`, or give it after `--` on the command line",
+                )))
             }
         };
-        if let Some(w) = o.workers {
-            app.workers =
-                NonZeroU32::new(w).ok_or_else(|| invalid("--workers must be at least 1".into()))?;
-        }
-        if app.workers > app.max_workers {
-            return Err(invalid(format!(
-                "[app] workers = {} is above max_workers = {} (raise max_workers if you mean it)",
-                app.workers, app.max_workers
-            )));
-        }
-        if let Some(cwd) = &app.cwd {
-            if cwd.is_relative() {
-                app.cwd = Some(base.join(cwd));
+        set_workers(&mut app, o.workers, &places).map_err(refuse)?;
+        let listeners = if o.listen.is_empty() {
+            Listeners {
+                at: places.listen.iter().copied().map(Some).collect(),
+                list: file.listen,
             }
-        }
-        if !app.ready_path.starts_with('/') {
-            return Err(invalid(format!(
-                "ready_path `{}` must start with `/`",
-                app.ready_path
-            )));
-        }
-
-        let listen: Vec<Listen> = if o.listen.is_empty() {
-            file.listen
-                .into_iter()
-                .enumerate()
-                .map(|(i, l)| Listen {
-                    name: l.name.unwrap_or_else(|| format!("listen{i}")),
-                    address: absolute(&base, l.address),
-                    backlog: l.backlog,
-                    mode: l.mode.map(|m| m.0),
-                })
-                .collect()
         } else {
-            o.listen
-                .iter()
-                .enumerate()
-                .map(|(i, a)| Listen {
-                    name: format!("listen{i}"),
-                    address: absolute(&base, a.clone()),
-                    backlog: default_backlog(),
-                    mode: None,
-                })
-                .collect()
+            Listeners::from_command_line(&o.listen, &base).map_err(refuse)?
         };
-        if listen.is_empty() {
-            return Err(invalid(
-                "no listening socket: add a [[listen]] entry with an `address`, or `--listen ADDR`"
-                    .into(),
-            ));
-        }
-        for (i, l) in listen.iter().enumerate() {
-            if l.name.is_empty() || l.name.contains(':') || l.name == PROBE_NAME {
-                return Err(invalid(format!(
-                    "listen name `{}` must be non-empty, without `:`, and not `{PROBE_NAME}`",
-                    l.name
-                )));
-            }
-            if let Some(dup) = listen[..i].iter().find(|m| m.name == l.name) {
-                return Err(invalid(format!(
-                    "two [[listen]] entries are named `{}` ({} and {})",
-                    l.name, dup.address, l.address
-                )));
-            }
-            if let Some(dup) = listen[..i].iter().find(|m| m.address == l.address) {
-                return Err(invalid(format!(
-                    "address {} is listed twice (`{}` and `{}`)",
-                    l.address, dup.name, l.name
-                )));
-            }
-            if l.mode.is_some() && !matches!(l.address, Address::Unix(_)) {
-                return Err(invalid(format!(
-                    "`mode` is for unix sockets only; {} is not one",
-                    l.address
-                )));
-            }
-        }
+        listeners.check().map_err(refuse)?;
         if let Some(names) = &app.ready_listeners {
-            for n in names {
-                if !listen.iter().any(|l| &l.name == n) {
-                    let known: Vec<&str> = listen.iter().map(|l| l.name.as_str()).collect();
-                    return Err(invalid(format!(
-                        "[app] ready_listeners names `{n}`, which is no [[listen]] name (names: {})",
-                        known.join(", ")
-                    )));
-                }
-            }
+            listeners
+                .check_ready(names, &places.ready_listeners, !o.listen.is_empty())
+                .map_err(refuse)?;
         }
-        let control_socket = match file.control_socket {
-            Some(p) if p.is_relative() => base.join(p),
-            Some(p) => p,
-            None => default_control_socket(path),
-        };
-        if let Some(m) = &file.memory {
-            if m.limit.is_none() && m.max_lifetime.is_none() {
-                return Err(invalid(
-                    "[memory] needs `limit` or `max_lifetime` (or both)".into(),
-                ));
-            }
-            if m.grace == 0 || m.interval.is_zero() {
-                return Err(invalid(
-                    "[memory] `grace` and `interval` must be above zero".into(),
-                ));
-            }
-        }
-        let mut logs = file.logs.unwrap_or_default();
-        for p in [&mut logs.stdout, &mut logs.stderr, &mut logs.holdfast_log]
-            .into_iter()
-            .flatten()
-        {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        let control_socket = file
+            .control_socket
+            .unwrap_or_else(|| default_control_socket(path));
         Ok(Config {
             path: path.map(Path::to_path_buf),
             control_socket,
             metrics_listen: file.metrics_listen,
-            listen,
+            listen: listeners.list,
             app,
             memory: file.memory,
-            logs,
+            logs: file.logs.unwrap_or_default(),
         })
+    }
+}
+
+/// A value `build` refuses: where it was written (`None`: on the command
+/// line, or a default) and why.
+struct Refusal {
+    at: Option<At>,
+    message: String,
+}
+
+impl Refusal {
+    fn at(at: Option<At>, message: impl Into<String>) -> Refusal {
+        Refusal {
+            at,
+            message: message.into(),
+        }
+    }
+
+    fn cli(message: impl Into<String>) -> Refusal {
+        Refusal::at(None, message)
+    }
+}
+
+/// Applies `--workers` and bounds `workers` by `max_workers`.
+fn set_workers(app: &mut AppConfig, cli: Option<u32>, places: &Places) -> Result<(), Refusal> {
+    let (what, at) = match cli {
+        Some(w) => {
+            app.workers =
+                NonZeroU32::new(w).ok_or_else(|| Refusal::cli("--workers must be at least 1"))?;
+            (format!("--workers {w}"), None)
+        }
+        None => (format!("[app] `workers` = {}", app.workers), places.workers),
+    };
+    if app.workers > app.max_workers {
+        return Err(Refusal::at(
+            at,
+            format!(
+                "{what} is above `max_workers` = {}{}; raise max_workers if you mean it",
+                app.max_workers,
+                written(places.max_workers)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The listeners holdfast will hold, from `[[listen]]` (with where each was
+/// written) or from `--listen` (positions `None`).
+struct Listeners {
+    list: Vec<Listen>,
+    at: Vec<Option<ListenAt>>,
+}
+
+impl Listeners {
+    fn from_command_line(addresses: &[Address], base: &Path) -> Result<Listeners, Refusal> {
+        let mut list = Vec::new();
+        for (i, a) in addresses.iter().enumerate() {
+            let address = absolute(base, a.clone());
+            list.push(Listen {
+                name: format!("listen{i}"),
+                address,
+                backlog: default_backlog(),
+                mode: None,
+            });
+        }
+        let at = vec![None; list.len()];
+        Ok(Listeners { list, at })
+    }
+
+    /// "[[listen]] `http` (2:8)", or "--listen ADDR".
+    fn describe(&self, i: usize) -> String {
+        let l = &self.list[i];
+        match self.at[i] {
+            Some(at) => format!("[[listen]] `{}` ({})", l.name, at.name.unwrap_or(at.entry)),
+            None => format!("--listen {}", l.address),
+        }
+    }
+
+    /// At least one; names and addresses apart.
+    fn check(&self) -> Result<(), Refusal> {
+        if self.list.is_empty() {
+            return Err(Refusal::cli(
+                "no listening socket: add a [[listen]] entry with an `address`, or `--listen ADDR`",
+            ));
+        }
+        for (i, l) in self.list.iter().enumerate() {
+            let here = self.at[i];
+            for (j, m) in self.list[..i].iter().enumerate() {
+                if m.name == l.name {
+                    let note = match here {
+                        Some(ListenAt { name: None, .. }) => " (its default name)",
+                        _ => "",
+                    };
+                    return Err(Refusal::at(
+                        here.map(|a| a.name.unwrap_or(a.entry)),
+                        format!(
+                            "two [[listen]] entries are named `{}`{note}: this one and {}; LISTEN_FDNAMES must tell them apart",
+                            l.name,
+                            self.describe(j)
+                        ),
+                    ));
+                }
+                let at = here.map(|a| a.address);
+                let same = match (&m.address, &l.address) {
+                    (Address::Unix(a), Address::Unix(b)) => same_path(a, b),
+                    (a, b) => a == b,
+                };
+                if same {
+                    return Err(Refusal::at(
+                        at,
+                        format!(
+                            "address {} is listed twice: {} and {}",
+                            l.address,
+                            self.describe(j),
+                            self.describe(i)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every `ready_listeners` name (written at `at`) is a listener's.
+    fn check_ready(&self, names: &[String], at: &[At], cli: bool) -> Result<(), Refusal> {
+        for (k, n) in names.iter().enumerate() {
+            if !self.list.iter().any(|l| &l.name == n) {
+                let known: Vec<&str> = self.list.iter().map(|l| l.name.as_str()).collect();
+                let hint = if cli {
+                    "; --listen replaces [[listen]], and its sockets are named listen0, listen1, ..."
+                } else {
+                    ""
+                };
+                return Err(Refusal::at(
+                    at.get(k).copied(),
+                    format!(
+                        "[app] `ready_listeners` names `{n}`, which is no [[listen]] name (names: {}){hint}",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -648,19 +1377,11 @@ pub fn default_control_socket(config: Option<&Path>) -> PathBuf {
     }
 }
 
-fn cli_app(command: Vec<String>) -> AppConfig {
-    // Deserializing an empty table gives exactly the documented defaults.
-    let mut app: AppConfig = toml::from_str("command = [\"x\"]").unwrap_or_else(|e| {
-        unreachable!("defaults must deserialize: {e}");
-    });
-    app.command = Argv(command);
-    app
-}
-
-/// Parses `text` (the contents of `path`), turning toml's byte span into
-/// line:column and suggesting the key that was probably meant.
+/// Parses and checks `text` (the contents of `path`; relative paths in it are
+/// relative to `path`'s directory). Every error names `path:line:column`;
+/// serde's get a hint at the key that was probably meant.
 pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| {
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
         let (line, column) = match e.span() {
             Some(span) => line_col(text, span.start),
             None => (1, 1),
@@ -678,6 +1399,11 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             column,
             message,
         }
+    })?;
+    raw.check(&Source {
+        path,
+        text,
+        base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
     })
 }
 
@@ -833,5 +1559,340 @@ mod section_tests {
             f.memory.expect("memory").limit,
             Some(bytesize::ByteSize::b(1024 * 1024 * 1024 * 3 / 2))
         );
+    }
+}
+
+/// One test per rule: each error names file:line:col and the key.
+#[cfg(test)]
+mod rule_tests {
+    use super::*;
+
+    /// A temp dir holding the config file `h.toml`.
+    struct Dir(tempfile::TempDir);
+
+    impl Dir {
+        fn new() -> Dir {
+            Dir(tempfile::tempdir().expect("temp dir"))
+        }
+
+        fn path(&self) -> PathBuf {
+            self.0.path().join("h.toml")
+        }
+
+        /// `text` with `{dir}` replaced by the temp dir.
+        fn fill(&self, text: &str) -> String {
+            text.replace("{dir}", &self.0.path().display().to_string())
+        }
+
+        fn load(&self, text: &str, o: &Overrides) -> Result<Config, ConfigError> {
+            let path = self.path();
+            parse(&path, &self.fill(text)).and_then(|f| Config::build(Some(&path), Some(f), o))
+        }
+
+        fn error(&self, text: &str, o: &Overrides) -> String {
+            match self.load(text, o) {
+                Ok(c) => panic!("must fail:\n{text}\ngot {c:?}"),
+                Err(e) => e.to_string(),
+            }
+        }
+
+        /// "config DIR/h.toml:L:C: " where `marker` (with `|` at the
+        /// position, else its start) is in `text`.
+        fn at(&self, text: &str, marker: &str) -> String {
+            let text = self.fill(text);
+            let marker = self.fill(marker);
+            let skip = marker.find('|').unwrap_or(0);
+            let offset = skip
+                + text
+                    .find(&marker.replace('|', ""))
+                    .unwrap_or_else(|| panic!("{marker:?} not in {text}"));
+            let (line, column) = line_col(&text, offset);
+            format!("config {}:{line}:{column}: ", self.path().display())
+        }
+
+        /// Asserts that `text` fails at `marker` with a message containing `says`.
+        fn assert_fails(&self, text: &str, marker: &str, says: &[&str]) {
+            self.assert_fails_with(text, &Overrides::default(), marker, says)
+        }
+
+        fn assert_fails_with(&self, text: &str, o: &Overrides, marker: &str, says: &[&str]) {
+            let e = self.error(text, o);
+            let at = self.at(text, marker);
+            assert!(e.starts_with(&at), "want {at:?} in\n{e}\nfor\n{text}");
+            for s in says {
+                assert!(e.contains(s), "want {s:?} in\n{e}\nfor\n{text}");
+            }
+        }
+    }
+
+    const LISTEN: &str = "[[listen]]\nname = \"http\"\naddress = \"127.0.0.1:1\"\n";
+    const APP: &str = "[app]\ncommand = [\"x\"]\n";
+
+    /// A config with `key = value` in `table`, everything else valid.
+    fn with_key(table: &str, key: &str, value: &str) -> String {
+        let line = format!("{key} = {value}\n");
+        match table {
+            "[[listen]]" => format!("{LISTEN}{line}{APP}"),
+            "[app]" if key == "workers" => format!("{LISTEN}{APP}max_workers = 65536\n{line}"),
+            "[app]" => format!("{LISTEN}{APP}{line}"),
+            "[memory]" if key == "max_lifetime" => format!("{LISTEN}{APP}[memory]\n{line}"),
+            "[memory]" => format!("{LISTEN}{APP}[memory]\nmax_lifetime = \"1h\"\n{line}"),
+            other => panic!("no table {other}"),
+        }
+    }
+
+    /// (table, key, refused below, lowest, highest, refused above); values as TOML.
+    type BoundRow = (
+        &'static str,
+        &'static str,
+        Option<&'static str>,
+        &'static str,
+        &'static str,
+        &'static str,
+    );
+
+    #[test]
+    fn every_duration_count_and_size_is_range_checked_at_its_position() {
+        let rows: &[BoundRow] = &[
+            (
+                "[app]",
+                "ready_delay",
+                None,
+                "\"0s\"",
+                "\"24h\"",
+                "\"24h 1ms\"",
+            ),
+            (
+                "[app]",
+                "ready_timeout",
+                Some("\"99ms\""),
+                "\"100ms\"",
+                "\"24h\"",
+                "\"1day 1s\"",
+            ),
+            (
+                "[app]",
+                "drain_timeout",
+                Some("\"0s\""),
+                "\"100ms\"",
+                "\"24h\"",
+                "\"100000000000years\"",
+            ),
+            (
+                "[app]",
+                "restart_backoff_max",
+                Some("\"99ms\""),
+                "\"100ms\"",
+                "\"24h\"",
+                "\"25h\"",
+            ),
+            ("[app]", "workers", Some("0"), "1", "65536", "65537"),
+            (
+                "[app]",
+                "max_workers",
+                Some("0"),
+                "1",
+                "65536",
+                "4294967295",
+            ),
+            ("[app]", "max_surge", None, "0", "65536", "65537"),
+            (
+                "[[listen]]",
+                "backlog",
+                Some("0"),
+                "1",
+                "2147483647",
+                "2147483648",
+            ),
+            (
+                "[memory]",
+                "limit",
+                Some("\"1023KiB\""),
+                "\"1MiB\"",
+                "\"1PiB\"",
+                "\"1025TiB\"",
+            ),
+            (
+                "[memory]",
+                "interval",
+                Some("\"99ms\""),
+                "\"100ms\"",
+                "\"24h\"",
+                "\"24h 1s\"",
+            ),
+            ("[memory]", "grace", Some("0"), "1", "1000", "1001"),
+            (
+                "[memory]",
+                "min_lifetime",
+                None,
+                "\"0s\"",
+                "\"365days\"",
+                "\"366days\"",
+            ),
+            (
+                "[memory]",
+                "max_lifetime",
+                Some("\"999ms\""),
+                "\"1s\"",
+                "\"365days\"",
+                "\"1year\"",
+            ),
+            (
+                "[memory]",
+                "lifetime_jitter",
+                None,
+                "\"0s\"",
+                "\"365days\"",
+                "\"366days\"",
+            ),
+        ];
+        let dir = Dir::new();
+        for &(table, key, below, lowest, highest, above) in rows {
+            for ok in [lowest, highest] {
+                let text = with_key(table, key, ok);
+                if let Err(e) = dir.load(&text, &Overrides::default()) {
+                    panic!("{key} = {ok} must be accepted: {e}");
+                }
+            }
+            let marker = format!("\n{key} = |");
+            let place = format!("in {table}");
+            if let Some(v) = below {
+                let text = with_key(table, key, v);
+                // `workers` and `max_workers` keep serde's words for zero.
+                let words = if v == "0" && key.ends_with("workers") {
+                    "expected a nonzero u32".to_string()
+                } else {
+                    format!("is below the minimum of {}", lowest.trim_matches('"'))
+                };
+                dir.assert_fails(&text, &marker, &[key, &words, &place]);
+            }
+            let text = with_key(table, key, above);
+            let words = format!(
+                "`{key}` = {above} is above the maximum of {}",
+                highest.trim_matches('"')
+            );
+            dir.assert_fails(&text, &marker, &[&words, &place]);
+        }
+    }
+
+    #[test]
+    fn relations_between_keys_name_both_keys_and_positions() {
+        let dir = Dir::new();
+        let two = |second: &str| format!("{LISTEN}[[listen]]\n{second}\n{APP}");
+        // (config, marker, what the message says)
+        let rows: Vec<(String, &str, Vec<&str>)> = vec![
+            (format!("{LISTEN}{APP}workers = 3\nmax_workers = 2\n"), "workers = |3", vec!["[app] `workers` = 3", "`max_workers` = 2 (7:15)"]),
+            (format!("{LISTEN}{APP}workers = 300\n"), "workers = |300", vec!["`workers` = 300", "`max_workers` = 256 (the default)"]),
+            (format!("{LISTEN}{APP}ready_listeners = [\"http\", \"nope\"]\n"), "\"nope\"", vec!["[app] `ready_listeners` names `nope`", "(names: http)"]),
+            (two("name = \"http\"\naddress = \"127.0.0.1:2\""), "\"http\"\naddress = \"127.0.0.1:2", vec!["named `http`", "[[listen]] `http` (2:8)"]),
+            (two("address = \"127.0.0.1:2\"\n[[listen]]\nname = \"listen1\"\naddress = \"127.0.0.1:3\""), "\"listen1\"", vec!["named `listen1`", "[[listen]] `listen1` (4:1)"]),
+            (two("name = \"b\"\naddress = \"127.0.0.1:1\""), "\"127.0.0.1:1\"\n[app]", vec!["address 127.0.0.1:1 is listed twice", "`http` (2:8)", "`b` (5:8)"]),
+            (format!("[[listen]]\naddress = \"unix:a.sock\"\n[[listen]]\naddress = \"unix:./a.sock\"\n{APP}"), "\"unix:./", vec!["is listed twice", "`listen0` (1:1)"]),
+            (format!("[[listen]]\nname = \"h\"\naddress = \"127.0.0.1:1\"\nmode = \"0660\"\n{APP}"), "\"0660\"", vec!["`mode` is for unix sockets only", "127.0.0.1:1"]),
+            (format!("{LISTEN}{APP}[memory]\ngrace = 2\n"), "[memory]", vec!["[memory] needs `limit` or `max_lifetime`"]),
+        ];
+        for (text, marker, says) in &rows {
+            dir.assert_fails(text, marker, says);
+        }
+        // ready_delay at or above ready_timeout is fine unless ready = "delay".
+        dir.load(
+            &format!("{LISTEN}{APP}ready_delay = \"2m\"\n"),
+            &Overrides::default(),
+        )
+        .expect("notify ignores ready_delay");
+        // Port 0 is the kernel's pick: never a clash.
+        dir.load(
+            &format!("metrics_listen = \"127.0.0.1:0\"\n[[listen]]\naddress = \"127.0.0.1:0\"\n[[listen]]\naddress = \"0.0.0.0:0\"\n{APP}"),
+            &Overrides::default(),
+        )
+        .expect("port 0 twice");
+    }
+
+    #[test]
+    fn the_command_line_is_related_to_the_file() {
+        let dir = Dir::new();
+        let o = |workers: Option<u32>, listen: &[&str]| Overrides {
+            workers,
+            listen: listen.iter().map(|a| a.parse().expect("address")).collect(),
+            command: Vec::new(),
+        };
+        let origin = format!("config {}: ", dir.path().display());
+        let text = format!("{LISTEN}{APP}max_workers = 2\n");
+        let e = dir.error(&text, &o(Some(3), &[]));
+        assert_eq!(
+            e,
+            format!("{origin}--workers 3 is above `max_workers` = 2 (6:15); raise max_workers if you mean it")
+        );
+        let e = dir.error(&format!("{LISTEN}{APP}"), &o(Some(0), &[]));
+        assert_eq!(e, format!("{origin}--workers must be at least 1"));
+        // --workers may fix the file's own `workers`.
+        let c = dir
+            .load(
+                &format!("{LISTEN}{APP}workers = 3\nmax_workers = 2\n"),
+                &o(Some(2), &[]),
+            )
+            .expect("--workers 2 is within max_workers");
+        assert_eq!(c.app.workers.get(), 2);
+        // --listen replaces [[listen]]: ready_listeners must name its listeners.
+        let text = format!("{LISTEN}{APP}ready_listeners = [\"http\"]\n");
+        dir.assert_fails_with(
+            &text,
+            &o(None, &["127.0.0.1:5"]),
+            "\"http\"]",
+            &["names `http`", "--listen replaces [[listen]]"],
+        );
+        let e = dir.error(APP, &o(None, &["127.0.0.1:5", "127.0.0.1:5"]));
+        assert_eq!(e, format!("{origin}address 127.0.0.1:5 is listed twice: --listen 127.0.0.1:5 and --listen 127.0.0.1:5"));
+        let e = dir.error("", &o(None, &["127.0.0.1:5"]));
+        assert!(e.starts_with(&format!("{origin}no [app] command")), "{e}");
+    }
+
+    #[test]
+    fn accepted_values_come_out_as_written() {
+        let dir = Dir::new();
+        std::fs::create_dir(dir.0.path().join("app")).expect("mkdir");
+        let c = dir
+            .load(
+                "control_socket = \"run/ctl.sock\"\n[[listen]]\nname = \"u\"\naddress = \"unix:a.sock\"\nmode = \"0o660\"\nbacklog = 7\n[app]\ncommand = [\"x\", \"\"]\ncwd = \"app\"\nenv = { A = \"\", B = \"b=c\" }\nready_path = \"/up?x=%20\"\nready_listeners = [\"u\"]\n[memory]\nlimit = \"1.5GiB\"\n[logs]\nstdout = \"log/out\"\n",
+                &Overrides::default(),
+            )
+            .expect("valid");
+        let d = dir.0.path();
+        assert_eq!(c.control_socket, d.join("run/ctl.sock"));
+        assert_eq!(c.listen[0].mode, Some(0o660));
+        assert_eq!(c.listen[0].backlog, 7);
+        assert_eq!(c.app.cwd, Some(d.join("app")));
+        assert_eq!(c.app.env.get("B").map(String::as_str), Some("b=c"));
+        assert_eq!(c.app.ready_path, "/up?x=%20");
+        assert_eq!(c.app.ready_listeners, Some(vec!["u".to_string()]));
+        assert_eq!(c.logs.stdout, Some(d.join("log/out")));
+        assert_eq!(
+            c.memory.and_then(|m| m.limit),
+            Some(bytesize::ByteSize::mib(1536))
+        );
+    }
+
+    #[test]
+    fn bounds_are_written_as_humantime_and_sizes_read_them() {
+        assert_eq!(fmt_ms(100), "100ms");
+        assert_eq!(fmt_ms(SECOND), "1s");
+        assert_eq!(fmt_ms(DAY), "24h");
+        assert_eq!(fmt_ms(YEAR), "365days");
+        for ms in [100, SECOND, DAY, YEAR] {
+            assert_eq!(
+                humantime::parse_duration(&fmt_ms(ms)).ok(),
+                Some(Duration::from_millis(ms))
+            );
+        }
+        assert_eq!(fmt_bytes(MIB), "1MiB");
+        assert_eq!(fmt_bytes(PIB), "1PiB");
+        for b in [MIB, PIB] {
+            assert_eq!(
+                fmt_bytes(b)
+                    .parse::<bytesize::ByteSize>()
+                    .map(|s| s.as_u64()),
+                Ok(b)
+            );
+        }
     }
 }
