@@ -7,8 +7,8 @@
 //! file:line:col when the value came from the file:
 //! - [`parse`] deserializes the TOML into private raw structs whose fields are
 //!   checked types: their `Deserialize` refuses a bad value (a duration, count
-//!   or size outside its key's [`Bounds`], a malformed mode or name), so
-//!   toml attaches the value's span to the error. The values are
+//!   or size outside its key's [`Bounds`], a NUL byte, a malformed mode, name
+//!   or path), so toml attaches the value's span to the error. The values are
 //!   kept [`Spanned`], so the conversion into the public types (relative paths
 //!   made absolute and looked at, keys of one table against each other) has
 //!   the position of every key it names.
@@ -27,6 +27,7 @@ use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::ops::Range;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -78,6 +79,11 @@ impl FromStr for Address {
             if path.is_empty() {
                 return Err("`unix:` needs a path, e.g. \"unix:/run/app.sock\"".into());
             }
+            if path.contains('\0') {
+                return Err(format!(
+                    "unix socket path {path:?} contains a NUL byte; the kernel takes paths as C strings"
+                ));
+            }
             if path.len() > UNIX_PATH_MAX {
                 return Err(format!(
                     "unix socket path {path} is {} bytes; the kernel allows at most {UNIX_PATH_MAX}",
@@ -89,6 +95,9 @@ impl FromStr for Address {
         if let Some(name) = s.strip_prefix("systemd:") {
             if name.is_empty() {
                 return Err("`systemd:` needs the socket's FileDescriptorName".into());
+            }
+            if let Some(problem) = fd_name_problem(name) {
+                return Err(format!("`systemd:{name}`: a FileDescriptorName {problem}"));
             }
             return Ok(Address::Systemd(name.to_string()));
         }
@@ -141,6 +150,21 @@ impl<'de> Deserialize<'de> for Address {
     }
 }
 
+/// Why `name` cannot be a file descriptor name, if it cannot: systemd takes
+/// at most 255 bytes, no `:` (the LISTEN_FDNAMES separator) and no control
+/// characters (sd_pid_notify_with_fds(3), FDNAME=).
+fn fd_name_problem(name: &str) -> Option<&'static str> {
+    if name.contains(':') {
+        Some("must not contain `:` (it separates the names in LISTEN_FDNAMES)")
+    } else if name.chars().any(char::is_control) {
+        Some("must not contain a control character")
+    } else if name.len() > 255 {
+        Some("is at most 255 bytes")
+    } else {
+        None
+    }
+}
+
 /// A signal name such as "TERM" or "SIGQUIT".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignalName(pub Signal);
@@ -179,7 +203,8 @@ impl fmt::Display for SignalName {
     }
 }
 
-/// A command line: never empty, never run through a shell.
+/// A command line: never empty, never run through a shell, no NUL byte in
+/// any argument (execve(2) takes C strings, which end at the first NUL).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(transparent)]
 pub struct Argv(pub Vec<String>);
@@ -192,11 +217,18 @@ impl<'de> Deserialize<'de> for Argv {
                 "command is empty; give the program and its arguments, e.g. [\"bundle\", \"exec\", \"puma\"]",
             ));
         }
+        if let Some((i, arg)) = v.iter().enumerate().find(|(_, a)| a.contains('\0')) {
+            return Err(D::Error::custom(format!(
+                "`command` argv[{i}] {arg:?} contains a NUL byte; execve(2) takes C strings, which end at the first NUL"
+            )));
+        }
         Ok(Argv(v))
     }
 }
 
-/// A unix file mode written as an octal string, e.g. "0660".
+/// A unix file mode written as an octal string, e.g. "0660": octal digits
+/// only (no sign), optionally after `0o`, at most 0o7777, and write
+/// permission for someone (connect(2) to a unix socket needs it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mode(pub u32);
 
@@ -209,12 +241,22 @@ impl serde::Serialize for Mode {
 impl<'de> Deserialize<'de> for Mode {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
-            Ok(m) if m <= 0o7777 => Ok(Mode(m)),
-            _ => Err(D::Error::custom(format!(
-                "mode `{s}` is not an octal file mode like \"0660\""
-            ))),
+        let digits = s.strip_prefix("0o").unwrap_or(&s);
+        let octal = !digits.is_empty() && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+        let mode = match u32::from_str_radix(digits, 8) {
+            Ok(m) if octal && m <= 0o7777 => m,
+            _ => {
+                return Err(D::Error::custom(format!(
+                    "mode `{s}` is not an octal file mode like \"0660\""
+                )))
+            }
+        };
+        if mode & 0o222 == 0 {
+            return Err(D::Error::custom(format!(
+                "mode `{s}` gives nobody write permission, which connect(2) to a unix socket needs: only root could connect (e.g. \"0660\": owner and group)"
+            )));
         }
+        Ok(Mode(mode))
     }
 }
 
@@ -513,6 +555,24 @@ fn fmt_bytes(bytes: u64) -> String {
 // ---------------------------------------------------------------------------
 // Checked strings
 
+/// A path in the file: not empty, no NUL byte (the kernel takes C strings).
+struct PathValue(PathBuf);
+
+impl<'de> Deserialize<'de> for PathValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Err(D::Error::custom("the path is empty; it names no file"));
+        }
+        if s.contains('\0') {
+            return Err(D::Error::custom(format!(
+                "path {s:?} contains a NUL byte; the kernel takes paths as C strings"
+            )));
+        }
+        Ok(PathValue(PathBuf::from(s)))
+    }
+}
+
 /// A `[[listen]] name`: goes into LISTEN_FDNAMES (sd_listen_fds(3)).
 struct ListenName(String);
 
@@ -523,10 +583,8 @@ impl<'de> Deserialize<'de> for ListenName {
             Some("must not be empty")
         } else if n == PROBE_NAME {
             Some("is the probe socket's own name")
-        } else if n.contains(':') {
-            Some("must not contain `:` (it separates the names in LISTEN_FDNAMES)")
         } else {
-            None
+            fd_name_problem(&n)
         };
         match problem {
             Some(p) => Err(D::Error::custom(format!("listen name {n:?} {p}"))),
@@ -535,7 +593,10 @@ impl<'de> Deserialize<'de> for ListenName {
     }
 }
 
-/// `[app] ready_path`: the request-target of the probe's `GET`.
+/// `[app] ready_path`: the request-target of the probe's `GET`, written into
+/// its request line as is: so `/` first, then printable ASCII only
+/// (whitespace would split the request line, CR or LF would end it and let
+/// the rest inject headers; RFC 9112 §3.2 wants anything else percent-encoded).
 struct ReadyPath(String);
 
 impl<'de> Deserialize<'de> for ReadyPath {
@@ -543,6 +604,12 @@ impl<'de> Deserialize<'de> for ReadyPath {
         let p = String::deserialize(d)?;
         let problem = if !p.starts_with('/') {
             Some("must start with `/`")
+        } else if p.chars().any(char::is_control) {
+            Some("contains a control character, which would end the probe's request line and inject the rest")
+        } else if p.chars().any(char::is_whitespace) {
+            Some("contains whitespace, which would split the probe's request line; percent-encode it (%20)")
+        } else if !p.is_ascii() {
+            Some("contains a non-ASCII character; percent-encode it")
         } else {
             None
         };
@@ -576,7 +643,7 @@ pub struct AppConfig {
     pub command: Argv,
     #[serde(default = "default_workers")]
     pub workers: NonZeroU32,
-    /// Absolute.
+    /// Absolute, an existing directory.
     pub cwd: Option<PathBuf>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -602,8 +669,8 @@ pub struct AppConfig {
     #[serde(default = "default_max_workers")]
     pub max_workers: NonZeroU32,
     /// The `[[listen]]` names a worker's process tree must hold to count as
-    /// ready; `None`: every listener it is given. Every name is a
-    /// listener's.
+    /// ready; `None`: every listener it is given. Never empty; every name is
+    /// a listener's.
     #[serde(default)]
     pub ready_listeners: Option<Vec<String>>,
 }
@@ -728,7 +795,8 @@ fn default_child_signal() -> SignalName {
     SignalName(Signal::SIGQUIT)
 }
 
-/// `[logs]`: where workers' stdout/stderr go. Paths are absolute.
+/// `[logs]`: where workers' stdout/stderr go. Paths are absolute and name no
+/// directory.
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsConfig {
@@ -876,9 +944,45 @@ impl Source<'_> {
     }
 }
 
+/// Why `p` (absolute) cannot be a unix socket's path, if it cannot.
+fn socket_path_problem(p: &Path) -> Option<String> {
+    let len = p.as_os_str().as_bytes().len();
+    if len > UNIX_PATH_MAX {
+        return Some(format!(
+            "{} is {len} bytes once made absolute; the kernel allows at most {UNIX_PATH_MAX} bytes for a unix socket path",
+            p.display()
+        ));
+    }
+    file_path_problem(p)
+}
+
+/// Why `p` (absolute) cannot be a file holdfast creates, if it cannot: it
+/// names a directory.
+fn file_path_problem(p: &Path) -> Option<String> {
+    let b = p.as_os_str().as_bytes();
+    // `Path::components` drops a trailing "." (and "/"), so look at the bytes.
+    let dir = [&b"/"[..], b"/.", b"/.."]
+        .iter()
+        .any(|end| b.ends_with(end))
+        || b == b"."
+        || b == b".."
+        || std::fs::metadata(p).is_ok_and(|m| m.is_dir());
+    dir.then(|| format!("{} is a directory", p.display()))
+}
+
 /// Whether two unix socket paths name the same file (`a/./b` is `a/b`).
 fn same_path(a: &Path, b: &Path) -> bool {
     a.components().eq(b.components())
+}
+
+/// Whether two TCP listeners cannot both be bound: the same address, or the
+/// same port (not 0, which the kernel picks) where one is the wildcard of the
+/// other's family (IPV6_V6ONLY is set, so the families are apart).
+fn tcp_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 // ---------------------------------------------------------------------------
@@ -887,7 +991,7 @@ fn same_path(a: &Path, b: &Path) -> bool {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    control_socket: Option<Spanned<PathBuf>>,
+    control_socket: Option<Spanned<PathValue>>,
     metrics_listen: Option<Spanned<SocketAddr>>,
     #[serde(default)]
     listen: Vec<Spanned<RawListen>>,
@@ -912,13 +1016,13 @@ struct RawListen {
 struct RawApp {
     command: Argv,
     workers: Option<Spanned<Count<Workers>>>,
-    cwd: Option<Spanned<PathBuf>>,
-    env: Option<BTreeMap<String, String>>,
+    cwd: Option<Spanned<PathValue>>,
+    env: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     handoff: Option<Vec<Handoff>>,
     ready: Option<ReadyMode>,
-    ready_delay: Option<Dur<ReadyDelay>>,
+    ready_delay: Option<Spanned<Dur<ReadyDelay>>>,
     ready_path: Option<ReadyPath>,
-    ready_timeout: Option<Dur<ReadyTimeout>>,
+    ready_timeout: Option<Spanned<Dur<ReadyTimeout>>>,
     drain_signal: Option<SignalName>,
     drain_timeout: Option<Dur<DrainTimeout>>,
     max_surge: Option<Count<MaxSurge>>,
@@ -944,11 +1048,11 @@ struct RawMemory {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLogs {
-    stdout: Option<Spanned<PathBuf>>,
-    stderr: Option<Spanned<PathBuf>>,
+    stdout: Option<Spanned<PathValue>>,
+    stderr: Option<Spanned<PathValue>>,
     prefix: Option<bool>,
     reopen_signal: Option<SignalName>,
-    holdfast_log: Option<Spanned<PathBuf>>,
+    holdfast_log: Option<Spanned<PathValue>>,
 }
 
 impl RawFile {
@@ -956,8 +1060,13 @@ impl RawFile {
         let mut at = Places::default();
         let control_socket = match self.control_socket {
             Some(s) => {
-                at.control_socket = Some(src.at(s.span()));
-                Some(src.resolve(s.into_inner()))
+                let span = s.span();
+                let p = src.resolve(s.into_inner().0);
+                if let Some(problem) = socket_path_problem(&p) {
+                    return Err(src.error(span, format!("`control_socket` {problem}")));
+                }
+                at.control_socket = Some(src.at(span));
+                Some(p)
             }
             None => None,
         };
@@ -975,6 +1084,9 @@ impl RawFile {
             };
             let address_span = raw.address.span();
             let address = absolute(&src.base, raw.address.into_inner());
+            if let Some(problem) = address.unix_path().and_then(socket_path_problem) {
+                return Err(src.error(address_span, format!("[[listen]] `address` {problem}")));
+            }
             let mode = match raw.mode {
                 Some(m) if !matches!(address, Address::Unix(_)) => {
                     return Err(src.error(
@@ -1008,7 +1120,7 @@ impl RawFile {
                 m.into_inner().check(span, src)
             })
             .transpose()?;
-        let logs = self.logs.map(|l| l.check(src));
+        let logs = self.logs.map(|l| l.check(src)).transpose()?;
         Ok(FileConfig {
             control_socket,
             metrics_listen,
@@ -1037,29 +1149,111 @@ impl RawApp {
             }
             None => default_max_workers(),
         };
-        let cwd = self.cwd.map(|c| src.resolve(c.into_inner()));
+        let cwd = match self.cwd {
+            Some(c) => {
+                let span = c.span();
+                let dir = src.resolve(c.into_inner().0);
+                let problem = match std::fs::metadata(&dir) {
+                    Ok(m) if m.is_dir() => None,
+                    Ok(_) => Some("is not a directory".to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Some("does not exist".to_string())
+                    }
+                    Err(e) => Some(format!("cannot be reached: {e}")),
+                };
+                if let Some(p) = problem {
+                    return Err(src.error(span, format!("[app] `cwd` {} {p}", dir.display())));
+                }
+                Some(dir)
+            }
+            None => None,
+        };
+        let mut env = BTreeMap::new();
+        for (k, v) in self.env.unwrap_or_default() {
+            let problem = if k.get_ref().is_empty() {
+                Some((k.span(), "a variable name is empty".to_string()))
+            } else if k.get_ref().contains('\0') {
+                Some((
+                    k.span(),
+                    format!("name {:?} contains a NUL byte", k.get_ref()),
+                ))
+            } else if k.get_ref().contains('=') {
+                Some((
+                    k.span(),
+                    format!(
+                        "name `{}` contains `=`: the environment is NAME=value strings, so the worker would see another name",
+                        k.get_ref()
+                    ),
+                ))
+            } else if v.get_ref().contains('\0') {
+                Some((
+                    v.span(),
+                    format!("`{}`: the value contains a NUL byte", k.get_ref()),
+                ))
+            } else {
+                None
+            };
+            if let Some((span, p)) = problem {
+                let why = if p.contains("NUL") {
+                    "; execve(2) takes C strings"
+                } else {
+                    ""
+                };
+                return Err(src.error(span, format!("[app] `env` {p}{why}")));
+            }
+            env.insert(k.into_inner(), v.into_inner());
+        }
         let ready = self.ready.unwrap_or_default();
-        let ready_listeners = self.ready_listeners.map(|list| {
-            list.into_inner()
-                .into_iter()
-                .map(|n| {
-                    at.ready_listeners.push(src.at(n.span()));
-                    n.into_inner()
-                })
-                .collect()
-        });
+        let (ready_delay, delay_at) = match self.ready_delay {
+            Some(d) => (d.get_ref().0, Some(d.span())),
+            None => (default_ready_delay(), None),
+        };
+        let (ready_timeout, timeout_at) = match self.ready_timeout {
+            Some(t) => (t.get_ref().0, Some(t.span())),
+            None => (default_ready_timeout(), None),
+        };
+        if ready == ReadyMode::Delay && ready_delay >= ready_timeout {
+            // One of them was written: the defaults (1s, 60s) are in order.
+            let span = delay_at.clone().or(timeout_at.clone()).unwrap_or(0..0);
+            return Err(src.error(
+                span,
+                format!(
+                    "[app] `ready_delay` = {}{} is not below `ready_timeout` = {}{}: with ready = \"delay\" every worker would time out before it counts as ready",
+                    humantime::format_duration(ready_delay),
+                    written(delay_at.map(|s| src.at(s))),
+                    humantime::format_duration(ready_timeout),
+                    written(timeout_at.map(|s| src.at(s))),
+                ),
+            ));
+        }
+        let ready_listeners = match self.ready_listeners {
+            Some(list) if list.get_ref().is_empty() => {
+                return Err(src.error(
+                    list.span(),
+                    "[app] `ready_listeners` is empty: a worker holding no listening socket would count as ready; leave the key out to mean every listener".into(),
+                ))
+            }
+            Some(list) => Some(
+                list.into_inner()
+                    .into_iter()
+                    .map(|n| {
+                        at.ready_listeners.push(src.at(n.span()));
+                        n.into_inner()
+                    })
+                    .collect(),
+            ),
+            None => None,
+        };
         Ok(AppConfig {
             command: self.command,
             workers,
             cwd,
-            env: self.env.unwrap_or_default(),
+            env,
             handoff: self.handoff.unwrap_or_else(default_handoff),
             ready,
-            ready_delay: self.ready_delay.map_or_else(default_ready_delay, |d| d.0),
+            ready_delay,
             ready_path: self.ready_path.map_or_else(default_ready_path, |p| p.0),
-            ready_timeout: self
-                .ready_timeout
-                .map_or_else(default_ready_timeout, |d| d.0),
+            ready_timeout,
             drain_signal: self.drain_signal.unwrap_or_else(default_drain_signal),
             drain_timeout: self
                 .drain_timeout
@@ -1099,15 +1293,25 @@ impl RawMemory {
 }
 
 impl RawLogs {
-    fn check(self, src: &Source<'_>) -> LogsConfig {
-        let path = |p: Option<Spanned<PathBuf>>| p.map(|p| src.resolve(p.into_inner()));
-        LogsConfig {
-            stdout: path(self.stdout),
-            stderr: path(self.stderr),
+    fn check(self, src: &Source<'_>) -> Result<LogsConfig, ConfigError> {
+        let path = |key: &str, p: Option<Spanned<PathValue>>| -> Result<_, ConfigError> {
+            let Some(p) = p else {
+                return Ok(None);
+            };
+            let span = p.span();
+            let file = src.resolve(p.into_inner().0);
+            match file_path_problem(&file) {
+                Some(problem) => Err(src.error(span, format!("[logs] `{key}` {problem}"))),
+                None => Ok(Some(file)),
+            }
+        };
+        Ok(LogsConfig {
+            stdout: path("stdout", self.stdout)?,
+            stderr: path("stderr", self.stderr)?,
             prefix: self.prefix.unwrap_or_else(default_true),
             reopen_signal: self.reopen_signal,
-            holdfast_log: path(self.holdfast_log),
-        }
+            holdfast_log: path("holdfast_log", self.holdfast_log)?,
+        })
     }
 }
 
@@ -1197,9 +1401,27 @@ impl Config {
                 .check_ready(names, &places.ready_listeners, !o.listen.is_empty())
                 .map_err(refuse)?;
         }
-        let control_socket = file
-            .control_socket
-            .unwrap_or_else(|| default_control_socket(path));
+        let control_socket = match file.control_socket {
+            Some(p) => p,
+            None => {
+                let p = default_control_socket(path);
+                // Without a file, `run` goes on without a control socket it cannot bind.
+                if let (Some(_), Some(problem)) = (path, socket_path_problem(&p)) {
+                    return Err(refuse(Refusal::cli(format!(
+                        "the control socket next to the config file: {problem}; set `control_socket` to a shorter path"
+                    ))));
+                }
+                p
+            }
+        };
+        listeners
+            .check_control_socket(&control_socket, places.control_socket)
+            .map_err(refuse)?;
+        if let Some(m) = file.metrics_listen {
+            listeners
+                .check_metrics(m, places.metrics_listen)
+                .map_err(refuse)?;
+        }
         Ok(Config {
             path: path.map(Path::to_path_buf),
             control_socket,
@@ -1267,6 +1489,9 @@ impl Listeners {
         let mut list = Vec::new();
         for (i, a) in addresses.iter().enumerate() {
             let address = absolute(base, a.clone());
+            if let Some(problem) = address.unix_path().and_then(socket_path_problem) {
+                return Err(Refusal::cli(format!("--listen {a}: {problem}")));
+            }
             list.push(Listen {
                 name: format!("listen{i}"),
                 address,
@@ -1327,6 +1552,18 @@ impl Listeners {
                         ),
                     ));
                 }
+                if let (Address::Tcp(a), Address::Tcp(b)) = (&m.address, &l.address) {
+                    if tcp_clash(*a, *b) {
+                        return Err(Refusal::at(
+                            at,
+                            format!(
+                                "{} on {b} and {} on {a} cannot both be bound: a wildcard address takes its port on every address of its family",
+                                self.describe(i),
+                                self.describe(j),
+                            ),
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -1352,6 +1589,50 @@ impl Listeners {
             }
         }
         Ok(())
+    }
+
+    /// The control socket (written at `at`, or the default) is no listener's path.
+    fn check_control_socket(&self, path: &Path, at: Option<At>) -> Result<(), Refusal> {
+        for (i, l) in self.list.iter().enumerate() {
+            if l.address.unix_path().is_some_and(|p| same_path(p, path)) {
+                return Err(Refusal::at(
+                    at.or(self.at[i].map(|a| a.address)),
+                    format!(
+                        "`control_socket` {}{} is also the path of {}; one socket file cannot be both",
+                        path.display(),
+                        if at.is_some() { "" } else { " (the default)" },
+                        self.describe(i)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `metrics_listen` (written at `at`) can be bound next to the listeners.
+    fn check_metrics(&self, metrics: SocketAddr, at: Option<At>) -> Result<(), Refusal> {
+        for (i, l) in self.list.iter().enumerate() {
+            if matches!(l.address, Address::Tcp(a) if tcp_clash(a, metrics)) {
+                return Err(Refusal::at(
+                    at,
+                    format!(
+                        "`metrics_listen` {metrics} and {} on {} cannot both be bound",
+                        self.describe(i),
+                        l.address
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Address {
+    fn unix_path(&self) -> Option<&Path> {
+        match self {
+            Address::Unix(p) => Some(p),
+            _ => None,
+        }
     }
 }
 
@@ -1776,6 +2057,229 @@ mod rule_tests {
     }
 
     #[test]
+    fn values_run_cannot_use_are_refused_at_their_position() {
+        let dir = Dir::new();
+        std::fs::create_dir(dir.0.path().join("sub")).expect("mkdir");
+        std::fs::write(dir.0.path().join("file"), "").expect("write");
+        let long = "a".repeat(100);
+        // (config, marker, what the message says)
+        let rows: Vec<(String, &str, Vec<&str>)> = vec![
+            (
+                format!("control_socket = \"\"\n{LISTEN}{APP}"),
+                "\"\"",
+                vec!["empty", "(key `control_socket`)"],
+            ),
+            (
+                format!("control_socket = \"sub\"\n{LISTEN}{APP}"),
+                "\"sub\"",
+                vec!["`control_socket`", "sub is a directory"],
+            ),
+            (
+                format!("control_socket = \"sub/\"\n{LISTEN}{APP}"),
+                "\"sub/\"",
+                vec!["`control_socket`", "is a directory"],
+            ),
+            (
+                format!("control_socket = \"{long}\"\n{LISTEN}{APP}"),
+                "\"aaa",
+                vec![
+                    "`control_socket`",
+                    "bytes once made absolute",
+                    "at most 107",
+                ],
+            ),
+            (
+                format!("control_socket = \"a\\u0000b\"\n{LISTEN}{APP}"),
+                "\"a",
+                vec!["NUL", "(key `control_socket`)"],
+            ),
+            (
+                format!("{LISTEN}{APP}[logs]\nstdout = \"\"\n"),
+                "\"\"",
+                vec!["empty", "(key `stdout` in [logs])"],
+            ),
+            (
+                format!("{LISTEN}{APP}[logs]\nstderr = \"sub\"\n"),
+                "\"sub\"",
+                vec!["[logs] `stderr`", "is a directory"],
+            ),
+            (
+                format!("{LISTEN}{APP}[logs]\nholdfast_log = \"..\"\n"),
+                "\"..\"",
+                vec!["[logs] `holdfast_log`", "is a directory"],
+            ),
+            (
+                format!("{LISTEN}{APP}[logs]\nstdout = \"new/\"\n"),
+                "\"new/\"",
+                vec!["[logs] `stdout`", "is a directory"],
+            ),
+            (
+                format!("{LISTEN}[app]\ncommand = [\"x\", \"\\u0000\"]\n"),
+                "[\"x\"",
+                vec!["`command`", "argv[1]", "NUL", "(in [app])"],
+            ),
+            (
+                format!("{LISTEN}{APP}env = {{ A = \"a\\u0000\" }}\n"),
+                "\"a\\u0000\"",
+                vec!["[app] `env` `A`", "NUL"],
+            ),
+            (
+                format!("{LISTEN}{APP}env = {{ \"A\\u0000\" = \"a\" }}\n"),
+                "\"A\\u0000\"",
+                vec!["[app] `env`", "NUL"],
+            ),
+            (
+                format!("{LISTEN}{APP}[app.env]\nOK = \"1\"\n\"A=B\" = \"a\"\n"),
+                "\"A=B\"",
+                vec!["[app] `env`", "`A=B`", "`=`"],
+            ),
+            (
+                format!("{LISTEN}{APP}env = {{ \"\" = \"a\" }}\n"),
+                "\"\" =",
+                vec!["[app] `env`", "empty"],
+            ),
+            (
+                format!("{LISTEN}{APP}cwd = \"nowhere\"\n"),
+                "\"nowhere\"",
+                vec!["[app] `cwd`", "nowhere does not exist"],
+            ),
+            (
+                format!("{LISTEN}{APP}cwd = \"file\"\n"),
+                "\"file\"",
+                vec!["[app] `cwd`", "is not a directory"],
+            ),
+            (
+                format!("{LISTEN}{APP}ready_path = \"health\"\n"),
+                "\"health\"",
+                vec!["`ready_path`", "start with `/`"],
+            ),
+            (
+                format!("{LISTEN}{APP}ready_path = \"/a b\"\n"),
+                "\"/a b\"",
+                vec!["`ready_path`", "whitespace"],
+            ),
+            (
+                format!("{LISTEN}{APP}ready_path = \"/a\\nHost: x\"\n"),
+                "\"/a",
+                vec!["`ready_path`", "control character"],
+            ),
+            (
+                format!("{LISTEN}{APP}ready_path = \"/é\"\n"),
+                "\"/",
+                vec!["`ready_path`", "non-ASCII"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:{long}.sock\"\n{APP}"),
+                "\"unix:",
+                vec!["[[listen]] `address`", "at most 107"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:a\\u0000\"\n{APP}"),
+                "\"unix:",
+                vec!["NUL", "(key `address` in [[listen]])"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:sub\"\n{APP}"),
+                "\"unix:sub\"",
+                vec!["[[listen]] `address`", "is a directory"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"systemd:a:b\"\n{APP}"),
+                "\"systemd",
+                vec!["`:`", "(key `address` in [[listen]])"],
+            ),
+            (
+                format!("[[listen]]\nname = \"\"\naddress = \"127.0.0.1:1\"\n{APP}"),
+                "\"\"",
+                vec!["listen name", "empty", "(key `name` in [[listen]])"],
+            ),
+            (
+                format!("[[listen]]\nname = \"a:b\"\naddress = \"127.0.0.1:1\"\n{APP}"),
+                "\"a:b\"",
+                vec!["listen name", "`:`"],
+            ),
+            (
+                format!("[[listen]]\nname = \"holdfast-probe\"\naddress = \"127.0.0.1:1\"\n{APP}"),
+                "\"holdfast-probe\"",
+                vec!["listen name", "probe"],
+            ),
+            (
+                format!(
+                    "[[listen]]\nname = \"{}\"\naddress = \"127.0.0.1:1\"\n{APP}",
+                    "n".repeat(256)
+                ),
+                "\"nnn",
+                vec!["listen name", "255 bytes"],
+            ),
+            (
+                format!("[[listen]]\nname = \"a\\u007f\"\naddress = \"127.0.0.1:1\"\n{APP}"),
+                "\"a",
+                vec!["listen name", "control character"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:a.sock\"\nmode = \"+660\"\n{APP}"),
+                "\"+660\"",
+                vec!["mode `+660`", "octal", "(key `mode` in [[listen]])"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:a.sock\"\nmode = \"\"\n{APP}"),
+                "\"\"",
+                vec!["mode ``", "octal"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:a.sock\"\nmode = \"017777\"\n{APP}"),
+                "\"017777\"",
+                vec!["mode `017777`", "octal"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:a.sock\"\nmode = \"0o8\"\n{APP}"),
+                "\"0o8\"",
+                vec!["mode `0o8`", "octal"],
+            ),
+            (
+                format!("[[listen]]\naddress = \"unix:a.sock\"\nmode = \"0555\"\n{APP}"),
+                "\"0555\"",
+                vec!["mode `0555`", "write permission"],
+            ),
+            (
+                format!("{LISTEN}{APP}drain_timeout = \"soon\"\n"),
+                "\"soon\"",
+                vec!["`drain_timeout` = \"soon\" is not a duration", "(in [app])"],
+            ),
+        ];
+        let memory = |limit: &str| format!("{LISTEN}{APP}[memory]\nlimit = {limit}\n");
+        dir.assert_fails(
+            &memory("-1"),
+            "-1",
+            &[
+                "invalid value: integer `-1`",
+                "a size like",
+                "(key `limit` in [memory])",
+            ],
+        );
+        dir.assert_fails(
+            &memory("\"lots\""),
+            "\"lots\"",
+            &["`limit` = \"lots\" is not a size", "(in [memory])"],
+        );
+        dir.assert_fails(
+            &memory("1048575"),
+            "1048575",
+            &["`limit` = 1048575 is below the minimum of 1MiB"],
+        );
+        let c = dir
+            .load(&memory("1048576"), &Overrides::default())
+            .expect("bytes");
+        assert_eq!(
+            c.memory.and_then(|m| m.limit),
+            Some(bytesize::ByteSize::mib(1))
+        );
+        for (text, marker, says) in &rows {
+            dir.assert_fails(text, marker, says);
+        }
+    }
+
+    #[test]
     fn relations_between_keys_name_both_keys_and_positions() {
         let dir = Dir::new();
         let two = |second: &str| format!("{LISTEN}[[listen]]\n{second}\n{APP}");
@@ -1784,12 +2288,20 @@ mod rule_tests {
             (format!("{LISTEN}{APP}workers = 3\nmax_workers = 2\n"), "workers = |3", vec!["[app] `workers` = 3", "`max_workers` = 2 (7:15)"]),
             (format!("{LISTEN}{APP}workers = 300\n"), "workers = |300", vec!["`workers` = 300", "`max_workers` = 256 (the default)"]),
             (format!("{LISTEN}{APP}ready_listeners = [\"http\", \"nope\"]\n"), "\"nope\"", vec!["[app] `ready_listeners` names `nope`", "(names: http)"]),
+            (format!("{LISTEN}{APP}ready_listeners = []\n"), "[]", vec!["[app] `ready_listeners` is empty"]),
             (two("name = \"http\"\naddress = \"127.0.0.1:2\""), "\"http\"\naddress = \"127.0.0.1:2", vec!["named `http`", "[[listen]] `http` (2:8)"]),
             (two("address = \"127.0.0.1:2\"\n[[listen]]\nname = \"listen1\"\naddress = \"127.0.0.1:3\""), "\"listen1\"", vec!["named `listen1`", "[[listen]] `listen1` (4:1)"]),
             (two("name = \"b\"\naddress = \"127.0.0.1:1\""), "\"127.0.0.1:1\"\n[app]", vec!["address 127.0.0.1:1 is listed twice", "`http` (2:8)", "`b` (5:8)"]),
             (format!("[[listen]]\naddress = \"unix:a.sock\"\n[[listen]]\naddress = \"unix:./a.sock\"\n{APP}"), "\"unix:./", vec!["is listed twice", "`listen0` (1:1)"]),
+            (two("name = \"any\"\naddress = \"0.0.0.0:1\""), "\"0.0.0.0:1\"", vec!["`any`", "`http` (2:8)", "cannot both be bound"]),
+            (format!("[[listen]]\naddress = \"[::]:5\"\n[[listen]]\naddress = \"[::1]:5\"\n{APP}"), "\"[::1]", vec!["cannot both be bound"]),
             (format!("[[listen]]\nname = \"h\"\naddress = \"127.0.0.1:1\"\nmode = \"0660\"\n{APP}"), "\"0660\"", vec!["`mode` is for unix sockets only", "127.0.0.1:1"]),
+            (format!("control_socket = \"a.sock\"\n[[listen]]\nname = \"u\"\naddress = \"unix:a.sock\"\n{APP}"), "\"a.sock\"", vec!["`control_socket`", "a.sock is also the path of [[listen]] `u` (3:8)"]),
+            (format!("[[listen]]\naddress = \"unix:holdfast.sock\"\n{APP}"), "\"unix:", vec!["`control_socket`", "(the default)", "[[listen]] `listen0`"]),
+            (format!("metrics_listen = \"0.0.0.0:1\"\n{LISTEN}{APP}"), "\"0.0.0.0:1\"", vec!["`metrics_listen` 0.0.0.0:1", "[[listen]] `http` (3:8)"]),
             (format!("{LISTEN}{APP}[memory]\ngrace = 2\n"), "[memory]", vec!["[memory] needs `limit` or `max_lifetime`"]),
+            (format!("{LISTEN}{APP}ready = \"delay\"\nready_delay = \"2m\"\n"), "\"2m\"", vec!["`ready_delay` = 2m (7:15)", "`ready_timeout` = 1m (the default)"]),
+            (format!("{LISTEN}{APP}ready = \"delay\"\nready_timeout = \"1s\"\n"), "\"1s\"", vec!["`ready_delay` = 1s (the default)", "`ready_timeout` = 1s (7:17)"]),
         ];
         for (text, marker, says) in &rows {
             dir.assert_fails(text, marker, says);
@@ -1843,8 +2355,31 @@ mod rule_tests {
         );
         let e = dir.error(APP, &o(None, &["127.0.0.1:5", "127.0.0.1:5"]));
         assert_eq!(e, format!("{origin}address 127.0.0.1:5 is listed twice: --listen 127.0.0.1:5 and --listen 127.0.0.1:5"));
+        let long = format!("unix:{}", "a".repeat(100));
+        let e = dir.error(APP, &o(None, &[&long]));
+        assert!(
+            e.starts_with(&format!("{origin}--listen {long}: ")) && e.contains("at most 107"),
+            "{e}"
+        );
         let e = dir.error("", &o(None, &["127.0.0.1:5"]));
         assert!(e.starts_with(&format!("{origin}no [app] command")), "{e}");
+    }
+
+    #[test]
+    fn a_long_config_directory_is_refused_for_the_default_control_socket() {
+        let deep = PathBuf::from(format!("/{}/h.toml", "d".repeat(100)));
+        let f = parse(&deep, &format!("{LISTEN}{APP}")).expect("parses");
+        let e = Config::build(Some(&deep), Some(f), &Overrides::default())
+            .expect_err("too long")
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "config {}: the control socket next to the config file: ",
+                deep.display()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("set `control_socket`"), "{e}");
     }
 
     #[test]
@@ -1870,6 +2405,26 @@ mod rule_tests {
             c.memory.and_then(|m| m.limit),
             Some(bytesize::ByteSize::mib(1536))
         );
+    }
+
+    #[test]
+    fn modes_are_octal_with_write_permission_for_someone() {
+        let mode = |s: &str| Mode::deserialize(toml::Value::String(s.into())).map(|m| m.0);
+        for (written, want) in [
+            ("0660", 0o660),
+            ("660", 0o660),
+            ("0o600", 0o600),
+            ("00666", 0o666),
+            ("07777", 0o7777),
+            ("0200", 0o200),
+        ] {
+            assert_eq!(mode(written).ok(), Some(want), "{written}");
+        }
+        for refused in [
+            "", "0o", "+660", "-660", "0x1b6", "0_660", " 660", "017777", "0444", "0",
+        ] {
+            assert!(mode(refused).is_err(), "{refused:?} must be refused");
+        }
     }
 
     #[test]
