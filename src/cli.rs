@@ -114,12 +114,21 @@ impl ControlArgs {
             return Ok(p.clone());
         }
         if let Some(file) = &self.config {
+            // Only `control_socket` matters here: a config that holdfast
+            // would refuse (a removed cwd, a typo being fixed) must not stop
+            // `stop` or `status` from reaching the running holdfast.
             let path = std::path::absolute(file).map_err(|e| format!("{}: {e}", file.display()))?;
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| format!("config {}: {e}", path.display()))?;
-            let parsed = crate::config::parse(&path, &text).map_err(|e| e.to_string())?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                format!(
+                    "config {}: not TOML, so its control_socket is unknown ({}); name the socket with --control",
+                    path.display(),
+                    e.message().trim()
+                )
+            })?;
             let base = path.parent().map(PathBuf::from).unwrap_or_default();
-            return Ok(match parsed.control_socket {
+            return Ok(match table.get("control_socket").and_then(|v| v.as_str()) {
                 Some(p) => base.join(p),
                 None => crate::config::default_control_socket(Some(&path)),
             });

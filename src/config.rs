@@ -203,6 +203,48 @@ impl fmt::Display for SignalName {
     }
 }
 
+/// A signal a process can handle: `drain_signal` and `reopen_signal` must
+/// give the worker a chance (KILL and STOP cannot be caught: a drain would cut
+/// every request, a log reopen would kill or freeze every worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Catchable(SignalName);
+
+impl<'de> Deserialize<'de> for Catchable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = SignalName::deserialize(d)?;
+        if matches!(s.0, Signal::SIGKILL | Signal::SIGSTOP) {
+            return Err(D::Error::custom(format!(
+                "{s} cannot be caught: the worker could not finish its requests (or would freeze); use the signal your server handles, e.g. \"TERM\" or \"QUIT\""
+            )));
+        }
+        Ok(Catchable(s))
+    }
+}
+
+/// Variables holdfast sets in every worker's environment itself; `[app]
+/// env` may not set them (the worker would see two values).
+pub const OWN_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "SERVER_STARTER_PORT",
+    "EINHORN_FD_COUNT",
+    "UNICORN_FD",
+    "HOLDFAST_WORKER_ID",
+    "HOLDFAST_GENERATION",
+    "HOLDFAST_WORKER_SERIAL",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    // systemd ≥ 254: the size of holdfast's fd store, not a worker's.
+    "FDSTORE",
+];
+
+/// Whether holdfast sets `name` in a worker's environment itself.
+pub fn is_own_env(name: &str) -> bool {
+    OWN_ENV.contains(&name) || name.starts_with("EINHORN_FD_")
+}
+
 /// A command line: never empty, never run through a shell, no NUL byte in
 /// any argument (execve(2) takes C strings, which end at the first NUL).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -1023,7 +1065,7 @@ struct RawApp {
     ready_delay: Option<Spanned<Dur<ReadyDelay>>>,
     ready_path: Option<ReadyPath>,
     ready_timeout: Option<Spanned<Dur<ReadyTimeout>>>,
-    drain_signal: Option<SignalName>,
+    drain_signal: Option<Catchable>,
     drain_timeout: Option<Dur<DrainTimeout>>,
     max_surge: Option<Count<MaxSurge>>,
     restart_backoff_max: Option<Dur<RestartBackoffMax>>,
@@ -1051,7 +1093,7 @@ struct RawLogs {
     stdout: Option<Spanned<PathValue>>,
     stderr: Option<Spanned<PathValue>>,
     prefix: Option<bool>,
-    reopen_signal: Option<SignalName>,
+    reopen_signal: Option<Catchable>,
     holdfast_log: Option<Spanned<PathValue>>,
 }
 
@@ -1185,6 +1227,14 @@ impl RawApp {
                         k.get_ref()
                     ),
                 ))
+            } else if is_own_env(k.get_ref()) {
+                Some((
+                    k.span(),
+                    format!(
+                        "`{}` is set by holdfast itself for every worker (socket handoff, readiness, identity); it cannot be set here",
+                        k.get_ref()
+                    ),
+                ))
             } else if v.get_ref().contains('\0') {
                 Some((
                     v.span(),
@@ -1254,7 +1304,7 @@ impl RawApp {
             ready_delay,
             ready_path: self.ready_path.map_or_else(default_ready_path, |p| p.0),
             ready_timeout,
-            drain_signal: self.drain_signal.unwrap_or_else(default_drain_signal),
+            drain_signal: self.drain_signal.map_or_else(default_drain_signal, |c| c.0),
             drain_timeout: self
                 .drain_timeout
                 .map_or_else(default_drain_timeout, |d| d.0),
@@ -1309,7 +1359,7 @@ impl RawLogs {
             stdout: path("stdout", self.stdout)?,
             stderr: path("stderr", self.stderr)?,
             prefix: self.prefix.unwrap_or_else(default_true),
-            reopen_signal: self.reopen_signal,
+            reopen_signal: self.reopen_signal.map(|c| c.0),
             holdfast_log: path("holdfast_log", self.holdfast_log)?,
         })
     }
@@ -1747,6 +1797,31 @@ mod tests {
             .and_then(|f| Config::build(Some(Path::new("h.toml")), Some(f), &Overrides::default()))
             .expect_err("must fail")
             .to_string()
+    }
+
+    #[test]
+    fn uncatchable_signals_and_holdfasts_own_env_are_refused() {
+        let base = "[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n";
+        let e = err(&format!("{base}drain_signal = \"KILL\"\n"));
+        assert!(
+            e.contains("h.toml:5:16") && e.contains("KILL cannot be caught"),
+            "{e}"
+        );
+        let e = err(&format!("{base}[logs]\nreopen_signal = \"SIGSTOP\"\n"));
+        assert!(
+            e.contains("h.toml:6:17") && e.contains("STOP cannot be caught"),
+            "{e}"
+        );
+        let e = err(&format!("{base}env = {{ LISTEN_FDS = \"3\" }}\n"));
+        assert!(
+            e.contains("h.toml:5:") && e.contains("`LISTEN_FDS` is set by holdfast itself"),
+            "{e}"
+        );
+        let e = err(&format!("{base}env = {{ EINHORN_FD_0 = \"3\" }}\n"));
+        assert!(
+            e.contains("`EINHORN_FD_0` is set by holdfast itself"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,24 +13,6 @@ use crate::procs::SERIAL_VAR;
 use crate::supervisor::{Generation, Slot, Spec};
 use crate::sys::{self, ExecPlan, SpawnError};
 
-/// Variables holdfast sets itself; inherited values of these never reach a worker.
-const OWN_VARS: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-    "SERVER_STARTER_PORT",
-    "EINHORN_FD_COUNT",
-    "UNICORN_FD",
-    "HOLDFAST_WORKER_ID",
-    "HOLDFAST_GENERATION",
-    SERIAL_VAR,
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    // systemd ≥ 254: the size of holdfast's fd store, not a worker's.
-    "FDSTORE",
-];
-
 /// Resolves `app.command[0]` the way exec will (the app's PATH, its cwd),
 /// so a missing program is a config error at load, not a crash loop.
 pub fn resolve_program(app: &AppConfig) -> Result<PathBuf, SpawnError> {
@@ -69,7 +51,7 @@ pub fn environment(
     start: &Start<'_>,
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| !OWN_VARS.contains(&k.as_str()) && !k.starts_with("EINHORN_FD_"))
+        .filter(|(k, _)| !crate::config::is_own_env(k))
         .filter(|(k, _)| !spec.app.env.contains_key(k))
         .collect();
     env.extend(spec.app.env.iter().map(|(k, v)| (k.clone(), v.clone())));
