@@ -23,7 +23,6 @@ use nix::unistd::Pid;
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     match args.next().as_deref().and_then(|a| a.to_str()) {
-        Some("test-worker") => holdfast::testworker::main(args.collect()),
         Some("holdfast") => run_holdfast(args.next()),
         first => {
             let rest: Vec<String> = first
@@ -137,9 +136,16 @@ fn bench(args: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The test worker built next to the examples (`cargo build --release --bins`).
+fn test_worker(exe: &Path) -> PathBuf {
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("holdfast-test-worker"))
+        .unwrap_or_else(|| PathBuf::from("holdfast-test-worker"))
+}
+
 fn worker_args(p: &Params) -> Vec<String> {
     vec![
-        "test-worker".into(),
         "--log-forever".into(),
         "--log-line-bytes".into(),
         p.line_bytes.to_string(),
@@ -166,7 +172,7 @@ fn direct_run(exe: &Path, dir: &Path, p: &Params, apart: bool) -> Figures {
                 .append(true)
                 .open(file_of(i))
                 .expect("open direct log");
-            Command::new(exe)
+            Command::new(test_worker(exe))
                 .args(worker_args(p))
                 .args(["--bind", "127.0.0.1:0"])
                 .env("HOLDFAST_WORKER_ID", i.to_string())
@@ -197,7 +203,7 @@ fn direct_run(exe: &Path, dir: &Path, p: &Params, apart: bool) -> Figures {
 fn holdfast_run(exe: &Path, dir: &Path, p: &Params, prefix: bool) -> Figures {
     let path = dir.join(format!("holdfast-prefix-{prefix}.log"));
     let config = dir.join("holdfast.toml");
-    let command: Vec<String> = std::iter::once(exe.display().to_string())
+    let command: Vec<String> = std::iter::once(test_worker(exe).display().to_string())
         .chain(worker_args(p))
         .collect();
     let text = format!(

@@ -156,8 +156,11 @@ fn cpu_share(holdfast: &Path, dir: &Path, memory: bool, window: Duration) -> any
         .port();
     let config = dir.join(format!("holdfast-{memory}.toml"));
     let mut text = format!(
-        "[[listen]]\naddress = \"127.0.0.1:{port}\"\n[app]\ncommand = [{:?}, \"test-worker\"]\nworkers = 64\nready = \"notify\"\nready_timeout = \"120s\"\n",
-        holdfast.display().to_string()
+        "[[listen]]\naddress = \"127.0.0.1:{port}\"\n[app]\ncommand = [{:?}]\nworkers = 64\nready = \"notify\"\nready_timeout = \"120s\"\n",
+        holdfast
+            .with_file_name("holdfast-test-worker")
+            .display()
+            .to_string()
     );
     if memory {
         text.push_str("[memory]\nlimit = \"10GiB\"\nmetric = \"pss\"\ninterval = \"1s\"\n");

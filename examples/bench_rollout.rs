@@ -32,7 +32,7 @@ fn config(port: u16, workers: u32) -> String {
 [[listen]]
 address = "127.0.0.1:{port}"
 [app]
-command = ["{{holdfast}}", "test-worker", "--lame-duck-ms", "1000"]
+command = ["{{test_worker}}", "--lame-duck-ms", "1000"]
 workers = {workers}
 max_surge = 1
 ready_timeout = "120s"

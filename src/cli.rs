@@ -6,7 +6,6 @@
 //! reopen-logs, scale, stop): 0 ok, 1 the request failed, 69 holdfast is not
 //! running, 77 permission denied, 78 the --config file is unreadable.
 
-use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,12 +65,6 @@ pub enum Command {
         wait: bool,
         #[command(flatten)]
         control: ControlArgs,
-    },
-    /// The HTTP test worker (used by the tests, benchmarks and the demo).
-    #[command(hide = true, disable_help_flag = true)]
-    TestWorker {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<OsString>,
     },
 }
 
@@ -207,7 +200,6 @@ pub fn main() -> ExitCode {
             control(&a, C::Scale { workers })
         }
         Command::Stop { wait, control: a } => control(&a, C::Stop { wait }),
-        Command::TestWorker { args } => crate::testworker::main(args),
         Command::Check { config } => match Config::load(Some(&config), &Overrides::default())
             .map_err(|e| e.to_string())
             .and_then(|c| {
@@ -294,12 +286,51 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
     code
 }
 
+/// The demo's app: the `holdfast-test-worker` binary next to this one.
+/// Under `cargo run` (which builds only the binary it runs) it is built
+/// first, with the same profile.
+fn demo_worker(exe: &Path) -> Result<PathBuf, String> {
+    let worker = exe.with_file_name("holdfast-test-worker");
+    if worker.is_file() {
+        return Ok(worker);
+    }
+    let (Some(cargo), Some(manifest)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) else {
+        return Err(format!(
+            "the demo runs {}, which is not there; build it with `cargo build --release --bins`",
+            worker.display()
+        ));
+    };
+    let release = exe.parent().and_then(Path::file_name) == Some(std::ffi::OsStr::new("release"));
+    eprintln!("holdfast demo: building the demo app (holdfast-test-worker) first...");
+    let mut build = std::process::Command::new(cargo);
+    build
+        .arg("build")
+        .args(release.then_some("--release"))
+        .args(["--bin", "holdfast-test-worker", "--manifest-path"])
+        .arg(Path::new(&manifest).join("Cargo.toml"));
+    match build.status() {
+        Ok(s) if s.success() && worker.is_file() => Ok(worker),
+        Ok(s) => Err(format!("building holdfast-test-worker failed ({s})")),
+        Err(e) => Err(format!("running cargo to build holdfast-test-worker: {e}")),
+    }
+}
+
 fn demo(port: u16) -> i32 {
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("holdfast demo: cannot find my own executable: {e}");
             return exitcode::OSERR;
+        }
+    };
+    let worker = match demo_worker(&exe) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("holdfast demo: {e}");
+            return exitcode::UNAVAILABLE;
         }
     };
     let dir = match tempfile::Builder::new().prefix("holdfast-demo-").tempdir() {
@@ -319,7 +350,7 @@ name = "http"
 address = "127.0.0.1:{port}"
 
 [app]
-command = [{exe:?}, "test-worker", "--sleep-ms", "20"]
+command = [{worker:?}, "--sleep-ms", "20"]
 workers = 2
 ready = "notify"
 drain_timeout = "10s"

@@ -941,7 +941,13 @@ impl Runtime {
         if let Some(&id) = self.pids.get(&m.pid) {
             return self.notified(id, m.fields);
         }
-        // A descendant: which worker it belongs to is a walk of /proc, off the loop.
+        // A descendant in its worker's process group (most are): one small
+        // read, here and now, before a sender that exits at once is gone.
+        let group = crate::procs::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
+        if let Some(id) = group {
+            return self.notified(id, m.fields);
+        }
+        // Elsewhere: which worker it belongs to is a walk of /proc, off the loop.
         let workers: HashMap<i32, WorkerId> = self.pids.clone();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {

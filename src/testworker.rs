@@ -1045,7 +1045,6 @@ impl Worker {
         };
         let mut command = tokio::process::Command::new(exe);
         command
-            .arg("test-worker")
             .arg(format!("--child-role={role_name}"))
             .arg(format!("--parent-pid={}", self.pid))
             .args(extra)

@@ -30,7 +30,7 @@ name = "http"
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 2
 drain_timeout = "10s"
 "#
@@ -254,9 +254,9 @@ fn bad_configs() -> Vec<Bad> {
         ),
         bad(
             "NUL in a command argument",
-            good_config().replace("\"test-worker\"]", "\"test-worker\", \"a\\u0000b\"]"),
-            "[\"{holdfast}\"",
-            &["`command`", "argv[2]", "NUL"],
+            good_config().replace("\"{test_worker}\"]", "\"{test_worker}\", \"a\\u0000b\"]"),
+            "[\"{test_worker}\"",
+            &["`command`", "argv[1]", "NUL"],
         ),
         bad(
             "NUL in an env value",
@@ -510,7 +510,7 @@ address = "unix:app.sock"
 mode = "0660"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 2
 max_workers = 65536
 max_surge = 65536
@@ -537,7 +537,7 @@ address = "127.0.0.1:{port}"
 backlog = 1
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 1
 max_workers = 1
 max_surge = 0

@@ -33,7 +33,7 @@ address = "unix:app.sock"
 backlog = 32
 
 [app]
-command = ["{{holdfast}}", "test-worker"]
+command = ["{{test_worker}}"]
 workers = {workers}
 ready_timeout = "30s"
 drain_timeout = "30s"
@@ -330,8 +330,8 @@ fn restart_wait_fails_with_the_reason_when_the_new_generation_dies() {
     let h = start(2);
     let before = ready_pids(&status(&h));
     h.rewrite_config(&config(2, "").replace(
-        r#"command = ["{holdfast}", "test-worker"]"#,
-        r#"command = ["{holdfast}", "test-worker", "--exit-at-start", "7"]"#,
+        r#"command = ["{test_worker}"]"#,
+        r#"command = ["{test_worker}", "--exit-at-start", "7"]"#,
     ));
     let o = cli(&h, &["restart", "--wait"], 1);
     let err = stderr(&o);
@@ -415,8 +415,8 @@ fn status_shows_the_draining_worker_connections_falling() {
     // A long lame-duck period: the draining worker keeps idle keep-alive
     // connections until their clients leave, so every step below is exact.
     let h = Holdfast::start(&config(1, "").replace(
-        r#"command = ["{holdfast}", "test-worker"]"#,
-        r#"command = ["{holdfast}", "test-worker", "--lame-duck-ms", "60000"]"#,
+        r#"command = ["{test_worker}"]"#,
+        r#"command = ["{test_worker}", "--lame-duck-ms", "60000"]"#,
     ));
     h.wait_log("worker ready");
     let old = h.worker_pids()[0];

@@ -563,7 +563,7 @@ fn wrapper_closing_inherited_fds_is_reported() {
 address = "127.0.0.1:{{port}}"
 
 [app]
-command = ["{{holdfast}}", "test-worker"{extra}]
+command = ["{{test_worker}}"{extra}]
 workers = 1
 ready = "notify"
 ready_timeout = "60s"

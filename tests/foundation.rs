@@ -106,7 +106,7 @@ address = "127.0.0.1:{port}"
 address = "unix:{dir}/app.sock"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 2
 "#,
     );
@@ -176,7 +176,7 @@ address = "127.0.0.1:{port}"
 address = "unix:{dir}/app.sock"
 
 [app]
-command = ["{holdfast}", "test-worker", "--unicorn-fd"]
+command = ["{test_worker}", "--unicorn-fd"]
 handoff = ["unicorn"]
 workers = 1
 "#,
@@ -215,7 +215,7 @@ fn ipv6_loopback_listener_serves() {
 address = "[::1]:{port}"
 
 [app]
-command = ["{{holdfast}}", "test-worker"]
+command = ["{{test_worker}}"]
 workers = 1
 "#
     ));
@@ -251,7 +251,7 @@ address = "127.0.0.1:{{port2}}"
 backlog = {max}
 
 [app]
-command = ["{{holdfast}}", "test-worker"]
+command = ["{{test_worker}}"]
 workers = 1
 "#,
         above = max + 1
@@ -286,7 +286,7 @@ fn a_killed_worker_is_replaced_in_the_same_slot() {
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 2
 "#,
     );
@@ -354,7 +354,7 @@ address = "127.0.0.1:{port}"
 address = "unix:{dir}/app.sock"
 
 [app]
-command = ["{holdfast}", "test-worker", "--children", "1"]
+command = ["{test_worker}", "--children", "1"]
 workers = 3
 "#,
     );
@@ -503,7 +503,7 @@ address = "127.0.0.1:{port}"
 address = "unix:{dir}/app.sock"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 "#,
     );
     h.wait_log("all workers ready");
@@ -513,7 +513,7 @@ command = ["{holdfast}", "test-worker"]
         dir.path(),
         "tcp",
         &h.fill(
-            "[[listen]]\naddress = \"127.0.0.1:{port}\"\n[app]\ncommand = [\"{holdfast}\", \"test-worker\"]\n",
+            "[[listen]]\naddress = \"127.0.0.1:{port}\"\n[app]\ncommand = [\"{test_worker}\"]\n",
         ),
     );
     let (code, stderr) = run_for_code(&["run", "--config", tcp.to_str().expect("utf-8")]);
@@ -527,7 +527,7 @@ command = ["{holdfast}", "test-worker"]
         dir.path(),
         "unix",
         &h.fill(
-            "[[listen]]\naddress = \"unix:{dir}/app.sock\"\n[app]\ncommand = [\"{holdfast}\", \"test-worker\"]\n",
+            "[[listen]]\naddress = \"unix:{dir}/app.sock\"\n[app]\ncommand = [\"{test_worker}\"]\n",
         ),
     );
     let (code, stderr) = run_for_code(&["run", "--config", unix.to_str().expect("utf-8")]);
@@ -581,7 +581,7 @@ fn a_stale_unix_socket_file_is_replaced_and_a_regular_file_refused() {
     drop(UnixListener::bind(&sock).expect("bind a socket to leave behind"));
     assert!(fs::symlink_metadata(&sock).is_ok_and(|m| m.file_type().is_socket()));
     let mut h = Holdfast::start(&format!(
-        "[[listen]]\naddress = \"unix:{}\"\n[app]\ncommand = [\"{{holdfast}}\", \"test-worker\"]\n",
+        "[[listen]]\naddress = \"unix:{}\"\n[app]\ncommand = [\"{{test_worker}}\"]\n",
         sock.display()
     ));
     h.wait_log("all workers ready");
@@ -629,8 +629,7 @@ fn command_line_form_runs_without_a_config_file() {
             "--workers",
             "2",
             "--",
-            "{holdfast}",
-            "test-worker",
+            "{test_worker}",
         ],
         None,
     );

@@ -38,7 +38,7 @@ fn config(workers: u32, extra_worker_args: &str, app_extra: &str, logs: &str) ->
 address = "127.0.0.1:{{port}}"
 
 [app]
-command = ["{{holdfast}}", "test-worker", "--log-forever", "--log-line-bytes", "{LINE_BYTES}", "--lame-duck-ms", "200" {extra_worker_args}]
+command = ["{{test_worker}}", "--log-forever", "--log-line-bytes", "{LINE_BYTES}", "--lame-duck-ms", "200" {extra_worker_args}]
 workers = {workers}
 ready = "notify"
 {app_extra}

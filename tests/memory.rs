@@ -109,7 +109,7 @@ fn between<'a>(line: &'a str, from: &str, to: &str) -> &'a str {
 }
 
 fn test_worker(args: &str) -> String {
-    let mut argv = vec!["{holdfast}", "test-worker"];
+    let mut argv = vec!["{test_worker}"];
     argv.extend(args.split_whitespace());
     format!("{argv:?}")
 }

@@ -112,7 +112,7 @@ name = "sock"
 address = "unix:{{dir}}/app.sock"
 
 [app]
-command = ["{{holdfast}}", "test-worker"{flags}]
+command = ["{{test_worker}}"{flags}]
 workers = {workers}
 {app}
 "#
@@ -590,7 +590,7 @@ fn daemons_that_leave_the_process_group_die_with_their_worker_and_holdfast() {
     // The next holdfast binds the same port at once.
     let port = h.port;
     let next_cfg = format!(
-        "[[listen]]\naddress = \"127.0.0.1:{port}\"\n\n[app]\ncommand = [\"{{holdfast}}\", \"test-worker\"]\n"
+        "[[listen]]\naddress = \"127.0.0.1:{port}\"\n\n[app]\ncommand = [\"{{test_worker}}\"]\n"
     );
     let mut next = Swept::new(Holdfast::start(&next_cfg));
     let up = poll(DEADLINE, || {
@@ -761,7 +761,7 @@ name = "admin"
 address = "127.0.0.1:{{port2}}"
 
 [app]
-command = ["{{holdfast}}", "test-worker"{flags}]
+command = ["{{test_worker}}"{flags}]
 workers = 2
 ready_listeners = ["http"]
 ready_timeout = "10s"

@@ -104,7 +104,7 @@ address = "127.0.0.1:{{port}}"
 address = "unix:{{dir}}/app.sock"
 
 [app]
-command = ["{{holdfast}}", "test-worker"{flags}]
+command = ["{{test_worker}}"{flags}]
 workers = {workers}
 max_surge = {max_surge}
 {extra_app}
@@ -603,7 +603,7 @@ fn ready_notify_accepts_ready_from_a_descendant() {
     h.signal(Signal::SIGHUP);
     h.wait_log("rollout finished generation=2");
     assert!(answering(&h.tcp(), 8).is_subset(&pids_of(&h, 2)));
-    assert!(lines_with(&h, "ignoring a notify message").is_empty());
+    assert!(lines_with(&h, "ignoring notify messages").is_empty());
 }
 
 /// Established TCP connections to local `port` that `pids` hold, from
@@ -741,7 +741,7 @@ name = "extra"
 address = "127.0.0.1:{port2}"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 3
 "#;
     h.rewrite_config(changed);

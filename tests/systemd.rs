@@ -334,7 +334,7 @@ name = "app"
 address = "systemd:app"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 2
 "#;
     let args = activate_args(&["127.0.0.1:{port}", "{dir}/app.sock"], "--fdname=http:app");
@@ -422,7 +422,7 @@ name = "http"
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 "#;
     let args = activate_args(&["{dir}/app.sock"], "--fdname=http");
     let mut h = Holdfast::launch(
@@ -457,7 +457,7 @@ name = "http"
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 "#;
     let args = activate_args(
         &["127.0.0.1:{port}", "{dir}/extra.sock"],
@@ -515,7 +515,7 @@ name = "http"
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker", "--ready-delay-ms", "300"]
+command = ["{test_worker}", "--ready-delay-ms", "300"]
 workers = 2
 drain_timeout = "10s"
 "#;
@@ -627,7 +627,7 @@ fn notify_socket_may_be_an_abstract_name() {
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 "#;
     let mut h = start_notified(&mut rec, config, &[]);
     rec.wait("READY=1 on @name", |notes| {
@@ -649,7 +649,7 @@ fn watchdog_pings_at_half_the_interval_and_stop_while_the_loop_stalls() {
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 "#;
     let h = start_notified(
         &mut rec,
@@ -722,7 +722,7 @@ fn timeouts_are_extended_while_a_slow_boot_and_a_slow_drain_progress() {
 address = "127.0.0.1:{port}"
 
 [app]
-command = ["{holdfast}", "test-worker", "--ready-delay-ms", "5000", "--ignore-term"]
+command = ["{test_worker}", "--ready-delay-ms", "5000", "--ignore-term"]
 ready_timeout = "60s"
 drain_timeout = "4s"
 "#;
@@ -798,7 +798,7 @@ name = "app"
 address = "unix:{dir}/app.sock"
 
 [app]
-command = ["{holdfast}", "test-worker"]
+command = ["{test_worker}"]
 workers = 2
 "#;
     let mut h1 = start_notified(&mut rec, config, &[]);

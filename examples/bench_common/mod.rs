@@ -23,6 +23,17 @@ pub fn holdfast_bin() -> PathBuf {
     bin
 }
 
+/// The test worker next to `holdfast` (`target/<profile>/holdfast-test-worker`).
+pub fn test_worker_bin() -> PathBuf {
+    let bin = holdfast_bin().with_file_name("holdfast-test-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --release --bins`",
+        bin.display()
+    );
+    bin
+}
+
 /// A running holdfast with its log in a temp dir; killed (group) on drop.
 pub struct Running {
     pub child: Child,
@@ -43,6 +54,7 @@ impl Running {
             &cfg,
             config
                 .replace("{holdfast}", &bin.to_string_lossy())
+                .replace("{test_worker}", &test_worker_bin().to_string_lossy())
                 .replace("{dir}", &dir.path().to_string_lossy()),
         )
         .expect("write config");

@@ -202,6 +202,11 @@ fn holdfast_bin() -> &'static str {
     env!("CARGO_BIN_EXE_holdfast")
 }
 
+/// The test worker (`src/bin/holdfast-test-worker`), `{test_worker}` in configs.
+pub fn test_worker_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_holdfast-test-worker")
+}
+
 fn run_bounded(mut cmd: Command, deadline: Duration) -> Output {
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
@@ -402,6 +407,7 @@ impl Holdfast {
     pub fn fill(&self, s: &str) -> String {
         s.replace("{dir}", &self.dir.path().to_string_lossy())
             .replace("{holdfast}", holdfast_bin())
+            .replace("{test_worker}", test_worker_bin())
             .replace("{config}", &self.config_path.to_string_lossy())
             .replace("{port2}", &self.port2.to_string())
             .replace("{port}", &self.port.to_string())
