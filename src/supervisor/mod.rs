@@ -446,7 +446,11 @@ pub struct Counters {
 enum Phase {
     Starting,
     Running,
-    Stopping { waiters: Vec<ReplyTo> },
+    Stopping {
+        waiters: Vec<ReplyTo>,
+    },
+    /// `Exit` was decided; nothing more happens.
+    Exited,
 }
 
 /// Settings of the supervisor itself (not of a generation).
@@ -585,7 +589,7 @@ impl Supervisor {
         self.wanted
     }
     pub fn is_stopping(&self) -> bool {
-        matches!(self.phase, Phase::Stopping { .. })
+        matches!(self.phase, Phase::Stopping { .. } | Phase::Exited)
     }
     /// Adopted descendants holdfast knows of.
     pub fn strays(&self) -> impl Iterator<Item = &Stray> {
@@ -1088,6 +1092,9 @@ impl Supervisor {
                 out.push(Action::ReopenLogs { reply, signalled });
             }
             Request::Stop => {
+                if self.phase == Phase::Exited {
+                    return Self::reply(out, reply, Ok("stopped".into()));
+                }
                 if let Phase::Stopping { waiters } = &mut self.phase {
                     warn!("second stop request: killing every worker now");
                     waiters.extend(reply);
@@ -1426,9 +1433,10 @@ impl Supervisor {
     /// The one place that starts work: fill empty slots, take replacements from
     /// the queue within the surge budget, and notice finished rollouts.
     fn advance(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if let Phase::Stopping { .. } = self.phase {
-            self.finish_stop(now, out);
-            return;
+        match self.phase {
+            Phase::Stopping { .. } => return self.finish_stop(now, out),
+            Phase::Exited => return,
+            Phase::Starting | Phase::Running => {}
         }
         let target = self.target();
         // Empty slots: first start, crash restart, scale-up, stop-first replacement aftermath.
@@ -1526,11 +1534,14 @@ impl Supervisor {
         if !self.workers.is_empty() || !self.listed_since_exit || !self.strays_settled(now) {
             return;
         }
-        let Phase::Stopping { waiters } = &mut self.phase else {
+        if !matches!(self.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        let Phase::Stopping { waiters } = std::mem::replace(&mut self.phase, Phase::Exited) else {
             return;
         };
         info!("every worker has exited");
-        for to in std::mem::take(waiters) {
+        for to in waiters {
             out.push(Action::Reply {
                 to,
                 outcome: Ok("stopped".into()),
@@ -1607,7 +1618,7 @@ impl Supervisor {
     /// What the service manager should be told now.
     pub fn service_state(&self) -> ServiceState {
         match self.phase {
-            Phase::Stopping { .. } => ServiceState::Stopping,
+            Phase::Stopping { .. } | Phase::Exited => ServiceState::Stopping,
             Phase::Starting => ServiceState::Starting,
             Phase::Running if self.rollout.is_some() => ServiceState::Reloading,
             Phase::Running => ServiceState::Ready,
