@@ -394,10 +394,6 @@ fn backoff_resets_after_a_long_life() {
 #[test]
 fn graceful_stop_then_second_stop_kills() {
     let mut sv = running(2, 1);
-    let stop = || Event::Request {
-        request: Request::Stop,
-        reply: None,
-    };
     play(
         &mut sv,
         vec![
@@ -411,8 +407,18 @@ fn graceful_stop_then_second_stop_kills() {
                 Event::Adopted { procs: vec![] },
                 vec![Action::Exit { code: 0 }],
             ),
+            // Decided once: what still comes in changes nothing.
+            (42, Event::Adopted { procs: vec![] }, vec![]),
+            (43, stop(), vec![]),
         ],
     );
+}
+
+fn stop() -> Event {
+    Event::Request {
+        request: Request::Stop,
+        reply: None,
+    }
 }
 
 fn scale(n: u32) -> Event {
