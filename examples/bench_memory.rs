@@ -3,7 +3,7 @@
 //! `cargo run --release --example bench_memory`
 //!
 //! 1. One sampling round (`holdfast::memory::sample`) over a process tree of
-//!    64 and of 256 processes, per metric. The tree is `FORKING_PY`: a
+//!    64 and of 256 processes, per metric. The tree is `forking.py` (beside the test worker): a
 //!    Python parent that touches 64 MiB and forks the rest, so every process
 //!    maps 64 MiB of copy-on-write pages (like a preloading Unicorn or Puma
 //!    cluster) and PSS/USS have real page tables to walk, without using
@@ -23,12 +23,15 @@ use holdfast::config::Metric;
 use holdfast::memory;
 use holdfast::supervisor::{Pid, WorkerId};
 
+/// The copy-on-write process tree of the memory tests (python3; see the file).
+const FORKING_PY: &str = include_str!("../src/bin/holdfast-test-worker/forking.py");
+
 const ROUNDS: usize = 30;
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("bench-memory-").tempdir()?;
     let script = dir.path().join("forking.py");
-    std::fs::write(&script, holdfast::testworker::FORKING_PY)?;
+    std::fs::write(&script, FORKING_PY)?;
     let secs: u64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -21,7 +21,6 @@
 //! - [`status`]: the status snapshot (workers, listeners' accept queues, counters).
 //! - [`metrics`]: the same figures in the Prometheus text format, when enabled.
 //! - [`cli`]: the command line.
-//! - [`testworker`]: the HTTP test worker used by tests, benchmarks and the demo.
 #![warn(clippy::unwrap_used)]
 
 pub mod cli;
@@ -40,5 +39,4 @@ pub mod status;
 pub mod supervisor;
 pub mod sys;
 pub mod systemd;
-pub mod testworker;
 pub mod tree;

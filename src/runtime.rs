@@ -226,9 +226,6 @@ fn runtime_base() -> PathBuf {
     }
 }
 
-/// The environment variable of the test hook that stalls the event loop.
-pub const STALL_HOOK: &str = "HOLDFAST_TEST_STALL_ON_USR2";
-
 impl Runtime {
     /// Takes the sockets systemd passed (see [`Inherited::from_env`]), binds
     /// the rest and prepares everything; spawns nothing yet.
@@ -357,7 +354,6 @@ impl Runtime {
             }
         };
         info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
-        let mut stall = stall_hook();
         let baseline = crate::status::listen_counters();
         let control = self.control.take().and_then(|socket| {
             let path = socket.path().display().to_string();
@@ -400,7 +396,6 @@ impl Runtime {
                 _ = sleep => self.feed(Event::Tick),
                 _ = housekeeping.tick() => self.housekeeping(false),
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
-                Some(d) = next_signal(&mut stall) => stall_loop(d),
             }
         }
         if self.systemd.uses_fd_store() {
@@ -1086,40 +1081,6 @@ fn inodes(listeners: &[Rc<Listener>]) -> Vec<u64> {
         .iter()
         .filter_map(|l| l.socket_inode().ok())
         .collect()
-}
-
-/// The test hook: with `HOLDFAST_TEST_STALL_ON_USR2=SECONDS` set, SIGUSR2
-/// blocks the event loop's thread for that long (so tests can see the
-/// watchdog pings stop). Not for production use.
-fn stall_hook() -> Option<(signal_hook_tokio::Signals, Duration)> {
-    let secs: f64 = std::env::var(STALL_HOOK).ok()?.trim().parse().ok()?;
-    let stall = Duration::try_from_secs_f64(secs).ok()?;
-    match signal_hook_tokio::Signals::new([SIGUSR2]) {
-        Ok(s) => {
-            warn!(hook = STALL_HOOK, stall = ?stall, "test hook enabled: SIGUSR2 stalls the event loop");
-            Some((s, stall))
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot install the SIGUSR2 test hook");
-            None
-        }
-    }
-}
-
-async fn next_signal(
-    hook: &mut Option<(signal_hook_tokio::Signals, Duration)>,
-) -> Option<Duration> {
-    match hook {
-        Some((s, d)) => s.next().await.map(|_| *d),
-        None => std::future::pending().await,
-    }
-}
-
-/// Blocks the loop's thread on purpose (the SIGUSR2 test hook).
-fn stall_loop(d: Duration) {
-    warn!(stall = ?d, "test hook: stalling the event loop");
-    std::thread::sleep(d);
-    warn!("test hook: event loop stall over");
 }
 
 /// Whether two `[logs]` tables ask for the same thing.
