@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --example bench_memory`
 //!
-//! 1. One sampling round (`holdfast::memory::sample`) over a process tree of
+//! 1. One sampling round (`holdfast::os::memory::sample`) over a process tree of
 //!    64 and of 256 processes, per metric. The tree is `forking.py` (beside the test worker): a
 //!    Python parent that touches 64 MiB and forks the rest, so every process
 //!    maps 64 MiB of copy-on-write pages (like a preloading Unicorn or Puma
@@ -20,8 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use holdfast::config::Metric;
-use holdfast::memory;
-use holdfast::supervisor::{Pid, WorkerId};
+use holdfast::core::{Pid, WorkerId};
+use holdfast::os::memory;
 
 /// The copy-on-write process tree of the memory tests (python3; see the file).
 const FORKING_PY: &str = include_str!("../src/bin/holdfast-test-worker/forking.py");
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
             let mut took = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
                 let t = Instant::now();
-                let round = memory::sample(&[holdfast::supervisor::SampleTarget {
+                let round = memory::sample(&[holdfast::core::SampleTarget {
                     id: WorkerId(1),
                     pid: tree.root,
                     metric,
@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         let t = Instant::now();
-        let all = holdfast::tree::parents().len();
+        let all = holdfast::os::tree::parents().len();
         println!(
             "(a kernel without children files scans all of /proc instead: {all} processes, +{:.2} ms)",
             ms(t.elapsed())
@@ -126,7 +126,7 @@ impl ForkingTree {
         let _ = std::io::Read::read(&mut out, &mut buf)?;
         let tree = ForkingTree { child, root };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while holdfast::tree::descendants(root.0).len() < n {
+        while holdfast::os::tree::descendants(root.0).len() < n {
             anyhow::ensure!(Instant::now() < deadline, "forking.py did not fork {n}");
             std::thread::sleep(Duration::from_millis(50));
         }

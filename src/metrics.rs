@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::runtime::Input;
+use crate::edge::Input;
 use crate::status::Snapshot;
 
 /// Scrapes served at once; more are closed at once.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use super::*;
-use crate::supervisor::{Event, Generation, Pid, ReadyVia, Request, Settings, Spec, WorkerId};
+use crate::core::{Event, Generation, Pid, ReadyVia, Request, Settings, Spec, WorkerId};
 
 #[test]
 fn listen_vars_follow_sd_listen_fds() {
@@ -241,11 +241,11 @@ fn step(sv: &mut Supervisor, n: &mut Notifier, at: Instant, event: Event) {
     while let Some(e) = pending.pop() {
         for a in sv.step(at, e) {
             match a {
-                crate::supervisor::Action::Spawn { id, .. } => pending.push(Event::Spawned {
+                crate::core::Action::Spawn { id, .. } => pending.push(Event::Spawned {
                     id,
                     pid: Pid(100 + id.0 as i32),
                 }),
-                crate::supervisor::Action::Service { state, status } => n.tell(state, &status),
+                crate::core::Action::Service { state, status } => n.tell(state, &status),
                 _ => {}
             }
         }
@@ -294,7 +294,7 @@ fn notifications_follow_the_supervisor() {
         (
             Event::Exited {
                 pid: Pid(101),
-                reason: crate::supervisor::ExitReason::Code(0),
+                reason: crate::core::ExitReason::Code(0),
             },
             vec![],
         ),
@@ -306,7 +306,7 @@ fn notifications_follow_the_supervisor() {
         (
             Event::Exited {
                 pid: Pid(102),
-                reason: crate::supervisor::ExitReason::Code(0),
+                reason: crate::core::ExitReason::Code(0),
             },
             vec!["READY=1\nSTATUS=2/2 workers ready, generation 2\n"],
         ),
@@ -320,7 +320,7 @@ fn notifications_follow_the_supervisor() {
         (
             Event::Exited {
                 pid: Pid(103),
-                reason: crate::supervisor::ExitReason::Code(0),
+                reason: crate::core::ExitReason::Code(0),
             },
             vec!["STATUS=stopping: 1 process(es) left\n"],
         ),
@@ -427,7 +427,7 @@ fn timeouts_are_extended_only_while_bounded_work_progresses() {
         t(11_000),
         Event::Exited {
             pid: Pid(101),
-            reason: crate::supervisor::ExitReason::Code(1),
+            reason: crate::core::ExitReason::Code(1),
         },
     );
     assert_eq!(extension(&sv, Told::Starting, t(11_000)), None);

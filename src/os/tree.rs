@@ -10,7 +10,7 @@ pub fn parents() -> HashMap<i32, i32> {
         return HashMap::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| crate::procs::stat(pid).map(|s| (pid, s.ppid)))
+        .filter_map(|pid| crate::os::procs::stat(pid).map(|s| (pid, s.ppid)))
         .collect()
 }
 

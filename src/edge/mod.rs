@@ -15,6 +15,9 @@
 //! failure is read from the child's report pipe when the child is reaped;
 //! messages to systemd go through the notifier's own thread.
 
+pub mod notify;
+pub mod probe;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -30,16 +33,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Address, Config, LogsConfig, Overrides, ReadyMode};
 use crate::control::{self, ControlSocket};
-use crate::listener::{self, Listener};
-use crate::logs::{LogCounters, Logs};
-use crate::notify::{self, NotifySocket};
-use crate::spawn::{self, Start};
-use crate::status::Snapshot;
-use crate::supervisor::{
+use crate::core::{
     Action, AdoptedProc, Event, ExitReason, Generation, Pid, ReadyVia, ReplyTo, Request, Scale,
     Settings, Slot, Spec, Supervisor, WorkerId,
 };
+use crate::logs::{LogCounters, Logs};
+use crate::os::listener::{self, Listener};
+use crate::os::spawn::{self, Start};
+use crate::status::Snapshot;
 use crate::systemd::{ActivationError, Inherited, Notifier};
+use notify::NotifySocket;
 
 /// Why holdfast could not start; each maps to a sysexits code.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +52,7 @@ pub enum StartError {
     #[error(transparent)]
     Listen(#[from] listener::ListenError),
     #[error("{0}")]
-    Command(#[from] crate::sys::SpawnError),
+    Command(#[from] crate::os::sys::SpawnError),
     #[error(transparent)]
     Activation(#[from] ActivationError),
     #[error(transparent)]
@@ -89,7 +92,7 @@ const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 
 /// The generation spec of `config` (the program resolved on PATH).
-pub fn spec_of(config: &Config) -> Result<Spec, crate::sys::SpawnError> {
+pub fn spec_of(config: &Config) -> Result<Spec, crate::os::sys::SpawnError> {
     let program = spawn::resolve_program(&config.app)?;
     Ok(Spec {
         app: config.app.clone(),
@@ -172,11 +175,11 @@ pub struct Runtime {
     /// Unreaped worker processes (their own pid).
     pids: HashMap<i32, WorkerId>,
     /// Exec reports of workers that may not have exec'd yet.
-    execs: HashMap<i32, (WorkerId, crate::sys::ExecReport)>,
+    execs: HashMap<i32, (WorkerId, crate::os::sys::ExecReport)>,
     probes: HashMap<WorkerId, Probe>,
     /// holdfast's delegated cgroup, when it has one: a cgroup per worker.
-    cgroups: Option<crate::procs::Cgroups>,
-    worker_cgroups: HashMap<WorkerId, crate::procs::WorkerCgroup>,
+    cgroups: Option<crate::os::procs::Cgroups>,
+    worker_cgroups: HashMap<WorkerId, crate::os::procs::WorkerCgroup>,
     notify: NotifySocket,
     rundir: tempfile::TempDir,
     devnull: OwnedFd,
@@ -286,8 +289,8 @@ impl Runtime {
         let devnull = std::fs::File::open("/dev/null")
             .map_err(io("/dev/null"))?
             .into();
-        crate::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
-        let cgroups = match crate::procs::Cgroups::detect() {
+        crate::os::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
+        let cgroups = match crate::os::procs::Cgroups::detect() {
             Ok(c) => {
                 info!(cgroup = %c.dir().display(), "a cgroup per worker: every descendant of a worker is contained and ends with it");
                 Some(c)
@@ -669,11 +672,11 @@ impl Runtime {
                 if !self.pids.contains_key(&worker.0) {
                     return; // the worker was reaped: its pid may be anyone's now
                 }
-                match crate::memory::signal_descendant(worker, pid, signal) {
-                    Ok(crate::memory::Signalled::Sent) => {
+                match crate::os::memory::signal_descendant(worker, pid, signal) {
+                    Ok(crate::os::memory::Signalled::Sent) => {
                         debug!(worker = %id, %pid, %signal, "signal to a worker's descendant")
                     }
-                    Ok(crate::memory::Signalled::NotDescendant) => {
+                    Ok(crate::os::memory::Signalled::NotDescendant) => {
                         info!(worker_pid = %worker, %pid, %signal, "process {pid} is gone or no longer under worker pid {worker}: not signalled")
                     }
                     Err(e) => warn!(%pid, %signal, error = %e, "signal failed"),
@@ -696,7 +699,7 @@ impl Runtime {
             Action::Sample { targets } => {
                 let tx = self.tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let samples = crate::memory::sample(&targets);
+                    let samples = crate::os::memory::sample(&targets);
                     let _ = tx.send(Input::Event(Event::MemorySample { samples }));
                 });
             }
@@ -809,7 +812,7 @@ impl Runtime {
         self.execs.insert(pid, (id, started.report));
         if let Some((path, _fd)) = probe {
             // The worker has the probe socket now; holdfast only connects to it.
-            let task = tokio::spawn(crate::probe::until_ready(
+            let task = tokio::spawn(crate::edge::probe::until_ready(
                 path.clone(),
                 spec.app.ready_path.clone(),
                 id,
@@ -879,7 +882,7 @@ impl Runtime {
         self.repair_paths();
         let pids = &self.pids;
         let procs: Vec<AdoptedProc> =
-            crate::procs::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
+            crate::os::procs::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
                 .into_iter()
                 .map(|a| AdoptedProc {
                     pid: Pid(a.pid),
@@ -915,9 +918,9 @@ impl Runtime {
         self.repair_paths();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
-            let mut held = crate::tree::socket_inodes(pid.0);
+            let mut held = crate::os::tree::socket_inodes(pid.0);
             for p in extra {
-                held.extend(crate::tree::socket_inodes(p));
+                held.extend(crate::os::tree::socket_inodes(p));
             }
             let missing: Vec<String> = want
                 .into_iter()
@@ -938,7 +941,7 @@ impl Runtime {
         }
         // A descendant in its worker's process group (most are): one small
         // read, here and now, before a sender that exits at once is gone.
-        let group = crate::procs::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
+        let group = crate::os::procs::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
         if let Some(id) = group {
             return self.notified(id, m.fields);
         }

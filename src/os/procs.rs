@@ -564,12 +564,12 @@ impl WorkerCgroup {
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             })
         };
-        match crate::sys::pidfd_open(pid) {
+        match crate::os::sys::pidfd_open(pid) {
             Ok(fd) => {
                 // The pidfd pins this process: if it is a member now, the
                 // signal can only reach it.
                 if member(pid) {
-                    let _ = crate::sys::pidfd_send_signal(&fd, Signal::SIGKILL);
+                    let _ = crate::os::sys::pidfd_send_signal(&fd, Signal::SIGKILL);
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {

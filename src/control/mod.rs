@@ -37,9 +37,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::runtime::Input;
+use crate::core::Request as SvRequest;
+use crate::edge::Input;
 use crate::status::Snapshot;
-use crate::supervisor::Request as SvRequest;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -607,7 +607,7 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
         Command::Scale { workers } => {
             let (reply, rx) = oneshot::channel();
             let input = Input::Request {
-                request: SvRequest::Scale(crate::supervisor::Scale::To(workers)),
+                request: SvRequest::Scale(crate::core::Scale::To(workers)),
                 reply: Some(reply),
             };
             if tx.send(input).is_err() {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::runtime::Input;
-use crate::supervisor::{Event, ReadyVia, WorkerId};
+use crate::core::{Event, ReadyVia, WorkerId};
+use crate::edge::Input;
 
 /// GETs `path` on the probe socket every 100 ms until it answers below 500.
 pub async fn until_ready(

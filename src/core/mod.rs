@@ -30,7 +30,7 @@ use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Metric, ReadyMode};
-use crate::memory::TreeSample;
+use crate::os::memory::TreeSample;
 
 mod recycle;
 mod spec;
@@ -207,7 +207,7 @@ pub enum Event {
     Adopted {
         procs: Vec<AdoptedProc>,
     },
-    /// One memory sampling round (see `crate::memory`): facts, no decisions.
+    /// One memory sampling round (see `crate::os::memory`): facts, no decisions.
     MemorySample {
         samples: Vec<TreeSample>,
     },

@@ -44,8 +44,8 @@ use socket2::Domain;
 use tracing::{debug, info, warn};
 
 use crate::config::{Address, Listen};
-use crate::listener::{self, Listener, Origin, SocketFacts};
-use crate::supervisor::{ServiceState, Supervisor, WorkerState};
+use crate::core::{ServiceState, Supervisor, WorkerState};
+use crate::os::listener::{self, Listener, Origin, SocketFacts};
 
 /// `FDNAME=` of a socket holdfast puts in the fd store: this prefix and the
 /// `[[listen]]` entry's name. It tells a stored socket (holdfast's own, may be
@@ -346,7 +346,7 @@ impl Inherited {
             "socket activation: taking the sockets systemd passed (LISTEN_PID is holdfast's own pid)"
         );
         let mut passed: Vec<Passed> = Vec::new();
-        for (i, (taken, name)) in crate::sys::take_listen_fds(count)
+        for (i, (taken, name)) in crate::os::sys::take_listen_fds(count)
             .into_iter()
             .zip(names)
             .enumerate()
@@ -416,7 +416,7 @@ impl Inherited {
         };
         let fd = match offer.origin {
             Origin::Stored => self.passed.remove(i).fd,
-            _ => crate::sys::dup(self.passed[i].fd.as_raw_fd()).map_err(|source| {
+            _ => crate::os::sys::dup(self.passed[i].fd.as_raw_fd()).map_err(|source| {
                 ActivationError::Io {
                     fd: offer.number,
                     entry: spec.name.clone(),
@@ -581,7 +581,7 @@ impl Notifier {
         self.told
     }
 
-    /// Sends what the supervisor decided ([`Action::Service`](crate::supervisor::Action::Service)):
+    /// Sends what the supervisor decided ([`Action::Service`](crate::core::Action::Service)):
     /// READY=1 (every slot ready, or a rollout ended), RELOADING=1 with
     /// MONOTONIC_USEC (a rollout started), STOPPING=1, and STATUS= when the
     /// line changed. Stopping is final; Starting is never re-entered.
@@ -802,7 +802,7 @@ impl Sender {
     fn send(&self, text: String, fds: &[RawFd]) {
         let mut owned = Vec::with_capacity(fds.len());
         for &fd in fds {
-            match crate::sys::dup(fd) {
+            match crate::os::sys::dup(fd) {
                 Ok(f) => owned.push(f),
                 Err(e) => {
                     warn!(fd, error = %e, "cannot duplicate an fd for the fd store; not storing it");
@@ -877,11 +877,11 @@ fn send_to(addr: &UnixAddr, text: &str, fds: &[RawFd]) -> nix::Result<()> {
 ///   `drain_timeout`;
 /// - stopping: workers within `drain_timeout` (or killed, not yet reaped).
 pub fn extension(sv: &Supervisor, told: Told, now: Instant) -> Option<Duration> {
-    let starting = |w: &crate::supervisor::Worker| match w.state {
+    let starting = |w: &crate::core::Worker| match w.state {
         WorkerState::Starting { ready_by } | WorkerState::Checking { ready_by } => Some(ready_by),
         _ => None,
     };
-    let draining = |w: &crate::supervisor::Worker| match w.state {
+    let draining = |w: &crate::core::Worker| match w.state {
         WorkerState::Draining { kill_at } | WorkerState::Stopping { kill_at } => Some(kill_at),
         WorkerState::Killed => Some(now),
         _ => None,

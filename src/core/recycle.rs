@@ -1,7 +1,7 @@
 //! Memory and age recycling: the supervisor's decisions on memory samples
 //! and worker lifetimes.
 //!
-//! The sampler (`crate::memory`, run by the edge) only reports figures;
+//! The sampler (`crate::os::memory`, run by the edge) only reports figures;
 //! everything decided about them is here, pure: consecutive samples over the
 //! limit (`grace`), `min_lifetime`, biggest first, child signals and their
 //! rate limit, and `max_lifetime` deadlines. A worker to recycle goes into the
@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use super::{later, Action, Pid, Reason, Slot, Supervisor, WorkerId, WorkerState};
 use crate::config::{MemoryConfig, Metric, Scope};
-use crate::memory::{mib, TreeSample};
+use crate::os::memory::{mib, TreeSample};
 
 /// The `[memory]` keys of one generation, as the supervisor uses them.
 #[derive(Debug, Clone, PartialEq)]

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::{MemoryConfig, Metric, Scope};
-use crate::memory::{ProcessSample, TreeSample, Usage, MIB};
+use crate::os::memory::{ProcessSample, TreeSample, Usage, MIB};
 
 fn recycle(scope: Scope) -> MemoryConfig {
     let scope = match scope {

@@ -4,7 +4,7 @@
 //! `/proc/PID/task/TID/children` files (so its cost follows the workers'
 //! processes, not every process on the machine; a kernel without
 //! CONFIG_PROC_CHILDREN falls back to one pass over `/proc/*/stat`, see
-//! [`crate::tree`]), then reads each process:
+//! [`crate::os::tree`]), then reads each process:
 //! `/proc/PID/smaps_rollup` for PSS and USS (`Rss`, `Pss`, `Private_Clean +
 //! Private_Dirty`), or only `/proc/PID/status` (`VmRSS`) when the metric is
 //! RSS, which needs no page-table walk and is much cheaper. A process that
@@ -12,7 +12,7 @@
 //!
 //! Nothing is decided here. A round is blocking file I/O, so the edge runs
 //! it off its event loop (`spawn_blocking`) and feeds the result to the
-//! supervisor as [`crate::supervisor::Event::MemorySample`]; grace counting,
+//! supervisor as [`crate::core::Event::MemorySample`]; grace counting,
 //! limits, biggest-first and child signals are the supervisor's.
 //!
 //! The only action with a side effect, [`signal_descendant`], checks at the
@@ -26,7 +26,7 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 
 use crate::config::Metric;
-use crate::supervisor::{Pid, SampleTarget, WorkerId};
+use crate::core::{Pid, SampleTarget, WorkerId};
 
 /// One MiB, the unit of memory figures in logs.
 pub const MIB: u64 = 1024 * 1024;
@@ -142,7 +142,7 @@ pub fn sample(workers: &[SampleTarget]) -> Vec<TreeSample> {
     // Without children files: one pass over /proc for the whole round.
     let scanned: Option<HashMap<i32, Vec<i32>>> = (!children_files()).then(|| {
         let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-        for (pid, ppid) in crate::tree::parents() {
+        for (pid, ppid) in crate::os::tree::parents() {
             children.entry(ppid).or_default().push(pid);
         }
         children
@@ -245,7 +245,7 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
     let mut p = pid.0;
     for _ in 0..64 {
-        let Some((_, parent)) = crate::notify::pgrp_and_parent(p) else {
+        let Some((_, parent)) = crate::edge::notify::pgrp_and_parent(p) else {
             return false;
         };
         if parent == ancestor.0 {
@@ -273,7 +273,7 @@ pub enum Signalled {
 /// than to the new process. Kernels without pidfd (before 5.3) fall back to
 /// kill(2) right after the check.
 pub fn signal_descendant(worker: Pid, pid: Pid, signal: Signal) -> io::Result<Signalled> {
-    let pidfd = match crate::sys::pidfd_open(pid.0) {
+    let pidfd = match crate::os::sys::pidfd_open(pid.0) {
         Ok(fd) => Some(fd),
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(Signalled::NotDescendant),
         Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
@@ -283,7 +283,7 @@ pub fn signal_descendant(worker: Pid, pid: Pid, signal: Signal) -> io::Result<Si
         return Ok(Signalled::NotDescendant);
     }
     let sent = match &pidfd {
-        Some(fd) => crate::sys::pidfd_send_signal(fd, signal),
+        Some(fd) => crate::os::sys::pidfd_send_signal(fd, signal),
         None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), signal)
             .map_err(io::Error::from),
     };
@@ -400,7 +400,7 @@ Swap:                  0 kB
             .collect();
         let me = std::process::id() as i32;
         let mut scanned: HashMap<i32, Vec<i32>> = HashMap::new();
-        for (pid, ppid) in crate::tree::parents() {
+        for (pid, ppid) in crate::os::tree::parents() {
             scanned.entry(ppid).or_default().push(pid);
         }
         let mut a = subtree(me, children_of);

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::config::{Address, AppConfig, Handoff, PROBE_NAME};
-use crate::listener::Listener;
-use crate::procs::SERIAL_VAR;
-use crate::supervisor::{Generation, Slot, Spec};
-use crate::sys::{self, ExecPlan, SpawnError};
+use crate::core::{Generation, Slot, Spec};
+use crate::os::listener::Listener;
+use crate::os::procs::SERIAL_VAR;
+use crate::os::sys::{self, ExecPlan, SpawnError};
 
 /// Resolves `app.command[0]` the way exec will (the app's PATH, its cwd),
 /// so a missing program is a config error at load, not a crash loop.
@@ -36,7 +36,7 @@ pub struct Start<'a> {
     /// The worker's unique serial ([`SERIAL_VAR`]): its descendants carry it.
     pub serial: u64,
     /// Its cgroup's `cgroup.procs`, open for writing: the child moves itself
-    /// there before exec (see [`crate::procs::WorkerCgroup`]).
+    /// there before exec (see [`crate::os::procs::WorkerCgroup`]).
     pub cgroup_procs: Option<RawFd>,
     pub notify_socket: &'a Path,
     /// The private readiness-probe listener, passed last, if `ready = "probe"`.

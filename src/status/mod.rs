@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Address, Config, Metric, Scope};
-use crate::listener::Listener;
-use crate::supervisor::{Reason, Supervisor, WorkerState};
+use crate::core::{Reason, Supervisor, WorkerState};
+use crate::os::listener::Listener;
 
 /// Everything `holdfast status` shows, as sent over the control socket.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -307,7 +307,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             let (kind, queue) = match &l.address {
                 Address::Tcp(a) => (
                     ListenerKind::Tcp(*a),
-                    crate::sys::tcp_accept_queue(l.as_fd()).ok(),
+                    crate::os::sys::tcp_accept_queue(l.as_fd()).ok(),
                 ),
                 Address::Unix(p) => (ListenerKind::Unix(p.to_string_lossy().into_owned()), None),
                 Address::Systemd(_) => (ListenerKind::Other, None),
@@ -380,7 +380,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
 /// accept queues and kernel counters. `baseline` is `ListenOverflows` and
 /// `ListenDrops` when holdfast started.
 pub fn enrich(s: &mut Snapshot, baseline: Option<(u64, u64)>) {
-    let parents = crate::tree::parents();
+    let parents = crate::os::tree::parents();
     let tcp = tcp_sockets();
     let unix = unix_sockets();
     for w in &mut s.workers {
@@ -388,14 +388,14 @@ pub fn enrich(s: &mut Snapshot, baseline: Option<(u64, u64)>) {
         if !parents.contains_key(&pid) {
             continue; // exited since the loop's half was taken
         }
-        let mut tree = crate::tree::descendants_in(pid, &parents);
+        let mut tree = crate::os::tree::descendants_in(pid, &parents);
         for &p in &w.escaped_pids {
-            tree.extend(crate::tree::descendants_in(p, &parents));
+            tree.extend(crate::os::tree::descendants_in(p, &parents));
         }
         w.descendants = Some(tree.len().saturating_sub(1) as u64);
         let inodes: HashSet<u64> = tree
             .iter()
-            .flat_map(|p| crate::tree::process_socket_inodes(*p))
+            .flat_map(|p| crate::os::tree::process_socket_inodes(*p))
             .collect();
         w.connections = Some(count_connections(&inodes, &s.listeners, &tcp, &unix));
         w.memory = memory(&tree, s.sampling);
@@ -607,7 +607,7 @@ pub fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
 fn memory(tree: &[i32], sampling: Sampling) -> Option<Memory> {
     let per: Vec<(u64, u64)> = tree
         .iter()
-        .filter_map(|&pid| crate::memory::read_usage(pid, sampling.metric))
+        .filter_map(|&pid| crate::os::memory::read_usage(pid, sampling.metric))
         .filter_map(|u| Some((u.get(sampling.metric)?, u.rss)))
         .collect();
     if per.is_empty() {

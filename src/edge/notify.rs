@@ -123,7 +123,7 @@ fn recv_one(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<Option<Message>> {
 
 /// The process group and parent of `pid` (from /proc/PID/stat), if it still exists.
 pub fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
-    crate::procs::stat(pid).map(|s| (s.pgrp, s.ppid))
+    crate::os::procs::stat(pid).map(|s| (s.pgrp, s.ppid))
 }
 
 /// Finds which of `is_worker`'s pids `pid` belongs to: itself, its process

@@ -1,0 +1,9 @@
+//! The OS layer: fork/exec and fds (`sys`, the only `unsafe`), the spawn
+//! plan, the listening sockets, and reading /proc and cgroupfs.
+
+pub mod listener;
+pub mod memory;
+pub mod procs;
+pub mod spawn;
+pub mod sys;
+pub mod tree;
