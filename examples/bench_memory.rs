@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use holdfast::config::Metric;
-use holdfast::core::{Pid, WorkerId};
+use holdfast::ids::{Pid, WorkerId};
 use holdfast::os::memory;
 
 /// The copy-on-write process tree of the memory tests (python3; see the file).

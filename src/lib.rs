@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod edge;
+pub mod ids;
 pub mod logs;
 pub mod metrics;
 pub mod os;

@@ -17,7 +17,7 @@
 //!
 //! # Why it cannot hurt holdfast
 //! The server never touches supervisor state: every request becomes an
-//! [`Input`] for the one event loop, which answers over a oneshot. Each
+//! [`Call`] for the one event loop, which answers over a oneshot. Each
 //! connection is its own task with a bounded line (64 KiB), a read deadline
 //! (5 s) and a write deadline; at most [`MAX_CLIENTS`] are served at once,
 //! the rest get a `busy` line. The loop only builds the cheap half of a
@@ -37,8 +37,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::core::Request as SvRequest;
-use crate::edge::Input;
 use crate::status::Snapshot;
 
 /// The protocol version this build speaks.
@@ -51,6 +49,35 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more get a `busy` error and are closed.
 pub const MAX_CLIENTS: usize = 256;
+
+/// A reply the event loop sends once: the outcome's message, or why it failed.
+pub type Reply = oneshot::Sender<Result<String, String>>;
+
+/// What the control socket and `/metrics` ask of the event loop. This module
+/// defines it and the edge consumes it, so control never imports the edge:
+/// the loop receives calls on the [`Calls`] channel it hands to
+/// [`Server::start`] and answers over the oneshots.
+#[derive(Debug)]
+pub enum Call {
+    /// The cheap half of a status snapshot (see [`crate::status`]).
+    Status { reply: oneshot::Sender<Snapshot> },
+    /// Re-read the config and roll every worker (as SIGHUP). `reply`: when
+    /// the rollout ends; `started`: when it has started (or was refused).
+    Reload {
+        reply: Option<Reply>,
+        started: Option<Reply>,
+    },
+    /// Reopen every log file by path (as SIGUSR1); the reply comes once all
+    /// are reopened, or names each that failed.
+    ReopenLogs { reply: Reply },
+    /// Run `workers` workers from now on.
+    Scale { workers: u32, reply: Reply },
+    /// Graceful stop (as SIGTERM); the reply comes when every worker exited.
+    Stop { reply: Reply },
+}
+
+/// The event loop's end of [`Call`]s.
+pub type Calls = mpsc::UnboundedSender<Call>;
 
 /// One request, as sent on the wire (`{"v":1,"cmd":"...",...}`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -267,7 +294,7 @@ impl ControlSocket {
 
 /// What connection tasks share.
 struct Shared {
-    tx: mpsc::UnboundedSender<Input>,
+    tx: Calls,
     /// `ListenOverflows`, `ListenDrops` when holdfast started.
     baseline: Option<(u64, u64)>,
     uid: u32,
@@ -315,7 +342,7 @@ impl Server {
     /// Starts accepting on `socket`; requests go to the loop through `tx`.
     pub fn start(
         socket: ControlSocket,
-        tx: mpsc::UnboundedSender<Input>,
+        tx: Calls,
         baseline: Option<(u64, u64)>,
     ) -> io::Result<Server> {
         let ControlSocket { listener, guard } = socket;
@@ -490,10 +517,7 @@ static WALK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// caller waiting so far, asks the loop (so the snapshot is newer than all of
 /// them), walks /proc once and answers them all. 200 clients at once cost a
 /// few walks, not 200.
-pub async fn fetch_status(
-    tx: &mpsc::UnboundedSender<Input>,
-    baseline: Option<(u64, u64)>,
-) -> StatusResult {
+pub async fn fetch_status(tx: &Calls, baseline: Option<(u64, u64)>) -> StatusResult {
     let (me, rx) = oneshot::channel();
     WAITING.lock().unwrap_or_else(|e| e.into_inner()).push(me);
     {
@@ -509,7 +533,7 @@ pub async fn fetch_status(
     rx.await.unwrap_or_else(|_| Err(gone()))
 }
 
-async fn walk(tx: &mpsc::UnboundedSender<Input>, baseline: Option<(u64, u64)>) -> StatusResult {
+async fn walk(tx: &Calls, baseline: Option<(u64, u64)>) -> StatusResult {
     let mut snap = loop_status(tx).await?;
     tokio::task::spawn_blocking(move || {
         crate::status::enrich(&mut snap, baseline);
@@ -519,9 +543,9 @@ async fn walk(tx: &mpsc::UnboundedSender<Input>, baseline: Option<(u64, u64)>) -
     .map_err(|e| Response::err(ErrorKind::Failed, format!("status: {e}")))
 }
 
-async fn loop_status(tx: &mpsc::UnboundedSender<Input>) -> Result<Snapshot, Response> {
+async fn loop_status(tx: &Calls) -> Result<Snapshot, Response> {
     let (reply, rx) = oneshot::channel();
-    tx.send(Input::Status { reply }).map_err(|_| gone())?;
+    tx.send(Call::Status { reply }).map_err(|_| gone())?;
     match tokio::time::timeout(crate::status::LOOP_TIMEOUT, rx).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(_)) => Err(gone()),
@@ -547,7 +571,7 @@ fn outcome(r: Result<Result<String, String>, oneshot::error::RecvError>) -> Resp
 /// answered a status request sent after `rx`'s request, the request was
 /// taken (or already refused).
 async fn accepted(
-    tx: &mpsc::UnboundedSender<Input>,
+    tx: &Calls,
     mut rx: oneshot::Receiver<Result<String, String>>,
     started: impl FnOnce(&Snapshot) -> String,
 ) -> Response {
@@ -581,12 +605,12 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
             // (the config read and its sockets bound) or was refused.
             let (reply, rx) = oneshot::channel();
             let input = if wait {
-                Input::Reload {
+                Call::Reload {
                     reply: Some(reply),
                     started: None,
                 }
             } else {
-                Input::Reload {
+                Call::Reload {
                     reply: None,
                     started: Some(reply),
                 }
@@ -599,17 +623,14 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
         }
         Command::ReopenLogs => {
             let (reply, rx) = oneshot::channel();
-            if tx.send(Input::ReopenLogs { reply: Some(reply) }).is_err() {
+            if tx.send(Call::ReopenLogs { reply }).is_err() {
                 return (gone(), After::Close);
             }
             (outcome(rx.await), After::Next)
         }
         Command::Scale { workers } => {
             let (reply, rx) = oneshot::channel();
-            let input = Input::Request {
-                request: SvRequest::Scale(crate::core::Scale::To(workers)),
-                reply: Some(reply),
-            };
+            let input = Call::Scale { workers, reply };
             if tx.send(input).is_err() {
                 return (gone(), After::Close);
             }
@@ -617,10 +638,7 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
         }
         Command::Stop { wait } => {
             let (reply, rx) = oneshot::channel();
-            let input = Input::Request {
-                request: SvRequest::Stop,
-                reply: Some(reply),
-            };
+            let input = Call::Stop { reply };
             if tx.send(input).is_err() {
                 return (gone(), After::Close);
             }

@@ -20,11 +20,21 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::{later, Action, Pid, Reason, Slot, Supervisor, WorkerId, WorkerState};
+use super::{
+    later, Action, Reason, SampleTarget, Supervisor, TreeSample, WorkerState, SAMPLE_LOST_AFTER,
+};
 use crate::config::{MemoryConfig, Metric, Scope};
-use crate::os::memory::{mib, TreeSample};
+use crate::ids::{Pid, Slot, WorkerId};
+
+/// One MiB, the unit of memory figures in logs.
+pub const MIB: u64 = 1024 * 1024;
+
+/// `bytes` as whole MiB, for log lines ("611 MiB").
+pub fn mib(bytes: u64) -> String {
+    format!("{} MiB", (bytes + MIB / 2) / MIB)
+}
 
 /// The `[memory]` keys of one generation, as the supervisor uses them.
 #[derive(Debug, Clone, PartialEq)]
@@ -294,6 +304,58 @@ impl Supervisor {
 
     /// Waiting memory replacements, biggest (latest sample) first, in the
     /// queue positions memory entries already hold; other entries keep theirs.
+    /// Schedules and starts memory sampling rounds for the ready workers
+    /// whose generation has a memory limit.
+    pub(super) fn sample_if_due(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let interval = self
+            .specs
+            .values()
+            .filter_map(|s| s.memory.as_ref().filter(|m| m.limit.is_some()))
+            .map(|m| m.interval)
+            .min();
+        let Some(interval) = interval else {
+            self.sample_at = None;
+            return;
+        };
+        let due = *self.sample_at.get_or_insert_with(|| later(now, interval));
+        if now < due || self.is_stopping() {
+            return;
+        }
+        self.sample_at = Some(later(now, interval));
+        if let Some(since) = self.sampling {
+            if now < later(since, SAMPLE_LOST_AFTER) {
+                debug!("the previous memory round is still running; skipping this one");
+                return;
+            }
+            warn!(
+                "the memory sampling round started {:?} ago never answered; starting a new one",
+                now.saturating_duration_since(since)
+            );
+        }
+        // Only ready workers: decisions are about them, and a tree read while a
+        // worker was still starting (children not yet forked) must not be
+        // judged after it turned ready.
+        let targets: Vec<SampleTarget> = self
+            .workers
+            .values()
+            .filter(|w| w.state.is_ready())
+            .filter_map(|w| {
+                let r = self.spec_of(w).recycle()?;
+                r.limit?;
+                Some(SampleTarget {
+                    id: w.id,
+                    pid: w.pid?,
+                    metric: r.metric,
+                })
+            })
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        self.sampling = Some(now);
+        out.push(Action::Sample { targets });
+    }
+
     fn sort_memory_queue(&mut self) {
         let at: Vec<usize> = (0..self.queue.len())
             .filter(|&i| matches!(self.queue[i], (_, Reason::Memory, Some(_))))
@@ -323,4 +385,15 @@ pub fn metric_name(m: Metric) -> &'static str {
 /// A duration to the millisecond at most ("2s 231ms").
 fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mib_rounds() {
+        assert_eq!(mib(611 * MIB + 100), "611 MiB");
+        assert_eq!(mib(MIB / 2), "1 MiB");
+    }
 }

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
-use super::{later, Action, ExitReason, Pid, Supervisor, Worker, WorkerId, WorkerState};
+use super::{later, Action, ExitReason, Supervisor, Worker, WorkerState};
+use crate::ids::{Pid, WorkerId};
 
 /// How long a stop waits for a descendant after SIGKILL before giving up on
 /// it (a process in uninterruptible sleep): holdfast then exits anyway.

@@ -4,9 +4,13 @@
 //! follow nearly every step); the tables that are about them use `step_all`.
 
 use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use super::*;
-use crate::config::{Address, AppConfig, Listen};
+use crate::config::{Address, AppConfig, Listen, Metric, ReadyMode};
+use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 
 mod model;
 

@@ -28,15 +28,15 @@ use futures::StreamExt;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use signal_hook::consts::signal::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Address, Config, LogsConfig, Overrides, ReadyMode};
-use crate::control::{self, ControlSocket};
+use crate::control::{self, Call, ControlSocket, Reply};
 use crate::core::{
-    Action, AdoptedProc, Event, ExitReason, Generation, Pid, ReadyVia, ReplyTo, Request, Scale,
-    Settings, Slot, Spec, Supervisor, WorkerId,
+    Action, AdoptedProc, Event, ExitReason, ReadyVia, Request, Scale, Settings, Spec, Supervisor,
 };
+use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 use crate::logs::{LogCounters, Logs};
 use crate::os::listener::{self, Listener};
 use crate::os::spawn::{self, Start};
@@ -110,9 +110,6 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
-/// A reply channel the edge holds for a request it fed to the supervisor.
-pub type Reply = oneshot::Sender<Result<String, String>>;
-
 /// Who waits on a reload: for its end, and for its start.
 #[derive(Default)]
 struct ReloadWaiter {
@@ -120,29 +117,11 @@ struct ReloadWaiter {
     started: Option<Reply>,
 }
 
-/// Messages into the loop from its helpers (probes, control connections,
-/// blocking threads).
+/// Messages into the loop from its helpers (probes, blocking threads).
+/// Requests from the control socket and `/metrics` come on their own
+/// channel, as [`Call`]s.
 pub enum Input {
-    /// The cheap half of a status snapshot (see [`crate::status`]).
-    Status {
-        reply: oneshot::Sender<Snapshot>,
-    },
-    /// Reopen every log file by path (what SIGUSR1 does); the reply comes
-    /// once all are reopened, or names each that failed.
-    ReopenLogs {
-        reply: Option<Reply>,
-    },
     Event(Event),
-    Request {
-        request: Request,
-        reply: Option<Reply>,
-    },
-    /// Re-read the config and roll every worker (SIGHUP). `reply`: when the
-    /// rollout ends; `started`: when it has started (or was refused).
-    Reload {
-        reply: Option<Reply>,
-        started: Option<Reply>,
-    },
     /// A reload prepared off the loop.
     Prepared(Box<Prepared>),
     /// A notify datagram whose sender was found to belong to worker `id`.
@@ -186,6 +165,9 @@ pub struct Runtime {
     logs: Logs,
     tx: mpsc::UnboundedSender<Input>,
     rx: mpsc::UnboundedReceiver<Input>,
+    /// Requests of the control socket and `/metrics`.
+    calls_tx: control::Calls,
+    calls: mpsc::UnboundedReceiver<Call>,
     /// Reply channels by the id the supervisor answers to (a reload folded
     /// from several requests answers them all).
     replies: HashMap<ReplyTo, Vec<Reply>>,
@@ -302,6 +284,7 @@ impl Runtime {
         };
         let logs = Logs::start(&config.logs)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (calls_tx, calls) = mpsc::unbounded_channel();
         let settings = Settings {
             seed: random_seed(),
             reopen_signal: config.logs.reopen_signal.map(|s| s.0),
@@ -324,6 +307,8 @@ impl Runtime {
             logs,
             tx,
             rx,
+            calls_tx,
+            calls,
             replies: HashMap::new(),
             next_reply: 1,
             pending: VecDeque::new(),
@@ -360,12 +345,12 @@ impl Runtime {
         let baseline = crate::status::listen_counters();
         let control = self.control.take().and_then(|socket| {
             let path = socket.path().display().to_string();
-            control::Server::start(socket, self.tx.clone(), baseline)
+            control::Server::start(socket, self.calls_tx.clone(), baseline)
                 .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
                 .ok()
         });
         let metrics = self.metrics.take().and_then(|l| {
-            crate::metrics::start(l, self.tx.clone(), baseline)
+            crate::metrics::start(l, self.calls_tx.clone(), baseline)
                 .map_err(|e| error!(error = %e, "cannot serve metrics"))
                 .ok()
         });
@@ -392,6 +377,7 @@ impl Runtime {
             tokio::select! {
                 Some(sig) = signals.next() => self.on_signal(sig),
                 Some(input) = self.rx.recv() => self.on_input(input),
+                Some(call) = self.calls.recv() => self.on_call(call),
                 msg = self.notify.recv() => match msg {
                     Ok(m) => self.on_notify(m),
                     Err(e) => warn!(error = %e, "notify socket receive failed"),
@@ -413,6 +399,8 @@ impl Runtime {
         // control server write replies already decided (stop --wait).
         self.rx.close();
         while self.rx.try_recv().is_ok() {}
+        self.calls.close();
+        while self.calls.try_recv().is_ok() {}
         self.replies.clear();
         if let Some(m) = metrics {
             m.abort();
@@ -461,22 +449,7 @@ impl Runtime {
     fn on_input(&mut self, input: Input) {
         match input {
             Input::Event(e) => self.feed(e),
-            Input::Request { request, reply } => {
-                let reply = reply.map(|r| self.hold_reply(r));
-                self.feed(Event::Request { request, reply });
-            }
-            Input::Reload { reply, started } => self.reload(ReloadWaiter { reply, started }),
             Input::Prepared(p) => self.prepared(*p),
-            Input::Status { reply } => {
-                let _ = reply.send(self.snapshot());
-            }
-            Input::ReopenLogs { reply } => {
-                let reply = reply.map(|r| self.hold_reply(r));
-                self.feed(Event::Request {
-                    request: Request::ReopenLogs,
-                    reply,
-                });
-            }
             Input::Notified { id, fields } => self.notified(id, fields),
             Input::NotifyStranger { sender } => {
                 if self.ignored_senders.insert(sender) {
@@ -485,6 +458,28 @@ impl Runtime {
                         "ignoring notify messages from a process that is not a worker of holdfast"
                     );
                 }
+            }
+        }
+    }
+
+    fn on_call(&mut self, call: Call) {
+        let request = |request, reply| Event::Request { request, reply };
+        match call {
+            Call::Status { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Call::Reload { reply, started } => self.reload(ReloadWaiter { reply, started }),
+            Call::ReopenLogs { reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::ReopenLogs, reply));
+            }
+            Call::Scale { workers, reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::Scale(Scale::To(workers)), reply));
+            }
+            Call::Stop { reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::Stop, reply));
             }
         }
     }
@@ -949,7 +944,7 @@ impl Runtime {
         let workers: HashMap<i32, WorkerId> = self.pids.clone();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
-            match notify::owning_worker(m.pid, |p| workers.contains_key(&p)) {
+            match crate::os::procs::owning_worker(m.pid, |p| workers.contains_key(&p)) {
                 Some(owner) => {
                     if let Some(&id) = workers.get(&owner) {
                         let _ = tx.send(Input::Notified {

@@ -121,33 +121,6 @@ fn recv_one(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<Option<Message>> {
     }))
 }
 
-/// The process group and parent of `pid` (from /proc/PID/stat), if it still exists.
-pub fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
-    crate::os::procs::stat(pid).map(|s| (s.pgrp, s.ppid))
-}
-
-/// Finds which of `is_worker`'s pids `pid` belongs to: itself, its process
-/// group leader, or an ancestor (up to 32 levels).
-pub fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
-    if is_worker(pid) {
-        return Some(pid);
-    }
-    let (pgrp, mut parent) = pgrp_and_parent(pid)?;
-    if is_worker(pgrp) {
-        return Some(pgrp);
-    }
-    for _ in 0..32 {
-        if parent <= 1 {
-            return None;
-        }
-        if is_worker(parent) {
-            return Some(parent);
-        }
-        parent = pgrp_and_parent(parent)?.1;
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,12 +134,5 @@ mod tests {
                 ("STATUS".into(), "Gunicorn arbiter booted".into())
             ]
         );
-    }
-
-    #[test]
-    fn own_pid_has_a_group_and_parent() {
-        let me = std::process::id() as i32;
-        assert!(pgrp_and_parent(me).is_some());
-        assert_eq!(owning_worker(me, |p| p == me), Some(me));
     }
 }

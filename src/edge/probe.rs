@@ -12,8 +12,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::core::{Event, ReadyVia, WorkerId};
+use crate::core::{Event, ReadyVia};
 use crate::edge::Input;
+use crate::ids::WorkerId;
 
 /// GETs `path` on the probe socket every 100 ms until it answers below 500.
 pub async fn until_ready(

@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use crate::config::LogsConfig;
-use crate::core::{Pid, Slot};
+use crate::ids::{Pid, Slot};
 
 /// The longest line written as one, in bytes without its newline; a longer
 /// line is cut here and the rest becomes the next line (with its own prefix).

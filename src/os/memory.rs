@@ -26,72 +26,8 @@ use std::time::Instant;
 use nix::sys::signal::Signal;
 
 use crate::config::Metric;
-use crate::core::{Pid, SampleTarget, WorkerId};
-
-/// One MiB, the unit of memory figures in logs.
-pub const MIB: u64 = 1024 * 1024;
-
-/// One process's memory, in bytes. `pss` and `uss` are read only when the
-/// metric needs them (they cost a walk of the page tables).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub struct Usage {
-    /// Resident pages, shared ones counted in full.
-    pub rss: u64,
-    /// Proportional set size: each shared page divided by the number of processes mapping it.
-    pub pss: Option<u64>,
-    /// Unique set size: private pages only (`Private_Clean + Private_Dirty`).
-    pub uss: Option<u64>,
-}
-
-impl Usage {
-    /// The figure for `metric`, if it was read.
-    pub fn get(&self, metric: Metric) -> Option<u64> {
-        match metric {
-            Metric::Rss => Some(self.rss),
-            Metric::Pss => self.pss,
-            Metric::Uss => self.uss,
-        }
-    }
-}
-
-/// One process of a worker's tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessSample {
-    pub pid: Pid,
-    pub usage: Usage,
-}
-
-/// One worker's process tree in one round: the worker's own process first,
-/// then its descendants (breadth first).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TreeSample {
-    pub id: WorkerId,
-    pub pid: Pid,
-    pub processes: Vec<ProcessSample>,
-}
-
-impl TreeSample {
-    /// `metric` summed over the tree.
-    pub fn total(&self, metric: Metric) -> u64 {
-        self.processes
-            .iter()
-            .filter_map(|p| p.usage.get(metric))
-            .sum()
-    }
-
-    /// The worker's own process (absent when it vanished during the round).
-    pub fn root(&self) -> Option<&ProcessSample> {
-        self.processes.first().filter(|p| p.pid == self.pid)
-    }
-
-    /// Every process but the worker's own.
-    pub fn descendants(&self) -> &[ProcessSample] {
-        match self.root() {
-            Some(_) => &self.processes[1..],
-            None => &self.processes,
-        }
-    }
-}
+use crate::core::{ProcessSample, SampleTarget, TreeSample, Usage};
+use crate::ids::Pid;
 
 /// The latest figures of one worker, as the edge keeps them for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -245,7 +181,7 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
     let mut p = pid.0;
     for _ in 0..64 {
-        let Some((_, parent)) = crate::edge::notify::pgrp_and_parent(p) else {
+        let Some((_, parent)) = crate::os::procs::pgrp_and_parent(p) else {
             return false;
         };
         if parent == ancestor.0 {
@@ -294,14 +230,10 @@ pub fn signal_descendant(worker: Pid, pid: Pid, signal: Signal) -> io::Result<Si
     }
 }
 
-/// `bytes` as whole MiB, for log lines ("611 MiB").
-pub fn mib(bytes: u64) -> String {
-    format!("{} MiB", (bytes + MIB / 2) / MIB)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::WorkerId;
 
     const ROLLUP: &str =
         "55d1c0a3b000-7ffc8b5f1000 ---p 00000000 00:00 0                          [rollup]
@@ -417,11 +349,5 @@ Swap:                  0 kB
             let pid = k.id() as i32;
             assert!(a.contains(&pid) && b.contains(&pid), "{a:?} {b:?}");
         }
-    }
-
-    #[test]
-    fn mib_rounds() {
-        assert_eq!(mib(611 * MIB + 100), "611 MiB");
-        assert_eq!(mib(MIB / 2), "1 MiB");
     }
 }

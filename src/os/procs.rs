@@ -658,6 +658,33 @@ pub fn adopted(is_worker: impl Fn(i32) -> bool, cgroups: Option<&Cgroups>) -> Ve
         .collect()
 }
 
+/// The process group and parent of `pid` (from /proc/PID/stat), if it still exists.
+pub fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
+    stat(pid).map(|s| (s.pgrp, s.ppid))
+}
+
+/// Finds which of `is_worker`'s pids `pid` belongs to: itself, its process
+/// group leader, or an ancestor (up to 32 levels).
+pub fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
+    if is_worker(pid) {
+        return Some(pid);
+    }
+    let (pgrp, mut parent) = pgrp_and_parent(pid)?;
+    if is_worker(pgrp) {
+        return Some(pgrp);
+    }
+    for _ in 0..32 {
+        if parent <= 1 {
+            return None;
+        }
+        if is_worker(parent) {
+            return Some(parent);
+        }
+        parent = pgrp_and_parent(parent)?.1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -892,6 +919,13 @@ mod tests {
     fn octal_unescape() {
         assert_eq!(unescape_octal("a\\040b\\011c\\012d\\134"), "a b\tc\nd\\");
         assert_eq!(unescape_octal("\\9\\04"), "\\9\\04");
+    }
+
+    #[test]
+    fn own_pid_has_a_group_and_parent() {
+        let me = std::process::id() as i32;
+        assert!(pgrp_and_parent(me).is_some());
+        assert_eq!(owning_worker(me, |p| p == me), Some(me));
     }
 
     #[test]

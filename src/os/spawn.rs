@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::config::{Address, AppConfig, Handoff, PROBE_NAME};
-use crate::core::{Generation, Slot, Spec};
+use crate::core::Spec;
+use crate::ids::{Generation, Slot};
 use crate::os::listener::Listener;
 use crate::os::procs::SERIAL_VAR;
 use crate::os::sys::{self, ExecPlan, SpawnError};

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use super::*;
-use crate::core::{Event, Generation, Pid, ReadyVia, Request, Settings, Spec, WorkerId};
+use crate::core::{Event, ReadyVia, Request, Settings, Spec};
+use crate::ids::{Generation, Pid, WorkerId};
 
 #[test]
 fn listen_vars_follow_sd_listen_fds() {

@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::config::{MemoryConfig, Metric, Scope};
-use crate::os::memory::{ProcessSample, TreeSample, Usage, MIB};
+use crate::core::recycle::MIB;
+use crate::core::{ProcessSample, TreeSample, Usage};
 
 fn recycle(scope: Scope) -> MemoryConfig {
     let scope = match scope {
