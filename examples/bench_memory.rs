@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --example bench_memory`
 //!
-//! 1. One sampling round (`holdfast::os::memory::sample`) over a process tree of
+//! 1. One sampling round (`holdfast::os::proc::memory::sample`) over a process tree of
 //!    64 and of 256 processes, per metric. The tree is `forking.py` (beside the test worker): a
 //!    Python parent that touches 64 MiB and forks the rest, so every process
 //!    maps 64 MiB of copy-on-write pages (like a preloading Unicorn or Puma
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use holdfast::config::Metric;
 use holdfast::ids::{Pid, WorkerId};
-use holdfast::os::memory;
+use holdfast::os::proc::memory;
 
 /// The copy-on-write process tree of the memory tests (python3; see the file).
 const FORKING_PY: &str = include_str!("../src/bin/holdfast-test-worker/forking.py");
@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         let t = Instant::now();
-        let all = holdfast::os::tree::parents().len();
+        let all = holdfast::os::proc::parents().len();
         println!(
             "(a kernel without children files scans all of /proc instead: {all} processes, +{:.2} ms)",
             ms(t.elapsed())
@@ -126,7 +126,7 @@ impl ForkingTree {
         let _ = std::io::Read::read(&mut out, &mut buf)?;
         let tree = ForkingTree { child, root };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while holdfast::os::tree::descendants(root.0).len() < n {
+        while holdfast::os::proc::descendants(root.0).len() < n {
             anyhow::ensure!(Instant::now() < deadline, "forking.py did not fork {n}");
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{wait_until, TestCgroup, DEADLINE};
-use holdfast::os::procs::{self, Cgroups, SERIAL_VAR};
+use holdfast::os::proc::{self as procs, Cgroups, SERIAL_VAR};
 use holdfast::os::sys::{self, ExecPlan, SpawnError, Spawned};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};

@@ -104,7 +104,7 @@ pub enum Event {
     Adopted {
         procs: Vec<AdoptedProc>,
     },
-    /// One memory sampling round (see `crate::os::memory`): facts, no decisions.
+    /// One memory sampling round (see `crate::os::proc::memory`): facts, no decisions.
     MemorySample {
         samples: Vec<TreeSample>,
     },

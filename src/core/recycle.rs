@@ -1,7 +1,7 @@
 //! Memory and age recycling: the supervisor's decisions on memory samples
 //! and worker lifetimes.
 //!
-//! The sampler (`crate::os::memory`, run by the edge) only reports figures;
+//! The sampler (`crate::os::proc::memory`, run by the edge) only reports figures;
 //! everything decided about them is here, pure: consecutive samples over the
 //! limit (`grace`), `min_lifetime`, biggest first, child signals and their
 //! rate limit, and `max_lifetime` deadlines. A worker to recycle goes into the

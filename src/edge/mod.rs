@@ -157,8 +157,8 @@ pub struct Runtime {
     execs: HashMap<i32, (WorkerId, crate::os::sys::ExecReport)>,
     probes: HashMap<WorkerId, Probe>,
     /// holdfast's delegated cgroup, when it has one: a cgroup per worker.
-    cgroups: Option<crate::os::procs::Cgroups>,
-    worker_cgroups: HashMap<WorkerId, crate::os::procs::WorkerCgroup>,
+    cgroups: Option<crate::os::proc::Cgroups>,
+    worker_cgroups: HashMap<WorkerId, crate::os::proc::WorkerCgroup>,
     notify: NotifySocket,
     rundir: tempfile::TempDir,
     devnull: OwnedFd,
@@ -272,7 +272,7 @@ impl Runtime {
             .map_err(io("/dev/null"))?
             .into();
         crate::os::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
-        let cgroups = match crate::os::procs::Cgroups::detect() {
+        let cgroups = match crate::os::proc::Cgroups::detect() {
             Ok(c) => {
                 info!(cgroup = %c.dir().display(), "a cgroup per worker: every descendant of a worker is contained and ends with it");
                 Some(c)
@@ -342,7 +342,7 @@ impl Runtime {
             }
         };
         info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
-        let baseline = crate::status::listen_counters();
+        let baseline = crate::os::proc::net::listen_counters();
         let control = self.control.take().and_then(|socket| {
             let path = socket.path().display().to_string();
             control::Server::start(socket, self.calls_tx.clone(), baseline)
@@ -667,11 +667,11 @@ impl Runtime {
                 if !self.pids.contains_key(&worker.0) {
                     return; // the worker was reaped: its pid may be anyone's now
                 }
-                match crate::os::memory::signal_descendant(worker, pid, signal) {
-                    Ok(crate::os::memory::Signalled::Sent) => {
+                match crate::os::proc::memory::signal_descendant(worker, pid, signal) {
+                    Ok(crate::os::proc::memory::Signalled::Sent) => {
                         debug!(worker = %id, %pid, %signal, "signal to a worker's descendant")
                     }
-                    Ok(crate::os::memory::Signalled::NotDescendant) => {
+                    Ok(crate::os::proc::memory::Signalled::NotDescendant) => {
                         info!(worker_pid = %worker, %pid, %signal, "process {pid} is gone or no longer under worker pid {worker}: not signalled")
                     }
                     Err(e) => warn!(%pid, %signal, error = %e, "signal failed"),
@@ -694,7 +694,7 @@ impl Runtime {
             Action::Sample { targets } => {
                 let tx = self.tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let samples = crate::os::memory::sample(&targets);
+                    let samples = crate::os::proc::memory::sample(&targets);
                     let _ = tx.send(Input::Event(Event::MemorySample { samples }));
                 });
             }
@@ -877,7 +877,7 @@ impl Runtime {
         self.repair_paths();
         let pids = &self.pids;
         let procs: Vec<AdoptedProc> =
-            crate::os::procs::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
+            crate::os::proc::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
                 .into_iter()
                 .map(|a| AdoptedProc {
                     pid: Pid(a.pid),
@@ -913,9 +913,9 @@ impl Runtime {
         self.repair_paths();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
-            let mut held = crate::os::tree::socket_inodes(pid.0);
+            let mut held = crate::os::proc::socket_inodes(pid.0);
             for p in extra {
-                held.extend(crate::os::tree::socket_inodes(p));
+                held.extend(crate::os::proc::socket_inodes(p));
             }
             let missing: Vec<String> = want
                 .into_iter()
@@ -936,7 +936,7 @@ impl Runtime {
         }
         // A descendant in its worker's process group (most are): one small
         // read, here and now, before a sender that exits at once is gone.
-        let group = crate::os::procs::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
+        let group = crate::os::proc::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
         if let Some(id) = group {
             return self.notified(id, m.fields);
         }
@@ -944,7 +944,7 @@ impl Runtime {
         let workers: HashMap<i32, WorkerId> = self.pids.clone();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
-            match crate::os::procs::owning_worker(m.pid, |p| workers.contains_key(&p)) {
+            match crate::os::proc::owning_worker(m.pid, |p| workers.contains_key(&p)) {
                 Some(owner) => {
                     if let Some(&id) = workers.get(&owner) {
                         let _ = tx.send(Input::Notified {

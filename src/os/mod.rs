@@ -2,8 +2,7 @@
 //! plan, the listening sockets, and reading /proc and cgroupfs.
 
 pub mod listener;
-pub mod memory;
-pub mod procs;
+pub mod proc;
+pub mod sock_diag;
 pub mod spawn;
 pub mod sys;
-pub mod tree;

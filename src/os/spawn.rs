@@ -11,7 +11,7 @@ use crate::config::{Address, AppConfig, Handoff, PROBE_NAME};
 use crate::core::Spec;
 use crate::ids::{Generation, Slot};
 use crate::os::listener::Listener;
-use crate::os::procs::SERIAL_VAR;
+use crate::os::proc::SERIAL_VAR;
 use crate::os::sys::{self, ExecPlan, SpawnError};
 
 /// Resolves `app.command[0]` the way exec will (the app's PATH, its cwd),
@@ -37,7 +37,7 @@ pub struct Start<'a> {
     /// The worker's unique serial ([`SERIAL_VAR`]): its descendants carry it.
     pub serial: u64,
     /// Its cgroup's `cgroup.procs`, open for writing: the child moves itself
-    /// there before exec (see [`crate::os::procs::WorkerCgroup`]).
+    /// there before exec (see [`crate::os::proc::WorkerCgroup`]).
     pub cgroup_procs: Option<RawFd>,
     pub notify_socket: &'a Path,
     /// The private readiness-probe listener, passed last, if `ready = "probe"`.

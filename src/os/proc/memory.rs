@@ -4,7 +4,7 @@
 //! `/proc/PID/task/TID/children` files (so its cost follows the workers'
 //! processes, not every process on the machine; a kernel without
 //! CONFIG_PROC_CHILDREN falls back to one pass over `/proc/*/stat`, see
-//! [`crate::os::tree`]), then reads each process:
+//! [`crate::os::proc`]), then reads each process:
 //! `/proc/PID/smaps_rollup` for PSS and USS (`Rss`, `Pss`, `Private_Clean +
 //! Private_Dirty`), or only `/proc/PID/status` (`VmRSS`) when the metric is
 //! RSS, which needs no page-table walk and is much cheaper. A process that
@@ -78,7 +78,7 @@ pub fn sample(workers: &[SampleTarget]) -> Vec<TreeSample> {
     // Without children files: one pass over /proc for the whole round.
     let scanned: Option<HashMap<i32, Vec<i32>>> = (!children_files()).then(|| {
         let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-        for (pid, ppid) in crate::os::tree::parents() {
+        for (pid, ppid) in crate::os::proc::parents() {
             children.entry(ppid).or_default().push(pid);
         }
         children
@@ -181,7 +181,7 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
     let mut p = pid.0;
     for _ in 0..64 {
-        let Some((_, parent)) = crate::os::procs::pgrp_and_parent(p) else {
+        let Some((_, parent)) = crate::os::proc::pgrp_and_parent(p) else {
             return false;
         };
         if parent == ancestor.0 {
@@ -332,7 +332,7 @@ Swap:                  0 kB
             .collect();
         let me = std::process::id() as i32;
         let mut scanned: HashMap<i32, Vec<i32>> = HashMap::new();
-        for (pid, ppid) in crate::os::tree::parents() {
+        for (pid, ppid) in crate::os::proc::parents() {
             scanned.entry(ppid).or_default().push(pid);
         }
         let mut a = subtree(me, children_of);
