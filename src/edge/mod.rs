@@ -15,8 +15,11 @@
 //! failure is read from the child's report pipe when the child is reaped;
 //! messages to systemd go through the notifier's own thread.
 
+mod input;
 pub mod notify;
 pub mod probe;
+mod reload;
+mod workers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -43,6 +46,10 @@ use crate::os::spawn::{self, Start};
 use crate::status::Snapshot;
 use crate::systemd::{ActivationError, Inherited, Notifier};
 use notify::NotifySocket;
+
+use input::ReloadWaiter;
+pub use input::{Input, Prepared};
+use workers::{signal_group, Probe};
 
 /// Why holdfast could not start; each maps to a sysexits code.
 #[derive(Debug, thiserror::Error)]
@@ -110,38 +117,6 @@ fn random_seed() -> u64 {
     h.finish()
 }
 
-/// Who waits on a reload: for its end, and for its start.
-#[derive(Default)]
-struct ReloadWaiter {
-    reply: Option<Reply>,
-    started: Option<Reply>,
-}
-
-/// Messages into the loop from its helpers (probes, blocking threads).
-/// Requests from the control socket and `/metrics` come on their own
-/// channel, as [`Call`]s.
-pub enum Input {
-    Event(Event),
-    /// A reload prepared off the loop.
-    Prepared(Box<Prepared>),
-    /// A notify datagram whose sender was found to belong to worker `id`.
-    Notified {
-        id: WorkerId,
-        fields: Vec<(String, String)>,
-    },
-    /// A notify datagram from a process that belongs to no worker.
-    NotifyStranger {
-        sender: i32,
-    },
-}
-
-/// What a reload read and bound on its blocking thread.
-pub struct Prepared {
-    result: Result<(Config, Spec, Vec<Listener>), String>,
-    /// The sockets systemd passed, handed back to the loop.
-    inherited: Inherited,
-}
-
 pub struct Runtime {
     /// The last accepted config (control socket, logs, metrics).
     config: Config,
@@ -188,20 +163,6 @@ pub struct Runtime {
     /// Bound in `new`, served from `run`.
     control: Option<ControlSocket>,
     metrics: Option<std::net::TcpListener>,
-}
-
-struct Probe {
-    path: PathBuf,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 fn runtime_base() -> PathBuf {
@@ -511,119 +472,6 @@ impl Runtime {
         Some(to)
     }
 
-    /// Re-reads the config and binds its new sockets on a blocking thread;
-    /// the result comes back as [`Input::Prepared`]. Reloads asked for
-    /// while one is prepared are folded into one more after it (a hundred
-    /// SIGHUPs make at most two rollouts).
-    fn reload(&mut self, w: ReloadWaiter) {
-        if self.sv.is_stopping() {
-            info!("reload ignored: holdfast is stopping");
-            for r in [w.reply, w.started].into_iter().flatten() {
-                let _ = r.send(Err("holdfast is stopping".into()));
-            }
-            return;
-        }
-        self.reload_pending.push(w);
-        if self.reloading.is_none() {
-            self.start_reload();
-        } else {
-            debug!("a reload is being prepared; another follows it");
-        }
-    }
-
-    fn start_reload(&mut self) {
-        let Some(mut inherited) = self.inherited.take() else {
-            return;
-        };
-        self.reloading = Some(std::mem::take(&mut self.reload_pending));
-        let path = self.config.path.clone();
-        let overrides = self.overrides.clone();
-        let held: Vec<(Address, u64)> = self
-            .held
-            .iter()
-            .map(|l| (l.address.clone(), l.socket_inode().unwrap_or(0)))
-            .chain(
-                // An activated socket is also known by its systemd: name.
-                self.held.iter().filter_map(|l| match &l.origin {
-                    listener::Origin::Activated { name } => Some((
-                        Address::Systemd(name.clone()),
-                        l.socket_inode().unwrap_or(0),
-                    )),
-                    _ => None,
-                }),
-            )
-            .collect();
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = prepare(path.as_deref(), &overrides, &held, &mut inherited);
-            let _ = tx.send(Input::Prepared(Box::new(Prepared { result, inherited })));
-        });
-    }
-
-    /// A reload came back from its thread: roll out, or refuse with its error.
-    fn prepared(&mut self, p: Prepared) {
-        self.inherited = Some(p.inherited);
-        let waiters = self.reloading.take().unwrap_or_default();
-        let (replies, started): (Vec<_>, Vec<_>) =
-            waiters.into_iter().map(|w| (w.reply, w.started)).unzip();
-        let reply = self.hold_replies(replies.into_iter().flatten().collect());
-        let started: Vec<Reply> = started.into_iter().flatten().collect();
-        let answer = match p.result {
-            Err(error) => {
-                let answer = Err(format!("reload rejected: {error}"));
-                self.feed(Event::ReloadRejected { error, reply });
-                answer
-            }
-            Ok((config, spec, bound)) => {
-                for l in bound {
-                    info!(name = %l.name, address = %l.address, origin = %l.origin, "listening (new in this config)");
-                    self.held.push(Rc::new(l));
-                }
-                let listeners: Vec<Rc<Listener>> = config
-                    .listen
-                    .iter()
-                    .filter_map(|want| self.held.iter().find(|l| l.serves(&want.address)))
-                    .cloned()
-                    .collect();
-                if !same_logs(&config.logs, self.logs.config()) {
-                    warn!("[logs] changes take effect only on a restart of holdfast");
-                }
-                if config.control_socket != self.config.control_socket {
-                    warn!(old = %self.config.control_socket.display(), new = %config.control_socket.display(), "control_socket changes take effect only on a restart of holdfast");
-                }
-                self.systemd.store_changes(&self.listeners, &listeners);
-                self.listeners = listeners;
-                self.config = config;
-                self.feed(Event::Request {
-                    request: Request::Rollout {
-                        spec: Box::new(spec),
-                    },
-                    reply,
-                });
-                match self.sv.rollout() {
-                    Some(r) => Ok(format!("rollout of generation {} started", r.generation)),
-                    None if self.sv.is_stopping() => Err("holdfast is stopping".to_string()),
-                    None => Ok("rollout done".to_string()),
-                }
-            }
-        };
-        for s in started {
-            let _ = s.send(answer.clone());
-        }
-        if self.reload_pending.is_empty() {
-            return;
-        }
-        if self.sv.is_stopping() {
-            for w in std::mem::take(&mut self.reload_pending) {
-                for r in [w.reply, w.started].into_iter().flatten() {
-                    let _ = r.send(Err("holdfast is stopping".into()));
-                }
-            }
-        } else {
-            self.start_reload();
-        }
-    }
-
     /// Steps the supervisor with `event` and everything its actions produce.
     fn feed(&mut self, event: Event) {
         self.pending.push_back(event);
@@ -730,296 +578,6 @@ impl Runtime {
             Action::Exit { code } => self.exit = Some(code),
         }
     }
-
-    /// Closes the listeners no generation uses any more (a reload dropped
-    /// them and the last worker that had them is gone).
-    fn release_listeners(&mut self) {
-        let specs: Vec<&Spec> = self.sv.specs().map(|(_, s)| s).collect();
-        let listeners = &self.listeners;
-        self.held.retain(|l| {
-            let used = listeners.iter().any(|c| Rc::ptr_eq(c, l))
-                || specs
-                    .iter()
-                    .any(|s| s.listeners.iter().any(|w| l.serves(&w.address)));
-            if !used {
-                info!(address = %l.address, "closing a listener no generation uses any more");
-            }
-            used
-        });
-    }
-
-    /// The listeners of `spec`, in fd order.
-    fn listeners_of(&self, spec: &Spec) -> Result<Vec<Rc<Listener>>, String> {
-        spec.listeners
-            .iter()
-            .map(|want| {
-                self.held
-                    .iter()
-                    .find(|l| l.serves(&want.address))
-                    .cloned()
-                    .ok_or_else(|| {
-                        format!("listener {} is not held (internal error)", want.address)
-                    })
-            })
-            .collect()
-    }
-
-    fn spawn(&mut self, id: WorkerId, slot: Slot, generation: Generation) -> Result<Pid, String> {
-        let Some(spec) = self.sv.spec(generation) else {
-            return Err(format!(
-                "no spec for generation {generation} (internal error)"
-            ));
-        };
-        let listeners = self.listeners_of(spec)?;
-        let probe = if spec.ready() == ReadyMode::Probe {
-            let path = self.rundir.path().join(format!("probe-{id}.sock"));
-            let fd = listener::bind_probe(&path)
-                .map_err(|e| format!("probe socket {}: {e}", path.display()))?;
-            Some((path, fd))
-        } else {
-            None
-        };
-        let pipes = self.logs.pipes().map_err(|e| e.to_string())?;
-        let [out, err] = pipes.child_ends();
-        let cgroup = match &self.cgroups {
-            Some(c) => Some(
-                c.create(id.0)
-                    .map_err(|e| format!("cgroup for worker {id} in {}: {e}", c.dir().display()))?,
-            ),
-            None => None,
-        };
-        let start = Start {
-            slot,
-            generation,
-            serial: id.0,
-            cgroup_procs: cgroup.as_ref().map(|c| c.procs_fd().as_raw_fd()),
-            notify_socket: self.notify.path(),
-            probe: probe.as_ref().map(|(_, fd)| fd.as_raw_fd()),
-            stdio: [self.devnull.as_raw_fd(), out, err],
-        };
-        let started = spawn::start(spec, &listeners, &start).map_err(|e| e.to_string())?;
-        let pid = started.pid.as_raw();
-        if let Some(cg) = cgroup {
-            self.worker_cgroups.insert(id, cg);
-        }
-        self.logs.attach(pipes, slot, Pid(pid));
-        self.pids.insert(pid, id);
-        self.execs.insert(pid, (id, started.report));
-        if let Some((path, _fd)) = probe {
-            // The worker has the probe socket now; holdfast only connects to it.
-            let task = tokio::spawn(crate::edge::probe::until_ready(
-                path.clone(),
-                spec.app.ready_path.clone(),
-                id,
-                self.tx.clone(),
-            ));
-            self.probes.insert(
-                id,
-                Probe {
-                    path,
-                    task: Some(task),
-                },
-            );
-        }
-        Ok(Pid(pid))
-    }
-
-    fn reap(&mut self) {
-        let mut any = false;
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => {
-                    self.reaped(pid.as_raw(), ExitReason::Code(code))
-                }
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    self.reaped(pid.as_raw(), ExitReason::Signal(sig as i32))
-                }
-                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
-                Ok(_) => continue,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    warn!(error = %e, "waitpid failed");
-                    break;
-                }
-            }
-            any = true;
-        }
-        if any {
-            // An exit may have orphaned descendants, or unlinked a unix path:
-            // the supervisor hears of both before it decides anything else.
-            self.housekeeping(true);
-        }
-    }
-
-    fn reaped(&mut self, pid: i32, reason: ExitReason) {
-        // An exec that failed reports before the child's exit counts.
-        if let Some((id, mut report)) = self.execs.remove(&pid) {
-            if let Some(Err(e)) = report.poll() {
-                self.pids.remove(&pid);
-                self.feed(Event::SpawnFailed {
-                    id,
-                    error: e.to_string(),
-                });
-            }
-        }
-        self.pids.remove(&pid);
-        self.feed(Event::Exited {
-            pid: Pid(pid),
-            reason,
-        });
-    }
-
-    /// Every second and after exits (`after_exit`): settle exec reports,
-    /// list adopted descendants, restore unlinked unix paths.
-    fn housekeeping(&mut self, after_exit: bool) {
-        self.execs
-            .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
-        self.repair_paths();
-        let pids = &self.pids;
-        let procs: Vec<AdoptedProc> =
-            crate::os::proc::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
-                .into_iter()
-                .map(|a| AdoptedProc {
-                    pid: Pid(a.pid),
-                    pgid: Pid(a.pgid),
-                    worker: a.cgroup_serial.or(a.serial).map(WorkerId),
-                    comm: a.comm,
-                })
-                .collect();
-        if after_exit || !procs.is_empty() || self.sv.strays().next().is_some() {
-            self.feed(Event::Adopted { procs });
-        }
-    }
-
-    /// After READY: which required listeners does the worker's tree (with
-    /// its adopted descendants) not hold? Off the loop; answers as an event.
-    fn check_sockets(&mut self, id: WorkerId, pid: Pid, generation: Generation) {
-        let want: Vec<(String, u64)> = match self.sv.spec(generation) {
-            Some(spec) => spec
-                .required_listeners()
-                .filter_map(|w| {
-                    let l = self.held.iter().find(|l| l.serves(&w.address))?;
-                    Some((w.address.to_string(), l.socket_inode().ok()?))
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let extra: Vec<i32> = self
-            .sv
-            .strays()
-            .filter(|s| s.worker == Some(id))
-            .map(|s| s.pid.0)
-            .collect();
-        self.repair_paths();
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut held = crate::os::proc::socket_inodes(pid.0);
-            for p in extra {
-                held.extend(crate::os::proc::socket_inodes(p));
-            }
-            let missing: Vec<String> = want
-                .into_iter()
-                .filter(|(_, inode)| !held.contains(inode))
-                .map(|(a, _)| a)
-                .collect();
-            let _ = tx.send(Input::Event(Event::SocketsChecked { id, missing }));
-        });
-    }
-
-    fn on_notify(&mut self, m: notify::Message) {
-        if m.fields.iter().all(|(k, _)| k == "BARRIER") {
-            // sd_notify_barrier(3): receiving it (and closing its fd) is the answer.
-            return;
-        }
-        if let Some(&id) = self.pids.get(&m.pid) {
-            return self.notified(id, m.fields);
-        }
-        // A descendant in its worker's process group (most are): one small
-        // read, here and now, before a sender that exits at once is gone.
-        let group = crate::os::proc::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
-        if let Some(id) = group {
-            return self.notified(id, m.fields);
-        }
-        // Elsewhere: which worker it belongs to is a walk of /proc, off the loop.
-        let workers: HashMap<i32, WorkerId> = self.pids.clone();
-        let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || {
-            match crate::os::proc::owning_worker(m.pid, |p| workers.contains_key(&p)) {
-                Some(owner) => {
-                    if let Some(&id) = workers.get(&owner) {
-                        let _ = tx.send(Input::Notified {
-                            id,
-                            fields: m.fields,
-                        });
-                    }
-                }
-                None => {
-                    debug!(sender = m.pid, message = ?m.fields, "notify message from a process that is not a worker's");
-                    let _ = tx.send(Input::NotifyStranger { sender: m.pid });
-                }
-            }
-        });
-    }
-
-    fn notified(&mut self, id: WorkerId, fields: Vec<(String, String)>) {
-        let get = |key: &str| {
-            fields
-                .iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_str())
-        };
-        if let Some(status) = get("STATUS") {
-            self.feed(Event::Status {
-                id,
-                status: status.to_string(),
-            });
-        }
-        if get("READY") == Some("1") {
-            debug!(worker = %id, "READY=1");
-            self.feed(Event::Ready {
-                id,
-                via: ReadyVia::Notify,
-            });
-        }
-        if get("STOPPING") == Some("1") {
-            debug!(worker = %id, "STOPPING=1");
-        }
-    }
-
-    /// A worker and its descendants are gone: its cgroup goes too (if it is
-    /// still busy, a later release retries).
-    fn remove_cgroup(&mut self, id: WorkerId) {
-        let Some(cg) = self.worker_cgroups.remove(&id) else {
-            return;
-        };
-        match cg.pids() {
-            Ok(p) if !p.is_empty() => {
-                debug!(worker = %id, pids = ?p, "worker cgroup still has processes; kept for now");
-                self.worker_cgroups.insert(id, cg);
-            }
-            _ => {
-                let dir = cg.dir().to_path_buf();
-                if let Err(e) = cg.remove() {
-                    warn!(cgroup = %dir.display(), error = %e, "cannot remove a worker's cgroup");
-                }
-            }
-        }
-    }
-
-    fn repair_paths(&self) {
-        for l in &self.held {
-            match l.repair() {
-                Ok(true) => {
-                    warn!(address = %l.address, "the unix socket path was removed or replaced (a worker unlinked it; Puma does this to inherited unix sockets it does not bind with a matching -b); restored it to holdfast's listening socket")
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    error!(address = %l.address, error = %e, "cannot restore the unix socket path")
-                }
-            }
-        }
-    }
 }
 
 impl Drop for Runtime {
@@ -1029,65 +587,12 @@ impl Drop for Runtime {
     }
 }
 
-/// The reload's blocking half: read and validate the config, resolve the
-/// command, and take or bind the sockets it names that `held` lacks.
-fn prepare(
-    path: Option<&Path>,
-    overrides: &Overrides,
-    held: &[(Address, u64)],
-    inherited: &mut Inherited,
-) -> Result<(Config, Spec, Vec<Listener>), String> {
-    let config = Config::load(path, overrides).map_err(|e| e.to_string())?;
-    let spec = spec_of(&config).map_err(|e| e.to_string())?;
-    let mut bound: Vec<Listener> = Vec::new();
-    for l in &config.listen {
-        if held.iter().any(|(a, _)| a == &l.address) || bound.iter().any(|b| b.serves(&l.address)) {
-            continue;
-        }
-        let in_use: Vec<u64> = held
-            .iter()
-            .map(|(_, i)| *i)
-            .chain(bound.iter().filter_map(|b| b.socket_inode().ok()))
-            .collect();
-        let listener = match inherited.claim(l, &in_use).map_err(|e| e.to_string())? {
-            Some(a) => a,
-            None => Listener::bind(l).map_err(|e| e.to_string())?,
-        };
-        bound.push(listener);
-    }
-    Ok((config, spec, bound))
-}
-
-/// `signal` to the process group `pid` leads, or to `pid` alone when it left
-/// the group (a server that called setsid itself).
-fn signal_group(pid: Pid, signal: Signal) {
-    let p = nix::unistd::Pid::from_raw(pid.0);
-    match nix::sys::signal::killpg(p, signal) {
-        Ok(()) => {}
-        Err(nix::errno::Errno::ESRCH) => {
-            if let Err(e) = nix::sys::signal::kill(p, signal) {
-                debug!(%pid, %signal, error = %e, "signal failed");
-            }
-        }
-        Err(e) => warn!(%pid, %signal, error = %e, "signal to the process group failed"),
-    }
-}
-
 /// Inodes of `listeners`' sockets: a passed socket already held is not claimed twice.
 fn inodes(listeners: &[Rc<Listener>]) -> Vec<u64> {
     listeners
         .iter()
         .filter_map(|l| l.socket_inode().ok())
         .collect()
-}
-
-/// Whether two `[logs]` tables ask for the same thing.
-fn same_logs(a: &LogsConfig, b: &LogsConfig) -> bool {
-    a.stdout == b.stdout
-        && a.stderr == b.stderr
-        && a.prefix == b.prefix
-        && a.holdfast_log == b.holdfast_log
-        && a.reopen_signal.as_ref().map(|s| s.0) == b.reopen_signal.as_ref().map(|s| s.0)
 }
 
 fn signame(sig: i32) -> String {
