@@ -2,11 +2,19 @@
 //! sent for a sequence of supervisor states. No processes, no sockets.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use super::*;
+use socket2::Domain;
+
+use super::intake::*;
+use super::notifier::*;
+use crate::config::{Address, Listen};
+use crate::core::Supervisor;
 use crate::core::{Event, ReadyVia, Request, Settings, Spec};
 use crate::ids::{Generation, Pid, WorkerId};
+use crate::os::listener::SocketFacts;
 
 #[test]
 fn listen_vars_follow_sd_listen_fds() {
