@@ -12,6 +12,7 @@ use super::*;
 use crate::config::{Address, AppConfig, Listen, Metric, ReadyMode};
 use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 
+mod decisions;
 mod model;
 
 fn t(ms: u64) -> Instant {

@@ -43,6 +43,7 @@
 mod args;
 mod child;
 mod conn;
+mod endpoints;
 mod http;
 mod inherited;
 mod listeners;
