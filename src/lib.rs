@@ -25,12 +25,12 @@
 
 pub mod cli;
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 pub mod core;
-pub mod edge;
+pub(crate) mod edge;
 pub mod ids;
-pub mod logs;
-pub mod metrics;
+pub(crate) mod logs;
+pub(crate) mod metrics;
 pub mod os;
-pub mod status;
-pub mod systemd;
+pub(crate) mod status;
+pub(crate) mod systemd;

@@ -146,11 +146,9 @@ pub mod exit {
     pub const OK: i32 = 0;
     /// The request reached holdfast and failed (e.g. the rollout failed).
     pub const FAILED: i32 = 1;
-    pub const USAGE: i32 = exitcode::USAGE;
     /// holdfast is not running (socket missing or refusing).
     pub const NOT_RUNNING: i32 = exitcode::UNAVAILABLE;
     pub const PERMISSION: i32 = exitcode::NOPERM;
-    pub const CONFIG: i32 = exitcode::CONFIG;
 }
 
 /// Whether `pid` is gone (or a zombie nobody reaped yet).

@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::status::Snapshot;
 
-pub use client::{exit, run_client, Client, ClientError};
+pub use client::run_client;
 pub use protocol::{parse_request, Command, ErrorKind, Request, Response};
 pub use server::{fetch_status, ControlError, ControlSocket, Server};
 

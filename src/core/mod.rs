@@ -162,7 +162,8 @@ impl Supervisor {
     pub fn workers(&self) -> impl Iterator<Item = &Worker> {
         self.workers.values()
     }
-    pub fn worker(&self, id: WorkerId) -> Option<&Worker> {
+    #[cfg(test)]
+    pub(crate) fn worker(&self, id: WorkerId) -> Option<&Worker> {
         self.workers.get(&id)
     }
     pub fn slot_info(&self, slot: Slot) -> Option<&SlotInfo> {

@@ -40,7 +40,7 @@ use crate::core::{
     Action, AdoptedProc, Event, ExitReason, ReadyVia, Request, Scale, Settings, Spec, Supervisor,
 };
 use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
-use crate::logs::{LogCounters, Logs};
+use crate::logs::Logs;
 use crate::os::listener::{self, Listener};
 use crate::os::spawn::{self, Start};
 use crate::status::Snapshot;
@@ -173,12 +173,6 @@ fn runtime_base() -> PathBuf {
 }
 
 impl Runtime {
-    /// Takes the sockets systemd passed (see [`Inherited::from_env`]), binds
-    /// the rest and prepares everything; spawns nothing yet.
-    pub fn new(config: Config, overrides: Overrides) -> Result<Runtime, StartError> {
-        let inherited = Inherited::from_env()?;
-        Runtime::with_inherited(config, overrides, inherited)
-    }
 
     /// Like [`Runtime::new`], with the passed sockets already taken (before
     /// the tokio runtime opened fds of its own).
@@ -283,11 +277,6 @@ impl Runtime {
             control,
             metrics,
         })
-    }
-
-    /// The log plumbing's counters, now (for status).
-    pub fn log_stats(&self) -> LogCounters {
-        self.logs.stats()
     }
 
     /// Runs until every worker has exited after a stop; returns the exit code.

@@ -24,13 +24,6 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
 }
 
 pub struct NotifySocket {

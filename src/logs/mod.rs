@@ -42,7 +42,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::LogsConfig;
 use crate::ids::{Pid, Slot};
 
-pub use own::{own_log, OwnLog, OwnLogWriter};
+pub use own::own_log;
 use sink::{Command, Pipe, Sink, SinkHandle};
 
 /// The longest line written as one, in bytes without its newline; a longer
@@ -425,11 +425,6 @@ impl Logs {
     /// The counters, now.
     pub fn stats(&self) -> LogCounters {
         self.stats.snapshot()
-    }
-
-    /// The live counters, for whoever reports them.
-    pub fn stats_handle(&self) -> Arc<LogStats> {
-        Arc::clone(&self.stats)
     }
 
     /// Writes what the pipes hold now (the workers have exited) and ends the

@@ -303,10 +303,6 @@ impl Listener {
         Ok(true)
     }
 
-    /// The unix path this listener serves, if it is a unix socket bound here.
-    pub fn unix_path(&self) -> Option<&Path> {
-        self.unix.as_ref().map(|u| u.path.as_path())
-    }
 }
 
 fn keeper_path(path: &Path) -> PathBuf {
@@ -445,11 +441,6 @@ impl Drop for Listener {
             let _ = std::fs::remove_file(&u.keeper);
         }
     }
-}
-
-/// Binds every listener of `specs`, in order.
-pub fn bind_all(specs: &[Listen]) -> Result<Vec<Listener>, ListenError> {
-    specs.iter().map(Listener::bind).collect()
 }
 
 /// A private unix socket for one worker's readiness probe.

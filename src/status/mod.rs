@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Metric, Scope};
 
 pub use enrich::enrich;
-pub use render::{render, short_duration};
+pub use render::render;
 pub use snapshot::{snapshot, Sources};
 
 /// Everything `holdfast status` shows, as sent over the control socket.

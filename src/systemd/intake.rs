@@ -351,11 +351,6 @@ impl Inherited {
         })
     }
 
-    /// Whether anything was passed.
-    pub fn is_empty(&self) -> bool {
-        self.passed.is_empty()
-    }
-
     /// The passed socket for `spec`, adopted as a listener; `Ok(None)` when
     /// none is meant for it (bind it). `in_use`: inodes other entries hold.
     ///

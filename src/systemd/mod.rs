@@ -33,10 +33,8 @@
 mod intake;
 mod notifier;
 
-pub use intake::{
-    choose, fd_names, listen_vars, ActivationError, Inherited, ListenVars, Offer, STORE_PREFIX,
-};
-pub use notifier::{extension, Notifier, Told, EXTEND_EVERY, EXTEND_MARGIN};
+pub use intake::{ActivationError, Inherited, STORE_PREFIX};
+pub use notifier::Notifier;
 
 #[cfg(test)]
 mod tests;

@@ -59,6 +59,17 @@ pub struct Notifier {
 }
 
 impl Notifier {
+    /// A notifier that sends nothing.
+    #[cfg(test)]
+    pub(super) fn off() -> Notifier {
+        Notifier::new(Target::Off, None, false, Instant::now())
+    }
+
+    #[cfg(test)]
+    pub(super) fn told(&self) -> Told {
+        self.told
+    }
+
     /// Reads NOTIFY_SOCKET, WATCHDOG_USEC/WATCHDOG_PID and FDSTORE.
     ///
     /// The fd store is used when NOTIFY_SOCKET is set and FDSTORE is not 0:
@@ -124,18 +135,9 @@ impl Notifier {
         }
     }
 
-    /// A notifier that sends nothing.
-    pub fn off() -> Notifier {
-        Notifier::new(Target::Off, None, false, Instant::now())
-    }
-
     /// Whether NOTIFY_SOCKET is set.
     pub fn is_on(&self) -> bool {
         !matches!(self.target, Target::Off)
-    }
-
-    pub fn told(&self) -> Told {
-        self.told
     }
 
     /// Sends what the supervisor decided ([`Action::Service`](crate::core::Action::Service)):

@@ -244,11 +244,6 @@ impl Cgroups {
         &self.dir
     }
 
-    /// The cgroup path of the delegated directory, as /proc/PID/cgroup shows it.
-    pub fn path(&self) -> &str {
-        &self.path
-    }
-
     /// Creates the cgroup of worker `serial` (`<dir>/worker-<serial>`) and
     /// opens its `cgroup.procs` for the child to move itself into (see
     /// `sys::ExecPlan::cgroup_procs`). An empty cgroup of that name left over
@@ -310,6 +305,11 @@ pub struct WorkerCgroup {
 }
 
 impl WorkerCgroup {
+    /// The cgroup as /proc/PID/cgroup names it.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// The worker's serial (the cgroup's name is `worker-<serial>`).
     pub fn serial(&self) -> u64 {
         self.serial
@@ -318,11 +318,6 @@ impl WorkerCgroup {
     /// The cgroup's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
-    }
-
-    /// The cgroup as /proc/PID/cgroup names it.
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// `cgroup.procs`, opened for writing (close-on-exec): the child writes

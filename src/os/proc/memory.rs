@@ -21,51 +21,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::time::Instant;
 
 use nix::sys::signal::Signal;
 
 use crate::config::Metric;
 use crate::core::{ProcessSample, SampleTarget, TreeSample, Usage};
 use crate::ids::Pid;
-
-/// The latest figures of one worker, as the edge keeps them for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Reading {
-    pub metric: Metric,
-    /// `metric` summed over the worker's tree, in bytes.
-    pub tree: u64,
-    /// `metric` of the worker's own process, in bytes.
-    pub own: u64,
-    /// The largest `metric` of any one process in the tree, in bytes.
-    pub largest: u64,
-    /// RSS summed over the tree, in bytes (over-counts shared pages).
-    pub rss: u64,
-    /// Processes in the tree.
-    pub processes: usize,
-    #[serde(skip)]
-    pub at: Instant,
-}
-
-impl Reading {
-    /// The figures of `sample`, taken at `at`.
-    pub fn of(sample: &TreeSample, metric: Metric, at: Instant) -> Reading {
-        Reading {
-            metric,
-            tree: sample.total(metric),
-            own: sample.root().and_then(|p| p.usage.get(metric)).unwrap_or(0),
-            largest: sample
-                .processes
-                .iter()
-                .filter_map(|p| p.usage.get(metric))
-                .max()
-                .unwrap_or(0),
-            rss: sample.total(Metric::Rss),
-            processes: sample.processes.len(),
-            at,
-        }
-    }
-}
 
 /// One sampling round: the trees of `workers`, each read for the metric its
 /// generation's limit is about. A worker whose own process is gone is left
