@@ -21,7 +21,7 @@ use crate::edge::Runtime;
     version,
     about = "Graceful-restart supervisor for Unix app servers: holds the listening sockets, replaces workers start-before-stop."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }

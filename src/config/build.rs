@@ -338,7 +338,7 @@ impl Address {
 }
 
 /// The LISTEN_FDNAMES name of the private readiness probe socket.
-pub const PROBE_NAME: &str = "holdfast-probe";
+pub(crate) const PROBE_NAME: &str = "holdfast-probe";
 
 pub(super) fn absolute(base: &Path, a: Address) -> Address {
     match a {
@@ -349,7 +349,7 @@ pub(super) fn absolute(base: &Path, a: Address) -> Address {
 
 /// The control socket when the config does not name one: next to the config
 /// file, else in `$XDG_RUNTIME_DIR`, else `/run/holdfast/`.
-pub fn default_control_socket(config: Option<&Path>) -> PathBuf {
+pub(crate) fn default_control_socket(config: Option<&Path>) -> PathBuf {
     if let Some(dir) = config.and_then(|p| p.parent()) {
         return dir.join("holdfast.sock");
     }

@@ -53,7 +53,7 @@ pub(super) const PIB: u64 = 1 << 50;
 
 /// The most workers holdfast runs: the ceiling of `workers`, `max_workers`
 /// and `max_surge`.
-pub const WORKERS_CEILING: u32 = 65_536;
+pub(crate) const WORKERS_CEILING: u32 = 65_536;
 
 bounds! {
     /// `[app] workers`: 1 to 65536 ([`WORKERS_CEILING`]), and at most

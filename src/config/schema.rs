@@ -61,7 +61,7 @@ pub(super) fn default_workers() -> NonZeroU32 {
     NonZeroU32::MIN
 }
 /// The default bound on the worker count.
-pub const DEFAULT_MAX_WORKERS: u32 = 256;
+pub(crate) const DEFAULT_MAX_WORKERS: u32 = 256;
 pub(super) fn default_max_workers() -> NonZeroU32 {
     NonZeroU32::new(DEFAULT_MAX_WORKERS).unwrap_or(NonZeroU32::MAX)
 }

@@ -168,7 +168,7 @@ impl<'de> Deserialize<'de> for Catchable {
 
 /// Variables holdfast sets in every worker's environment itself; `[app]
 /// env` may not set them (the worker would see two values).
-pub const OWN_ENV: &[&str] = &[
+pub(crate) const OWN_ENV: &[&str] = &[
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
@@ -186,7 +186,7 @@ pub const OWN_ENV: &[&str] = &[
 ];
 
 /// Whether holdfast sets `name` in a worker's environment itself.
-pub fn is_own_env(name: &str) -> bool {
+pub(crate) fn is_own_env(name: &str) -> bool {
     OWN_ENV.contains(&name) || name.starts_with("EINHORN_FD_")
 }
 

@@ -18,7 +18,7 @@ pub struct SampleTarget {
 /// What holdfast tells its service manager (sd_notify(3)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ServiceState {
+pub(crate) enum ServiceState {
     /// Not every slot was ready yet: no READY=1 so far.
     Starting,
     Ready,
@@ -28,7 +28,7 @@ pub enum ServiceState {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub(crate) enum Action {
     Spawn {
         id: WorkerId,
         slot: Slot,

@@ -61,8 +61,6 @@ pub enum Request {
     ReopenLogs,
     /// Graceful stop; a second one kills at once.
     Stop,
-    /// Stop now: SIGKILL every worker.
-    Kill,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -36,21 +36,27 @@ mod rollout;
 mod spec;
 mod state;
 mod strays;
-pub use actions::{Action, SampleTarget, ServiceState};
-pub use events::{Event, ExitReason, ProcessSample, ReadyVia, Request, Scale, TreeSample, Usage};
-pub use recycle::{MemoryState, Recycle};
-pub use spec::Spec;
-pub use state::{Counters, Reason, Rollout, Settings, SlotInfo, Worker, WorkerState};
+pub use actions::SampleTarget;
+pub(crate) use actions::{Action, ServiceState};
+pub use events::{Event, Usage};
+pub use events::{ExitReason, ReadyVia, Request, TreeSample};
+pub use events::{ProcessSample, Scale};
+pub use recycle::MemoryState;
+pub(crate) use spec::Spec;
+pub use state::Worker;
+pub use state::WorkerState;
+pub(crate) use state::{Counters, Reason, Rollout, Settings, SlotInfo};
 use state::{Phase, Replacement};
-pub use strays::{AdoptedProc, Stray};
+pub use strays::AdoptedProc;
+pub(crate) use strays::Stray;
 
 /// The first restart delay after a crash; it doubles up to `restart_backoff_max`.
-pub const BACKOFF_START: Duration = Duration::from_millis(100);
+pub(crate) const BACKOFF_START: Duration = Duration::from_millis(100);
 /// A worker that was ready this long before it died starts its backoff afresh.
-pub const BACKOFF_RESET: Duration = Duration::from_secs(10);
+pub(crate) const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// A memory sampling round that has not come back after this long is lost
 /// (its thread died): the next one may start.
-pub const SAMPLE_LOST_AFTER: Duration = Duration::from_secs(60);
+pub(crate) const SAMPLE_LOST_AFTER: Duration = Duration::from_secs(60);
 
 /// `now + d`, saturating a hundred years ahead: a deadline can never
 /// overflow, whatever a config says (the config refuses such durations too).
@@ -63,7 +69,7 @@ pub fn later(now: Instant, d: Duration) -> Instant {
 
 /// The whole of holdfast's worker state.
 #[derive(Debug)]
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     settings: Settings,
     /// Every generation something still uses, with its spec.
     specs: BTreeMap<Generation, Spec>,
@@ -140,7 +146,7 @@ impl Supervisor {
         self.specs.iter().map(|(g, s)| (*g, s))
     }
     /// The spec new workers get: the rollout's target, else the stable one.
-    pub fn current_spec(&self) -> &Spec {
+    pub(crate) fn current_spec(&self) -> &Spec {
         match self.specs.get(&self.target()) {
             Some(s) => s,
             None => self.stable_spec(),
@@ -166,7 +172,7 @@ impl Supervisor {
     pub(crate) fn worker(&self, id: WorkerId) -> Option<&Worker> {
         self.workers.get(&id)
     }
-    pub fn slot_info(&self, slot: Slot) -> Option<&SlotInfo> {
+    pub(crate) fn slot_info(&self, slot: Slot) -> Option<&SlotInfo> {
         self.slots.get(slot.0 as usize)
     }
     pub fn slots(&self) -> impl Iterator<Item = (Slot, &SlotInfo)> {
@@ -188,24 +194,24 @@ impl Supervisor {
     pub fn workers_wanted(&self) -> u32 {
         self.wanted
     }
-    pub fn is_stopping(&self) -> bool {
+    pub(crate) fn is_stopping(&self) -> bool {
         matches!(self.phase, Phase::Stopping { .. })
     }
     /// Adopted descendants holdfast knows of.
-    pub fn strays(&self) -> impl Iterator<Item = &Stray> {
+    pub(crate) fn strays(&self) -> impl Iterator<Item = &Stray> {
         self.strays.values()
     }
     /// Why the last reload was rejected, until the next accepted one.
-    pub fn reload_note(&self) -> Option<&str> {
+    pub(crate) fn reload_note(&self) -> Option<&str> {
         self.reload_note.as_deref()
     }
     /// Workers that are ready now.
-    pub fn ready_count(&self) -> usize {
+    pub(crate) fn ready_count(&self) -> usize {
         self.workers.values().filter(|w| w.state.is_ready()).count()
     }
     /// Whether every slot has a ready worker of the current generation and
     /// holdfast is not stopping (what an orchestrator's readiness probe asks).
-    pub fn all_current_ready(&self) -> bool {
+    pub(crate) fn all_current_ready(&self) -> bool {
         !self.is_stopping()
             && (0..self.slots.len() as u32).all(|s| {
                 self.workers
@@ -221,7 +227,7 @@ impl Supervisor {
     }
 
     /// The earliest deadline in the state: when the edge must send `Tick`.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.values().filter_map(|w| match w.state {
             WorkerState::Starting { ready_by } => {
                 let spec = self.spec_of(w);
@@ -305,7 +311,7 @@ impl Supervisor {
     }
 
     /// What the service manager should be told now.
-    pub fn service_state(&self) -> ServiceState {
+    pub(crate) fn service_state(&self) -> ServiceState {
         match self.phase {
             Phase::Stopping { .. } => ServiceState::Stopping,
             Phase::Starting => ServiceState::Starting,
@@ -329,7 +335,7 @@ impl Supervisor {
     /// The one-line status (systemd's STATUS=), e.g. `4/4 workers ready,
     /// generation 7, rollout 2/4 to generation 8`. It changes only with the
     /// state, never with the clock.
-    pub fn status_line(&self) -> String {
+    pub(crate) fn status_line(&self) -> String {
         let workers = self.wanted;
         let mut line = if self.is_stopping() {
             let left = self.workers.len() + self.strays.len();

@@ -29,16 +29,16 @@ use crate::config::{MemoryConfig, Metric, Scope};
 use crate::ids::{Pid, Slot, WorkerId};
 
 /// One MiB, the unit of memory figures in logs.
-pub const MIB: u64 = 1024 * 1024;
+pub(crate) const MIB: u64 = 1024 * 1024;
 
 /// `bytes` as whole MiB, for log lines ("611 MiB").
-pub fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{} MiB", (bytes + MIB / 2) / MIB)
 }
 
 /// The `[memory]` keys of one generation, as the supervisor uses them.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Recycle {
+pub(crate) struct Recycle {
     /// Bytes; `None`: no memory limit (age only).
     pub limit: Option<u64>,
     pub metric: Metric,
@@ -52,7 +52,7 @@ pub struct Recycle {
 }
 
 impl Recycle {
-    pub fn from_config(m: &MemoryConfig) -> Recycle {
+    pub(crate) fn from_config(m: &MemoryConfig) -> Recycle {
         Recycle {
             limit: m.limit.map(|b| b.as_u64()),
             metric: m.metric(),
@@ -120,7 +120,7 @@ impl Supervisor {
     /// sets `max_lifetime`: `max_lifetime` plus its slot's jitter after it
     /// became ready (so a slow start never makes a worker due the moment it
     /// is ready).
-    pub fn age_deadline(&self, id: WorkerId) -> Option<Instant> {
+    pub(crate) fn age_deadline(&self, id: WorkerId) -> Option<Instant> {
         let w = self.workers.get(&id)?;
         let r = self.spec_of(w).recycle()?;
         let WorkerState::Ready { since } = w.state else {
@@ -374,7 +374,7 @@ impl Supervisor {
 }
 
 /// "rss", "pss" or "uss", as in the config.
-pub fn metric_name(m: Metric) -> &'static str {
+pub(crate) fn metric_name(m: Metric) -> &'static str {
     match m {
         Metric::Rss => "rss",
         Metric::Pss => "pss",

@@ -81,21 +81,6 @@ impl Supervisor {
                     self.drain(id, now, true, out);
                 }
             }
-            Request::Kill => {
-                if !self.is_stopping() {
-                    self.phase = Phase::Stopping {
-                        waiters: reply.into_iter().collect(),
-                    };
-                }
-                self.rollout = None;
-                self.queue.clear();
-                self.inflight.clear();
-                let ids: Vec<_> = self.workers.keys().copied().collect();
-                for id in ids {
-                    self.kill(id, now, out);
-                }
-                self.kill_all_strays(now, out);
-            }
         }
     }
 

@@ -46,13 +46,13 @@ impl Spec {
     }
 
     /// The memory and age rules, as the core applies them.
-    pub fn recycle(&self) -> Option<Recycle> {
+    pub(crate) fn recycle(&self) -> Option<Recycle> {
         self.memory.as_ref().map(Recycle::from_config)
     }
 
     /// The listeners a worker's tree must hold to count as ready:
     /// `ready_listeners` when the config names them, else every one it gets.
-    pub fn required_listeners(&self) -> impl Iterator<Item = &Listen> {
+    pub(crate) fn required_listeners(&self) -> impl Iterator<Item = &Listen> {
         self.listeners.iter().filter(|l| {
             self.app
                 .ready_listeners

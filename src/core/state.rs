@@ -13,7 +13,7 @@ use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 /// Why a worker is being replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Reason {
+pub(crate) enum Reason {
     Rollout,
     Rollback,
     Memory,
@@ -106,7 +106,7 @@ pub struct Worker {
 }
 
 #[derive(Debug, Clone)]
-pub struct SlotInfo {
+pub(crate) struct SlotInfo {
     /// The generation this slot runs: that of the last worker that was
     /// ready in it (a crash restart uses it).
     pub generation: Generation,
@@ -138,7 +138,7 @@ pub(super) struct Replacement {
 }
 
 #[derive(Debug, Clone)]
-pub struct Rollout {
+pub(crate) struct Rollout {
     pub generation: Generation,
     pub rollback: bool,
     pub started: Instant,
@@ -148,7 +148,7 @@ pub struct Rollout {
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Counters {
+pub(crate) struct Counters {
     pub replacements: BTreeMap<Reason, u64>,
     pub failed_rollouts: u64,
     pub drain_kills: u64,
@@ -167,7 +167,7 @@ pub(super) enum Phase {
 
 /// Settings of the supervisor itself (not of a generation).
 #[derive(Debug, Clone, Default)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Random input for the lifetime jitter, drawn by the edge once.
     pub seed: u64,
     /// `[logs] reopen_signal`: sent to workers when the logs are reopened.

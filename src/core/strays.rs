@@ -29,7 +29,7 @@ use crate::ids::{Pid, WorkerId};
 
 /// How long a stop waits for a descendant after SIGKILL before giving up on
 /// it (a process in uninterruptible sleep): holdfast then exits anyway.
-pub const ABANDON_AFTER: Duration = Duration::from_secs(5);
+pub(crate) const ABANDON_AFTER: Duration = Duration::from_secs(5);
 
 /// A process holdfast adopted as subreaper, as the edge found it.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +44,7 @@ pub struct AdoptedProc {
 
 /// A worker's descendant outside its process group, now holdfast's child.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stray {
+pub(crate) struct Stray {
     pub pid: Pid,
     /// The worker it descends from, when known (it may be gone).
     pub worker: Option<WorkerId>,

@@ -173,7 +173,6 @@ fn runtime_base() -> PathBuf {
 }
 
 impl Runtime {
-
     /// Like [`Runtime::new`], with the passed sockets already taken (before
     /// the tokio runtime opened fds of its own).
     pub fn with_inherited(

@@ -23,8 +23,7 @@ pub struct Message {
     pub fields: Vec<(String, String)>,
 }
 
-impl Message {
-}
+impl Message {}
 
 pub struct NotifySocket {
     sock: UnixDatagram,

@@ -228,7 +228,7 @@ impl Listener {
     /// earlier holdfast is there, the path is restored from it. A socket from
     /// the fd store was holdfast's own: it is given the entry's `backlog`
     /// again. A socket-activated one keeps the unit's `Backlog=`.
-    pub fn adopt(spec: &Listen, local: Address, fd: OwnedFd, origin: Origin) -> Listener {
+    pub(crate) fn adopt(spec: &Listen, local: Address, fd: OwnedFd, origin: Origin) -> Listener {
         if origin == Origin::Stored {
             let backlog = i32::try_from(spec.backlog).unwrap_or(i32::MAX);
             if let Err(e) = SockRef::from(&fd).listen(backlog) {
@@ -272,11 +272,11 @@ impl Listener {
     /// Leaves the unix path (and its keeper link) in place when this listener
     /// is dropped: the socket lives on in systemd's fd store, and the next
     /// holdfast adopts it by that path.
-    pub fn keep_path(&self) {
+    pub(crate) fn keep_path(&self) {
         self.keep_path.set(true);
     }
 
-    pub fn raw_fd(&self) -> i32 {
+    pub(crate) fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
     }
 
@@ -289,7 +289,7 @@ impl Listener {
 
     /// Restores the unix socket path if a worker unlinked it or put something
     /// else there. Returns `Ok(true)` when it had to.
-    pub fn repair(&self) -> io::Result<bool> {
+    pub(crate) fn repair(&self) -> io::Result<bool> {
         let Some(u) = &self.unix else {
             return Ok(false);
         };
@@ -302,7 +302,6 @@ impl Listener {
         std::fs::hard_link(&u.keeper, &u.path)?;
         Ok(true)
     }
-
 }
 
 fn keeper_path(path: &Path) -> PathBuf {
@@ -353,7 +352,7 @@ fn adopt_path(path: &Path) -> Option<UnixPath> {
 
 /// What a passed fd really is, from the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SocketFacts {
+pub(crate) struct SocketFacts {
     /// `AF_INET`, `AF_INET6`, `AF_UNIX`, ...
     pub domain: Domain,
     pub stream: bool,
@@ -368,7 +367,7 @@ pub struct SocketFacts {
 
 /// Looks at `fd`: family, type, listening, local address. An fd that is not
 /// a socket is an error whose message says what it is.
-pub fn inspect(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
+pub(crate) fn inspect(fd: BorrowedFd<'_>) -> io::Result<SocketFacts> {
     let s = SockRef::from(&fd);
     let ty = match s.r#type() {
         Ok(t) => t,
@@ -444,7 +443,7 @@ impl Drop for Listener {
 }
 
 /// A private unix socket for one worker's readiness probe.
-pub fn bind_probe(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn bind_probe(path: &Path) -> io::Result<OwnedFd> {
     let _ = std::fs::remove_file(path);
     let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     s.bind(&SockAddr::unix(path)?)?;

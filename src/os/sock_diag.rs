@@ -32,7 +32,7 @@ const UNIX_DIAG_RQLEN: u16 = 4;
 /// TCP sockets that are not listening, in TIME_WAIT or half-open, by inode:
 /// local address and state. Blocking; errors when sock_diag is unavailable
 /// (the caller falls back to /proc/net/tcp).
-pub fn tcp_sockets() -> io::Result<TcpTable> {
+pub(crate) fn tcp_sockets() -> io::Result<TcpTable> {
     let mut out = HashMap::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         out.extend(parse_inet(&dump(&inet_request(family))?)?);
@@ -44,7 +44,7 @@ pub fn tcp_sockets() -> io::Result<TcpTable> {
 /// max), from a dump with `UDIAG_SHOW_RQLEN` (for a listening socket the
 /// kernel reports its pending connections and `sk_max_ack_backlog`).
 /// Blocking.
-pub fn unix_listen_queues() -> io::Result<HashMap<u64, (u32, u32)>> {
+pub(crate) fn unix_listen_queues() -> io::Result<HashMap<u64, (u32, u32)>> {
     parse_unix(&dump(&unix_request())?)
 }
 
@@ -198,7 +198,7 @@ fn walk(
 
 /// The TCP sockets of an inet dump's replies, by inode (0, a socket being
 /// torn down, is left out).
-pub fn parse_inet(datagrams: &[Vec<u8>]) -> io::Result<TcpTable> {
+pub(crate) fn parse_inet(datagrams: &[Vec<u8>]) -> io::Result<TcpTable> {
     let mut out = HashMap::new();
     walk(datagrams, INET_MSG, |msg, _| {
         // inet_diag_msg: family, state, timer, retrans, sockid {sport be16,
@@ -227,7 +227,7 @@ pub fn parse_inet(datagrams: &[Vec<u8>]) -> io::Result<TcpTable> {
 }
 
 /// The accept queues (now, max) of a unix dump's replies, by inode.
-pub fn parse_unix(datagrams: &[Vec<u8>]) -> io::Result<HashMap<u64, (u32, u32)>> {
+pub(crate) fn parse_unix(datagrams: &[Vec<u8>]) -> io::Result<HashMap<u64, (u32, u32)>> {
     let mut out = HashMap::new();
     walk(datagrams, UNIX_MSG, |msg, attrs| {
         // unix_diag_msg: family, type, state, pad, ino u32, cookie [u32; 2].

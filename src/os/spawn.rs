@@ -16,7 +16,7 @@ use crate::os::sys::{self, ExecPlan, SpawnError};
 
 /// Resolves `app.command[0]` the way exec will (the app's PATH, its cwd),
 /// so a missing program is a config error at load, not a crash loop.
-pub fn resolve_program(app: &AppConfig) -> Result<PathBuf, SpawnError> {
+pub(crate) fn resolve_program(app: &AppConfig) -> Result<PathBuf, SpawnError> {
     let path_var = app
         .env
         .get("PATH")

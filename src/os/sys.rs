@@ -494,7 +494,7 @@ static LISTEN_FDS_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 /// 3..3+count (sd_listen_fds(3)), marking each close-on-exec. Runs once per
 /// process: a second call gets nothing, so no fd is ever owned twice. An entry
 /// is an error when that fd is not open.
-pub fn take_listen_fds(count: usize) -> Vec<io::Result<OwnedFd>> {
+pub(crate) fn take_listen_fds(count: usize) -> Vec<io::Result<OwnedFd>> {
     use std::sync::atomic::Ordering;
     if LISTEN_FDS_TAKEN.swap(true, Ordering::SeqCst) {
         return Vec::new();
@@ -525,7 +525,7 @@ pub fn take_listen_fds(count: usize) -> Vec<io::Result<OwnedFd>> {
 /// accepted now, the queue's maximum), from `TCP_INFO` (tcp(7)). For a socket
 /// in LISTEN state the kernel reports `sk_ack_backlog` in `tcpi_unacked` and
 /// `sk_max_ack_backlog` in `tcpi_sacked`. nix has no `TCP_INFO` wrapper.
-pub fn tcp_accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+pub(crate) fn tcp_accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `fd` is a borrowed, open descriptor; `info` points at
@@ -552,7 +552,7 @@ pub fn tcp_accept_queue(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(u32, u32
 /// pidfd_open(2): an fd that refers to exactly this process, so a signal sent
 /// through it can never reach a later process that reuses the pid. ENOSYS on
 /// kernels before 5.3; ESRCH if the process is gone.
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags (0) by value, touches no memory
     // of ours, and returns a new fd or -1 with errno set.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -565,7 +565,10 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 }
 
 /// pidfd_send_signal(2): `signal` to the process `pidfd` refers to; ESRCH if it has exited.
-pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: nix::sys::signal::Signal) -> io::Result<()> {
+pub(crate) fn pidfd_send_signal(
+    pidfd: &OwnedFd,
+    signal: nix::sys::signal::Signal,
+) -> io::Result<()> {
     // SAFETY: the fd is open for the duration of the call (borrowed from an
     // OwnedFd); a null siginfo is allowed and means "as kill(2) would"; flags 0.
     let r = unsafe {

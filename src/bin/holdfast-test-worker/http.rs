@@ -13,7 +13,7 @@ pub(crate) enum Version {
 
 /// A parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Request {
+pub struct Request {
     pub(crate) method: String,
     /// The request target as sent (path and query).
     pub(crate) target: String,

@@ -115,7 +115,7 @@ pub(crate) fn take_one(
 }
 
 /// A listener registered with tokio.
-pub(crate) enum Listener {
+pub enum Listener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener),
 }

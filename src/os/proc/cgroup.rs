@@ -24,7 +24,7 @@ const DELEGATE_XATTRS: [&str; 2] = ["trusted.delegate", "user.delegate"];
 
 /// The cgroup v2 path (`0::PATH`) in a `/proc/PID/cgroup` text, relative to
 /// the reader's cgroup namespace. `None` on a cgroup-v1-only host.
-pub fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
+pub(crate) fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -94,7 +94,7 @@ fn unescape_octal(s: &str) -> String {
 /// The directory of cgroup `path` (as /proc/PID/cgroup shows it) under the
 /// cgroup2 mount that contains it: of the mounts whose root is an ancestor
 /// of `path`, the one with the longest root, the first listed on a tie.
-pub fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf> {
+pub(crate) fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf> {
     let under = |root: &str| -> Option<String> {
         let root = root.trim_end_matches('/');
         let rest = path.strip_prefix(root)?;
@@ -122,7 +122,7 @@ pub fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf> {
 
 /// The serial of the worker cgroup that `path` (a process's cgroup path) is
 /// in, when it is at or below `own/worker-N`.
-pub fn worker_serial_in(own: &str, path: &str) -> Option<u64> {
+pub(crate) fn worker_serial_in(own: &str, path: &str) -> Option<u64> {
     let rest = if own == "/" {
         path.strip_prefix('/')?
     } else {
@@ -285,7 +285,7 @@ impl Cgroups {
     }
 
     /// The serial of the worker cgroup `pid` is in, if it is in one of ours.
-    pub fn serial_of(&self, pid: i32) -> Option<u64> {
+    pub(crate) fn serial_of(&self, pid: i32) -> Option<u64> {
         worker_serial_in(&self.path, &cgroup_v2_path(pid)?)
     }
 }

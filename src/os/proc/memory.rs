@@ -99,7 +99,7 @@ fn children_of(pid: i32) -> Vec<i32> {
 }
 
 /// The memory of one process, or `None` if it is gone (or unreadable).
-pub fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
+pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
     match metric {
         Metric::Rss => {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -118,7 +118,7 @@ pub fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
 
 /// Rss, Pss and Private_Clean + Private_Dirty of an `smaps_rollup` text.
 /// A kernel thread or a zombie has an empty one: `None`.
-pub fn parse_smaps_rollup(text: &str) -> Option<Usage> {
+pub(crate) fn parse_smaps_rollup(text: &str) -> Option<Usage> {
     let rss = kib_field(text, "Rss:")?;
     let pss = kib_field(text, "Pss:")?;
     let private = kib_field(text, "Private_Clean:")? + kib_field(text, "Private_Dirty:")?;
@@ -139,7 +139,7 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
 
 /// Whether `pid` descends from `ancestor` right now (its parent chain reaches
 /// it within 64 levels).
-pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
+pub(crate) fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
     let mut p = pid.0;
     for _ in 0..64 {
         let Some((_, parent)) = crate::os::proc::pgrp_and_parent(p) else {
@@ -158,7 +158,7 @@ pub fn is_descendant(pid: Pid, ancestor: Pid) -> bool {
 
 /// What became of a signal to a worker's descendant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signalled {
+pub(crate) enum Signalled {
     Sent,
     /// The pid is gone or no longer under the worker: nothing was sent.
     NotDescendant,
@@ -169,7 +169,7 @@ pub enum Signalled {
 /// and the pid is reused in between, the signal goes nowhere (ESRCH) rather
 /// than to the new process. Kernels without pidfd (before 5.3) fall back to
 /// kill(2) right after the check.
-pub fn signal_descendant(worker: Pid, pid: Pid, signal: Signal) -> io::Result<Signalled> {
+pub(crate) fn signal_descendant(worker: Pid, pid: Pid, signal: Signal) -> io::Result<Signalled> {
     let pidfd = match crate::os::sys::pidfd_open(pid.0) {
         Ok(fd) => Some(fd),
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(Signalled::NotDescendant),

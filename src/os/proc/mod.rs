@@ -35,10 +35,7 @@ pub mod net;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 
-pub use cgroup::{
-    cgroup_dir, cgroup_v2_path, parse_cgroup2_mounts, parse_cgroup_v2_path, worker_serial_in,
-    Cgroup2Mount, Cgroups, WorkerCgroup,
-};
+pub use cgroup::{cgroup_v2_path, parse_cgroup2_mounts, Cgroup2Mount, Cgroups, WorkerCgroup};
 
 /// The environment variable that carries each worker's unique serial (a `u64`
 /// in decimal). The spawn code sets it; [`adopted`] reads it back from
@@ -64,7 +61,7 @@ pub struct Stat {
 
 impl Stat {
     /// Whether the process has exited (a zombie waiting to be reaped, or dead).
-    pub fn is_exited(&self) -> bool {
+    pub(crate) fn is_exited(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
     }
 }
@@ -76,7 +73,7 @@ pub fn stat(pid: i32) -> Option<Stat> {
 
 /// Parses a `/proc/PID/stat` line. The command name may contain spaces and
 /// `)`, so the fields are read after the *last* `)`.
-pub fn parse_stat(text: &str) -> Option<Stat> {
+pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let pid = text[..open].trim().parse().ok()?;
@@ -138,7 +135,7 @@ pub fn children_by_scan(pid: i32) -> Vec<i32> {
 
 /// The value of `name` in an environment block (`/proc/PID/environ`: entries
 /// separated by NUL), the first if it occurs twice, as getenv(3) would.
-pub fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
+pub(crate) fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
     environ.split(|&b| b == 0).find_map(|entry| {
         entry
             .strip_prefix(name.as_bytes())?
@@ -147,7 +144,7 @@ pub fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
 }
 
 /// [`SERIAL_VAR`] in an environment block, if present and a `u64`.
-pub fn parse_serial(environ: &[u8]) -> Option<u64> {
+pub(crate) fn parse_serial(environ: &[u8]) -> Option<u64> {
     std::str::from_utf8(env_value(environ, SERIAL_VAR)?)
         .ok()?
         .parse()
@@ -213,13 +210,13 @@ pub fn adopted(is_worker: impl Fn(i32) -> bool, cgroups: Option<&Cgroups>) -> Ve
 }
 
 /// The process group and parent of `pid` (from /proc/PID/stat), if it still exists.
-pub fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
+pub(crate) fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
     stat(pid).map(|s| (s.pgrp, s.ppid))
 }
 
 /// Finds which of `is_worker`'s pids `pid` belongs to: itself, its process
 /// group leader, or an ancestor (up to 32 levels).
-pub fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
+pub(crate) fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
     if is_worker(pid) {
         return Some(pid);
     }
@@ -256,7 +253,7 @@ pub fn descendants(root: i32) -> Vec<i32> {
 }
 
 /// Like [`descendants`], over a parent map already read.
-pub fn descendants_in(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
+pub(crate) fn descendants_in(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for (&pid, &ppid) in parents {
         children.entry(ppid).or_default().push(pid);
@@ -273,7 +270,7 @@ pub fn descendants_in(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
 }
 
 /// Socket inodes held open by `pid` (from the `socket:[N]` links in /proc/PID/fd).
-pub fn process_socket_inodes(pid: i32) -> HashSet<u64> {
+pub(crate) fn process_socket_inodes(pid: i32) -> HashSet<u64> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return HashSet::new();
     };

@@ -8,19 +8,19 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// A TCP socket from /proc/net/tcp{,6}: local address and state.
-pub type TcpTable = HashMap<u64, (SocketAddr, u8)>;
+pub(crate) type TcpTable = HashMap<u64, (SocketAddr, u8)>;
 /// A unix socket from /proc/net/unix: bound path and state.
-pub type UnixTable = HashMap<u64, (String, u8)>;
+pub(crate) type UnixTable = HashMap<u64, (String, u8)>;
 
-pub const TCP_LISTEN: u8 = 0x0A;
+pub(crate) const TCP_LISTEN: u8 = 0x0A;
 /// `SS_CONNECTED` in /proc/net/unix's `St` column.
-pub const UNIX_CONNECTED: u8 = 3;
+pub(crate) const UNIX_CONNECTED: u8 = 3;
 
 /// TCP sockets that are not listening, in TIME_WAIT or half-open, from an
 /// INET_DIAG dump: the kernel skips the others, so a host with tens of
 /// thousands of TIME_WAIT sockets costs nothing (formatting /proc/net/tcp for
 /// them takes seconds). Falls back to /proc/net/tcp{,6}.
-pub fn tcp_sockets() -> TcpTable {
+pub(crate) fn tcp_sockets() -> TcpTable {
     match crate::os::sock_diag::tcp_sockets() {
         Ok(t) => t,
         Err(e) => {
@@ -37,7 +37,7 @@ pub fn tcp_sockets() -> TcpTable {
 }
 
 /// Parses /proc/net/tcp or tcp6 (proc_net_tcp(5)); inode 0 (TIME_WAIT) is skipped.
-pub fn parse_proc_net_tcp(text: &str) -> Vec<(u64, (SocketAddr, u8))> {
+pub(crate) fn parse_proc_net_tcp(text: &str) -> Vec<(u64, (SocketAddr, u8))> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -76,14 +76,14 @@ fn parse_hex_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-pub fn unix_sockets() -> UnixTable {
+pub(crate) fn unix_sockets() -> UnixTable {
     std::fs::read_to_string("/proc/net/unix")
         .map(|t| parse_proc_net_unix(&t).into_iter().collect())
         .unwrap_or_default()
 }
 
 /// Parses /proc/net/unix (unix(7)): sockets with a path, by inode.
-pub fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
+pub(crate) fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -106,11 +106,11 @@ pub fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
 }
 
 /// `ListenOverflows` and `ListenDrops` from /proc/net/netstat (system-wide).
-pub fn listen_counters() -> Option<(u64, u64)> {
+pub(crate) fn listen_counters() -> Option<(u64, u64)> {
     parse_netstat(&std::fs::read_to_string("/proc/net/netstat").ok()?)
 }
 
-pub fn parse_netstat(text: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_netstat(text: &str) -> Option<(u64, u64)> {
     let mut lines = text.lines();
     while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
         if !names.starts_with("TcpExt:") {
