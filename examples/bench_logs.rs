@@ -68,8 +68,9 @@ struct Figures {
     bytes: u64,
     lines: u64,
     secs: f64,
-    /// holdfast's CPU seconds in the window (None for the direct run).
-    cpu: Option<f64>,
+    /// holdfast's CPU seconds in the window: None for the direct run,
+    /// Some(None) when /proc/PID/stat could not be read.
+    cpu: Option<Option<f64>>,
 }
 
 impl Figures {
@@ -119,9 +120,11 @@ fn bench(args: &[String]) -> ExitCode {
         "run", "MB/s", "lines/s", "holdfast CPU", "ratio"
     );
     let row = |name: &str, f: &Figures| {
-        let cpu = f.cpu.map_or("-".to_string(), |c| {
-            format!("{c:.2} s ({:.0}%)", 100.0 * c / f.secs)
-        });
+        let cpu = match f.cpu {
+            None => "-".to_string(),
+            Some(None) => "unreadable".to_string(),
+            Some(Some(c)) => format!("{c:.2} s ({:.0}%)", 100.0 * c / f.secs),
+        };
         println!(
             "{name:<30} {:>9.1} {:>12.0} {cpu:>14} {:>8.2}x",
             f.mb_s(),
@@ -227,7 +230,10 @@ fn holdfast_run(exe: &Path, dir: &Path, p: &Params, prefix: bool) -> Figures {
     f
 }
 
-/// Waits for output in every file, warms up 1 s, then measures the growth of
+/// Bytes each file grows by before the measurement starts.
+const WARM_UP: u64 = 4 << 20;
+
+/// Waits for output in every file, warms up by [`WARM_UP`] bytes each, then measures the growth of
 /// `files` (and the CPU time of `pid`) over `p.seconds`.
 fn measure(files: &[PathBuf], p: &Params, pid: Option<u32>) -> Figures {
     let started = Instant::now();
@@ -238,17 +244,25 @@ fn measure(files: &[PathBuf], p: &Params, pid: Option<u32>) -> Figures {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // Warm-up: until every file has grown by WARM_UP bytes past its first output.
+    let first: Vec<u64> = files.iter().map(|f| size(f)).collect();
+    while files.iter().zip(&first).any(|(f, s)| size(f) < s + WARM_UP) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{files:?} did not grow by {WARM_UP} bytes in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let sizes = || files.iter().map(|f| size(f)).collect::<Vec<_>>();
-    let (t0, s0, c0) = (Instant::now(), sizes(), pid.map(cpu_seconds));
+    let (t0, s0, c0) = (Instant::now(), sizes(), pid.and_then(cpu_seconds));
     std::thread::sleep(Duration::from_secs_f64(p.seconds));
-    let (s1, c1) = (sizes(), pid.map(cpu_seconds));
+    let (s1, c1) = (sizes(), pid.and_then(cpu_seconds));
     let secs = t0.elapsed().as_secs_f64();
     let mut f = Figures {
         bytes: 0,
         lines: 0,
         secs,
-        cpu: c0.zip(c1).map(|(a, b)| b - a),
+        cpu: pid.map(|_| c0.zip(c1).map(|(a, b)| b - a)),
     };
     for (i, file) in files.iter().enumerate() {
         f.bytes += s1[i] - s0[i];
@@ -279,19 +293,13 @@ fn newlines(path: &Path, from: u64, to: u64) -> u64 {
     n
 }
 
-/// utime + stime of `pid`, all threads, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+/// utime + stime of `pid`, all threads, in seconds; `None` when unreadable.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // After the comm: state is field 3, utime 14, stime 15 (1-based) → 11, 12 here.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100);
-    ticks as f64 / hz as f64
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks as f64 / hz as f64)
 }

@@ -2,8 +2,8 @@
 //!
 //! `cargo run --release --example bench_memory`
 //!
-//! 1. One sampling round (`holdfast::memory::sample`) over a process tree of
-//!    64 and of 256 processes, per metric. The tree is `FORKING_PY`: a
+//! 1. One sampling round (`holdfast::os::proc::memory::sample`) over a process tree of
+//!    64 and of 256 processes, per metric. The tree is `forking.py` (beside the test worker): a
 //!    Python parent that touches 64 MiB and forks the rest, so every process
 //!    maps 64 MiB of copy-on-write pages (like a preloading Unicorn or Puma
 //!    cluster) and PSS/USS have real page tables to walk, without using
@@ -20,29 +20,30 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use holdfast::config::Metric;
-use holdfast::memory;
-use holdfast::supervisor::{Pid, WorkerId};
+use holdfast::ids::{Pid, WorkerId};
+use holdfast::os::proc::memory;
+
+/// The copy-on-write process tree of the memory tests (python3; see the file).
+const FORKING_PY: &str = include_str!("../src/bin/holdfast-test-worker/forking.py");
 
 const ROUNDS: usize = 30;
 
 fn main() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("bench-memory-").tempdir()?;
     let script = dir.path().join("forking.py");
-    std::fs::write(&script, holdfast::testworker::FORKING_PY)?;
+    std::fs::write(&script, FORKING_PY)?;
     let secs: u64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
 
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "{} CPUs, load average {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+    let load = std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |e| format!("unreadable ({e})"),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     );
+    let cpus = std::thread::available_parallelism()
+        .map_or_else(|e| format!("unknown ({e})"), |n| n.get().to_string());
+    println!("{cpus} CPUs, load average {load}");
     println!("## One sampling round (median / p95 of {ROUNDS} rounds)");
     println!("processes | metric | round median | round p95 | per process");
     for n in [64usize, 256] {
@@ -51,7 +52,7 @@ fn main() -> anyhow::Result<()> {
             let mut took = Vec::with_capacity(ROUNDS);
             for _ in 0..ROUNDS {
                 let t = Instant::now();
-                let round = memory::sample(&[holdfast::supervisor::SampleTarget {
+                let round = memory::sample(&[holdfast::core::SampleTarget {
                     id: WorkerId(1),
                     pid: tree.root,
                     metric,
@@ -71,7 +72,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         let t = Instant::now();
-        let all = holdfast::tree::parents().len();
+        let all = holdfast::os::proc::parents().len();
         println!(
             "(a kernel without children files scans all of /proc instead: {all} processes, +{:.2} ms)",
             ms(t.elapsed())
@@ -123,7 +124,7 @@ impl ForkingTree {
         let _ = std::io::Read::read(&mut out, &mut buf)?;
         let tree = ForkingTree { child, root };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while holdfast::tree::descendants(root.0).len() < n {
+        while holdfast::os::proc::descendants(root.0).len() < n {
             anyhow::ensure!(Instant::now() < deadline, "forking.py did not fork {n}");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -187,8 +188,24 @@ fn cpu_share(holdfast: &Path, dir: &Path, memory: bool, window: Duration) -> any
             anyhow::ensure!(Instant::now() < deadline, "64 workers not ready in 180 s");
             std::thread::sleep(Duration::from_millis(200));
         }
-        // Settle (first rounds, blocking-pool threads), then measure.
-        std::thread::sleep(Duration::from_secs(3));
+        // Settle: until holdfast's thread count (the blocking pool the
+        // first rounds start) is the same in two reads a second apart.
+        let threads = || holdfast::os::proc::stat(pid as i32).map(|s| s.num_threads);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = threads();
+        loop {
+            std::thread::sleep(Duration::from_secs(1)); // the stability window
+            let now = threads();
+            anyhow::ensure!(now.is_some(), "holdfast's /proc/{pid}/stat is unreadable");
+            if now == last {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "holdfast's threads never settled"
+            );
+            last = now;
+        }
         let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
         std::thread::sleep(window);
         let (t1, c1) = (Instant::now(), cpu_ticks(pid)?);

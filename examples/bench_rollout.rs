@@ -19,7 +19,7 @@ mod load;
 
 use std::time::{Duration, Instant};
 
-use bench_common::{free_port, Running};
+use bench_common::{free_port, or_unread, Running};
 use load::{Load, LoadReport, LoadSpec, Target};
 use nix::sys::signal::Signal;
 
@@ -67,7 +67,7 @@ fn line(name: &str, r: &LoadReport) {
     }
 }
 
-fn startup(workers: u32) -> (Duration, u64) {
+fn startup(workers: u32) -> (Duration, Option<u64>) {
     let port = free_port();
     let h = Running::start(&config(port, workers));
     h.wait_log_count("all workers ready", 1, Duration::from_secs(120));
@@ -85,12 +85,15 @@ fn main() {
 
     println!("== start-up (spawn of holdfast → every worker READY=1), 3 runs each");
     for workers in [2, 64] {
-        let runs: Vec<(Duration, u64)> = (0..3).map(|_| startup(workers)).collect();
+        let runs: Vec<(Duration, Option<u64>)> = (0..3).map(|_| startup(workers)).collect();
         let times: Vec<String> = runs
             .iter()
             .map(|(t, _)| format!("{:.0} ms", t.as_secs_f64() * 1000.0))
             .collect();
-        let rss: Vec<String> = runs.iter().map(|(_, r)| format!("{} KiB", r)).collect();
+        let rss: Vec<String> = runs
+            .iter()
+            .map(|(_, r)| r.map_or("RSS unreadable".to_string(), |r| format!("{r} KiB")))
+            .collect();
         println!(
             "{workers:>3} workers: start-up {}  holdfast RSS {}",
             times.join(", "),
@@ -107,7 +110,7 @@ fn main() {
     Load::start(spec(port, Duration::from_secs(2))).finish();
     let cpu0 = h.cpu();
     let base = Load::start(spec(port, duration)).finish();
-    let cpu_base = h.cpu() - cpu0;
+    let cpu_base = cpu0.zip(h.cpu()).map(|(a, b)| b - a);
 
     let cpu1 = h.cpu();
     let load = Load::start(spec(port, duration));
@@ -125,7 +128,7 @@ fn main() {
         took.push(r0.elapsed());
     }
     let rolled = load.finish();
-    let cpu_roll = h.cpu() - cpu1;
+    let cpu_roll = cpu1.zip(h.cpu()).map(|(a, b)| b - a);
     let rss = h.rss_kib();
     h.stop();
 
@@ -142,7 +145,9 @@ fn main() {
         ms.join(" ")
     );
     println!(
-        "holdfast CPU: {:?} during the baseline, {:?} during the rollouts; RSS {} KiB",
-        cpu_base, cpu_roll, rss
+        "holdfast CPU: {} during the baseline, {} during the rollouts; RSS {} KiB",
+        or_unread(cpu_base),
+        or_unread(cpu_roll),
+        or_unread(rss)
     );
 }

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Address, Config, Overrides};
-use crate::runtime::Runtime;
+use crate::edge::Runtime;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,7 +21,7 @@ use crate::runtime::Runtime;
     version,
     about = "Graceful-restart supervisor for Unix app servers: holds the listening sockets, replaces workers start-before-stop."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
@@ -204,7 +204,7 @@ pub fn main() -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|c| {
                 // `run` refuses a command it cannot find; so does `check`.
-                crate::spawn::resolve_program(&c.app).map_err(|e| e.to_string())?;
+                crate::os::spawn::resolve_program(&c.app).map_err(|e| e.to_string())?;
                 Ok(c)
             }) {
             Ok(c) => {

@@ -6,39 +6,50 @@
 //! holdfast is never on the data path: it holds sockets, it never accepts.
 //!
 //! # Layout
+//! Folders mirror the architecture; imports only point down
+//! (`ids` ← `config` ← `core` ← `os` ← `logs`, `systemd`, `status` ←
+//! `control` ← `metrics` ← `edge` ← `cli`), which `tests/layout.rs` checks.
+//! - [`ids`]: `Slot`, `Generation`, `WorkerId`, `Pid`, `ReplyTo`: the only
+//!   types every module may import.
+//! - [`core`]: the pure supervisor: `Supervisor::step` takes an event
+//!   and returns actions; no syscalls, no clock, table tests.
+//! - `edge`: the one event loop: receive (signals, child exits, notify
+//!   datagrams, probes, timers, control calls) → step → perform the actions →
+//!   feed their results back as events. Reloads, readiness probes and the
+//!   workers' NOTIFY_SOCKET live here.
+//! - [`os`]: fork/exec and fds ([`os::sys`], the only `unsafe`), the spawn
+//!   plan, the listening sockets, the one /proc reader ([`os::proc`]) and
+//!   sock_diag.
+//! - `systemd`: socket intake (sd_listen_fds(3)) and the notifier
+//!   (sd_notify(3)), driven by actions.
+//! - `logs`: workers' stdout/stderr through pipes into files, whole lines,
+//!   reopen; holdfast's own log.
+//! - `control`: the control socket's protocol, server and client; `status`:
+//!   the snapshot (loop half, /proc half) and its rendering; `metrics`: the
+//!   same figures for Prometheus.
 //! - [`config`]: TOML schema, defaults, validation, positioned errors.
-//! - [`listener`]: binding and holding the sockets; restoring unlinked unix paths.
-//! - [`supervisor`]: the pure state machine (events in, actions out).
-//! - [`runtime`]: the one event loop that feeds the supervisor and acts.
-//! - [`spawn`] / [`sys`]: the worker's fd plan and environment; fork/exec (the only `unsafe`).
-//! - [`notify`]: holdfast's NOTIFY_SOCKET for workers.
-//! - [`systemd`]: socket activation, the fd store, and notifications to systemd.
-//! - [`logs`]: workers' stdout/stderr through pipes into files, whole lines, reopen.
-//! - [`tree`]: process trees and socket inodes from /proc.
-//! - [`procs`]: /proc/PID/stat, processes adopted as subreaper, worker cgroups (cgroup v2, delegated).
-//! - [`memory`]: rss / pss / uss of worker trees from /proc (facts for memory recycling).
-//! - [`control`]: the control socket (JSON lines) and its CLI client.
-//! - [`status`]: the status snapshot (workers, listeners' accept queues, counters).
-//! - [`metrics`]: the same figures in the Prometheus text format, when enabled.
 //! - [`cli`]: the command line.
-//! - [`testworker`]: the HTTP test worker used by tests, benchmarks and the demo.
+//!
+//! How a signal becomes a worker: SIGHUP reaches the edge, which prepares the
+//! new config off the loop and feeds `Event::Request { Rollout }`; the core
+//! answers `Action::Spawn` within `max_surge`; the edge spawns through
+//! `os::spawn` and `os::sys` and feeds `Event::Spawned`; READY=1 on the
+//! notify socket becomes `Event::Ready`; the core checks the worker holds its
+//! sockets, marks it ready and answers `Action::Drain` for the old worker.
+//!
+//! The public modules are what the binary, the integration tests and the
+//! benchmarks use; the rest is crate-private. The test worker is a binary of
+//! its own (`src/bin/holdfast-test-worker/`), not part of this library.
 #![warn(clippy::unwrap_used)]
 
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod listener;
-pub mod logs;
-pub mod memory;
-pub mod metrics;
-pub mod notify;
-pub mod probe;
-pub mod procs;
-pub mod runtime;
-pub mod spawn;
-pub mod status;
-pub mod supervisor;
-pub mod sys;
-pub mod systemd;
-pub mod testworker;
-pub mod tree;
+pub(crate) mod control;
+pub mod core;
+pub(crate) mod edge;
+pub mod ids;
+pub(crate) mod logs;
+pub(crate) mod metrics;
+pub mod os;
+pub(crate) mod status;
+pub(crate) mod systemd;

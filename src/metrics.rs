@@ -20,10 +20,10 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
-use crate::runtime::Input;
+use crate::control::Calls;
 use crate::status::Snapshot;
 
 /// Scrapes served at once; more are closed at once.
@@ -52,7 +52,7 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
 /// Serves `/metrics` on `listener` until the task is aborted.
 pub fn start(
     listener: std::net::TcpListener,
-    tx: mpsc::UnboundedSender<Input>,
+    tx: Calls,
     baseline: Option<(u64, u64)>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -86,7 +86,7 @@ pub fn start(
 
 async fn serve(
     mut stream: tokio::net::TcpStream,
-    tx: &mpsc::UnboundedSender<Input>,
+    tx: &Calls,
     baseline: Option<(u64, u64)>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);

@@ -205,7 +205,7 @@ fn exit_reasons(log: &str) -> HashMap<u32, String> {
 
 /// `root` and its descendants (holdfast's own /proc walk).
 fn process_tree(root: u32) -> Vec<u32> {
-    holdfast::tree::descendants(root as i32)
+    holdfast::os::proc::descendants(root as i32)
         .into_iter()
         .map(|p| p as u32)
         .collect()

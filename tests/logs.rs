@@ -219,11 +219,17 @@ fn spawned_pids(log: &str) -> Vec<u32> {
 }
 
 /// Renames `{dir}/logs/app.log` away and sends SIGUSR1, REOPENS times, each
-/// time waiting until holdfast logged the reopen of every sink (`sinks`).
-/// Returns the renamed files in order.
+/// time waiting until holdfast logged the reopen of every sink (`sinks`) and
+/// the workers wrote to the new app.log (so every file of the series holds
+/// lines). Returns the renamed files in order.
 fn rotate_by_rename(h: &Holdfast, logs: &Path, sinks: usize, also: &[&str]) -> Vec<PathBuf> {
     let mut rotated = Vec::new();
     for i in 0..REOPENS {
+        wait_until(DEADLINE, "lines in the current app.log", || {
+            fs::metadata(logs.join("app.log"))
+                .is_ok_and(|m| m.len() > 0)
+                .then_some(())
+        });
         for name in std::iter::once("app.log").chain(also.iter().copied()) {
             let to = logs.join(format!("{name}.{i}"));
             fs::rename(logs.join(name), &to).expect("rename log");
@@ -268,9 +274,10 @@ fn every_line_exactly_once_across_20_renames_and_reopens() {
     }
     assert_eq!(lines.usr1, 0, "no reopen_signal, yet a worker got SIGUSR1");
     assert_eq!(h.worker_pids(), pids, "a worker was restarted");
-    let with_lines = lines.per_source.iter().filter(|(_, n)| *n > 0).count();
+    // Every file of the series holds lines: each rotation split the stream.
+    assert_eq!(lines.per_source.len(), REOPENS + 1);
     assert!(
-        with_lines > REOPENS / 2,
+        lines.per_source.iter().all(|(_, n)| *n > 0),
         "the rotations did not split the stream: {:?}",
         lines.per_source
     );

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use common::{http_get, pid_alive, wait_until, Holdfast, Load, LoadSpec, DEADLINE};
 
+/// The copy-on-write process tree of the memory tests (python3; see the file).
+const FORKING_PY: &str = include_str!("../src/bin/holdfast-test-worker/forking.py");
+
 /// Readiness of a fresh holdfast (2-core CI: generous).
 const READY: Duration = Duration::from_secs(45);
 
@@ -427,7 +430,7 @@ fn pss_counts_copy_on_write_pages_once_and_rss_in_every_process() {
     let with = |metric: &str| {
         let dir = tempfile::tempdir().expect("tempdir");
         let script = dir.path().join("forking.py");
-        std::fs::write(&script, holdfast::testworker::FORKING_PY).expect("write forking.py");
+        std::fs::write(&script, FORKING_PY).expect("write forking.py");
         let config = forking_config(metric).replace("{dir}/forking.py", &script.to_string_lossy());
         (dir, start(&config))
     };

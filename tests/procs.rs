@@ -19,8 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{wait_until, TestCgroup, DEADLINE};
-use holdfast::procs::{self, Cgroups, SERIAL_VAR};
-use holdfast::sys::{self, ExecPlan, SpawnError, Spawned};
+use holdfast::os::proc::{self as procs, Cgroups, SERIAL_VAR};
+use holdfast::os::sys::{self, ExecPlan, SpawnError, Spawned};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -154,7 +154,7 @@ fn run_in_child(name: &str, env: &[(&str, &str)]) {
 }
 
 /// Polls `report` until it is known.
-fn poll_until_known(report: &mut holdfast::sys::ExecReport) -> Result<(), SpawnError> {
+fn poll_until_known(report: &mut holdfast::os::sys::ExecReport) -> Result<(), SpawnError> {
     wait_until(DEADLINE, "the exec report", || report.poll())
 }
 

@@ -2,10 +2,19 @@
 //! sent for a sequence of supervisor states. No processes, no sockets.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use super::*;
-use crate::supervisor::{Event, Generation, Pid, ReadyVia, Request, Settings, Spec, WorkerId};
+use socket2::Domain;
+
+use super::intake::*;
+use super::notifier::*;
+use crate::config::{Address, Listen};
+use crate::core::Supervisor;
+use crate::core::{Event, ReadyVia, Request, Settings, Spec};
+use crate::ids::{Generation, Pid, WorkerId};
+use crate::os::listener::SocketFacts;
 
 #[test]
 fn listen_vars_follow_sd_listen_fds() {
@@ -241,11 +250,11 @@ fn step(sv: &mut Supervisor, n: &mut Notifier, at: Instant, event: Event) {
     while let Some(e) = pending.pop() {
         for a in sv.step(at, e) {
             match a {
-                crate::supervisor::Action::Spawn { id, .. } => pending.push(Event::Spawned {
+                crate::core::Action::Spawn { id, .. } => pending.push(Event::Spawned {
                     id,
                     pid: Pid(100 + id.0 as i32),
                 }),
-                crate::supervisor::Action::Service { state, status } => n.tell(state, &status),
+                crate::core::Action::Service { state, status } => n.tell(state, &status),
                 _ => {}
             }
         }
@@ -294,7 +303,7 @@ fn notifications_follow_the_supervisor() {
         (
             Event::Exited {
                 pid: Pid(101),
-                reason: crate::supervisor::ExitReason::Code(0),
+                reason: crate::core::ExitReason::Code(0),
             },
             vec![],
         ),
@@ -306,7 +315,7 @@ fn notifications_follow_the_supervisor() {
         (
             Event::Exited {
                 pid: Pid(102),
-                reason: crate::supervisor::ExitReason::Code(0),
+                reason: crate::core::ExitReason::Code(0),
             },
             vec!["READY=1\nSTATUS=2/2 workers ready, generation 2\n"],
         ),
@@ -320,7 +329,7 @@ fn notifications_follow_the_supervisor() {
         (
             Event::Exited {
                 pid: Pid(103),
-                reason: crate::supervisor::ExitReason::Code(0),
+                reason: crate::core::ExitReason::Code(0),
             },
             vec!["STATUS=stopping: 1 process(es) left\n"],
         ),
@@ -427,7 +436,7 @@ fn timeouts_are_extended_only_while_bounded_work_progresses() {
         t(11_000),
         Event::Exited {
             pid: Pid(101),
-            reason: crate::supervisor::ExitReason::Code(1),
+            reason: crate::core::ExitReason::Code(1),
         },
     );
     assert_eq!(extension(&sv, Told::Starting, t(11_000)), None);

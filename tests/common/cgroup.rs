@@ -5,7 +5,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use holdfast::procs;
+use holdfast::os::proc as procs;
 
 use super::DEADLINE;
 

@@ -636,8 +636,8 @@ impl Conn {
                 }
             }
         };
-        let head = String::from_utf8_lossy(&self.buf[..header_end]).into_owned();
-        let (status, http10, headers) = parse_head(&head).map_err(|msg| {
+        let (status, http10, headers) = parse_head(&self.buf[..header_end]).map_err(|msg| {
+            let head = String::from_utf8_lossy(&self.buf[..header_end]);
             Failure::new(
                 FailKind::Other(msg),
                 format!("on {conn_desc}: {}", head.trim_end()),
@@ -849,24 +849,26 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 type Head = (u16, bool, Vec<(String, String)>);
 
-fn parse_head(head: &str) -> Result<Head, String> {
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("bad status line {status_line:?}"));
+/// The status, whether the server spoke HTTP/1.0, and the headers of a
+/// complete response head, parsed by httparse.
+fn parse_head(head: &[u8]) -> Result<Head, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err("incomplete response head".into()),
+        Err(e) => return Err(format!("bad response head: {e}")),
     }
-    let status = parts
-        .next()
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let mut headers = Vec::new();
-    for line in lines.filter(|l| !l.is_empty()) {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| format!("bad header line {line:?}"))?;
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    Ok((status, version == "HTTP/1.0", headers))
+    let (Some(status), Some(minor)) = (resp.code, resp.version) else {
+        return Err("bad status line".into());
+    };
+    let headers = resp
+        .headers
+        .iter()
+        .map(|h| {
+            let value = String::from_utf8_lossy(h.value).trim().to_string();
+            (h.name.to_string(), value)
+        })
+        .collect();
+    Ok((status, minor == 0, headers))
 }

@@ -1,0 +1,107 @@
+//! Parsing and building configs: values, sections and every rule, each
+//! error with its file:line:col.
+
+use super::*;
+
+mod rules;
+mod sections;
+
+fn err(text: &str) -> String {
+    parse(Path::new("h.toml"), text)
+        .and_then(|f| Config::build(Some(Path::new("h.toml")), Some(f), &Overrides::default()))
+        .expect_err("must fail")
+        .to_string()
+}
+
+#[test]
+fn uncatchable_signals_and_holdfasts_own_env_are_refused() {
+    let base = "[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n";
+    let e = err(&format!("{base}drain_signal = \"KILL\"\n"));
+    assert!(
+        e.contains("h.toml:5:16") && e.contains("KILL cannot be caught"),
+        "{e}"
+    );
+    let e = err(&format!("{base}[logs]\nreopen_signal = \"SIGSTOP\"\n"));
+    assert!(
+        e.contains("h.toml:6:17") && e.contains("STOP cannot be caught"),
+        "{e}"
+    );
+    let e = err(&format!("{base}env = {{ LISTEN_FDS = \"3\" }}\n"));
+    assert!(
+        e.contains("h.toml:5:") && e.contains("`LISTEN_FDS` is set by holdfast itself"),
+        "{e}"
+    );
+    let e = err(&format!("{base}env = {{ EINHORN_FD_0 = \"3\" }}\n"));
+    assert!(
+        e.contains("`EINHORN_FD_0` is set by holdfast itself"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_key_names_position_and_suggestion() {
+    let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\nworker = 2\n");
+    assert!(
+        e.starts_with("config h.toml:5:1: unknown field `worker`"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean `workers`?"), "{e}");
+}
+
+#[test]
+fn bad_values_are_positioned() {
+    let e = err("[[listen]]\naddress = \"127.0.0.1:99999\"\n[app]\ncommand = [\"x\"]\n");
+    assert!(e.contains("h.toml:2:11") && e.contains("99999"), "{e}");
+    let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\nworkers = 0\n");
+    assert!(e.contains("h.toml:5:11") && e.contains("nonzero"), "{e}");
+    assert!(e.ends_with("nonzero u32 (key `workers` in [app])"), "{e}");
+    let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\nworkers = 1\n");
+    assert!(e.contains("missing field `command` (in [app])"), "{e}");
+    let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = []\n");
+    assert!(
+        e.contains("h.toml:4:11") && e.contains("command is empty"),
+        "{e}"
+    );
+    let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = \"puma\"\n");
+    assert!(
+        e.contains("h.toml:4:11") && e.contains("expected a sequence"),
+        "{e}"
+    );
+    let e = err("[[listen]]\naddress = \"nowhere\"\n[app]\ncommand = [\"x\"]\n");
+    assert!(e.contains("h.toml:2:11"), "{e}");
+    assert!(e.ends_with("(key `address` in [[listen]])"), "{e}");
+    let e = err("control_socket = 3\n[app]\ncommand = [\"x\"]\n");
+    assert!(e.ends_with("(key `control_socket`)"), "{e}");
+}
+
+#[test]
+fn addresses() {
+    assert_eq!(
+        "[::1]:80".parse::<Address>(),
+        Ok(Address::Tcp("[::1]:80".parse().expect("v6")))
+    );
+    assert_eq!(
+        "unix:/a.sock".parse::<Address>(),
+        Ok(Address::Unix("/a.sock".into()))
+    );
+    assert!("example.com:80".parse::<Address>().is_err());
+}
+
+/// Parses and validates `text` as if it were /etc/h.toml.
+pub(super) fn valid(text: &str) -> Config {
+    let path = Path::new("/etc/h.toml");
+    let f = parse(path, text).expect("parses");
+    Config::build(Some(path), Some(f), &Overrides::default()).expect("valid")
+}
+
+#[test]
+fn defaults_and_names() {
+    let c = valid(
+            "[[listen]]\naddress = \"127.0.0.1:1\"\n[[listen]]\nname = \"u\"\naddress = \"unix:a.sock\"\n[app]\ncommand = [\"x\"]\n",
+        );
+    assert_eq!(c.listen[0].name, "listen0");
+    assert_eq!(c.listen[1].address, Address::Unix("/etc/a.sock".into()));
+    assert_eq!(c.control_socket, PathBuf::from("/etc/holdfast.sock"));
+    assert_eq!(c.app.ready, ReadyMode::Notify);
+    assert_eq!(c.app.max_surge, 1);
+}

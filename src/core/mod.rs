@@ -1,0 +1,384 @@
+//! The supervisor: the one owner of all worker state, and the only place that
+//! decides what happens to a worker.
+//!
+//! It is a pure state machine: [`Supervisor::step`] takes the time and one
+//! [`Event`] and returns the [`Action`]s to carry out. It makes no syscalls,
+//! reads no clock and never awaits, so rollouts, surge limits, rollback,
+//! backoff, descendants and readiness are unit-tested as tables of events and
+//! expected actions. Deadlines live in the state; [`Supervisor::next_deadline`]
+//! tells the edge when to send [`Event::Tick`].
+//!
+//! Its model of the world:
+//! - **A generation is a whole [`Spec`]**: a worker is started, judged ready,
+//!   drained and recycled by its own generation's spec, never by "the current
+//!   config". A crashed slot restarts with the generation it belongs to.
+//! - **Every replacement** — rollout, rollback, memory, age — is the same
+//!   start-before-stop step taken from one queue, limited by `max_surge`
+//!   (`max_surge = 0`: stop first, then start). A crashed worker leaves an
+//!   empty slot, refilled after an exponential backoff.
+//! - **Ready means serving**: READY=1, the delay or the probe, *and* the
+//!   worker's process tree holding the listening sockets it must serve.
+//! - **A worker is a tree**: the descendants that left its process group
+//!   (setsid daemons, double forks) are re-parented to holdfast, reported as
+//!   [`Event::Adopted`], and end with their worker (see `strays.rs`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::config::ReadyMode;
+use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
+
+mod actions;
+mod events;
+mod lifecycle;
+mod recycle;
+mod rollout;
+mod spec;
+mod state;
+mod strays;
+pub use actions::SampleTarget;
+pub(crate) use actions::{Action, ServiceState};
+pub use events::{Event, Usage};
+pub use events::{ExitReason, ReadyVia, Request, TreeSample};
+pub use events::{ProcessSample, Scale};
+pub use recycle::MemoryState;
+pub(crate) use spec::Spec;
+pub use state::Worker;
+pub use state::WorkerState;
+pub(crate) use state::{Counters, Reason, Rollout, Settings, SlotInfo};
+use state::{Phase, Replacement};
+pub use strays::AdoptedProc;
+pub(crate) use strays::Stray;
+
+/// The first restart delay after a crash; it doubles up to `restart_backoff_max`.
+pub(crate) const BACKOFF_START: Duration = Duration::from_millis(100);
+/// A worker that was ready this long before it died starts its backoff afresh.
+pub(crate) const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// A memory sampling round that has not come back after this long is lost
+/// (its thread died): the next one may start.
+pub(crate) const SAMPLE_LOST_AFTER: Duration = Duration::from_secs(60);
+
+/// `now + d`, saturating a hundred years ahead: a deadline can never
+/// overflow, whatever a config says (the config refuses such durations too).
+pub fn later(now: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
+    now.checked_add(d.min(FAR))
+        .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(now)
+}
+
+/// The whole of holdfast's worker state.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    settings: Settings,
+    /// Every generation something still uses, with its spec.
+    specs: BTreeMap<Generation, Spec>,
+    /// The last good generation: what slots run when no rollout is under way.
+    stable: Generation,
+    newest: Generation,
+    /// The slot count.
+    wanted: u32,
+    rollout: Option<Rollout>,
+    last_rollout: Option<(Generation, Result<(), String>)>,
+    workers: BTreeMap<WorkerId, Worker>,
+    slots: Vec<SlotInfo>,
+    /// Replacements waiting for surge budget; memory/age entries name their worker.
+    queue: VecDeque<(Slot, Reason, Option<WorkerId>)>,
+    inflight: Vec<Replacement>,
+    next_id: u64,
+    phase: Phase,
+    strays: BTreeMap<Pid, Stray>,
+    /// The edge listed adopted processes since the last worker exited: a
+    /// stop may only end once it has (a worker's daemon is re-parented to
+    /// holdfast only when the worker exits).
+    listed_since_exit: bool,
+    /// Recently gone workers (for messages about their descendants).
+    gone: VecDeque<(WorkerId, Slot, Pid)>,
+    /// When the next memory sampling round is due.
+    sample_at: Option<Instant>,
+    /// When the running sampling round started.
+    sampling: Option<Instant>,
+    /// Why the last reload was rejected, until the next accepted one.
+    reload_note: Option<String>,
+    /// What the service manager was last told.
+    told: Option<(ServiceState, String)>,
+    pub counters: Counters,
+}
+
+impl Supervisor {
+    /// A supervisor for generation 1 with `spec`; the first `Tick` spawns the workers.
+    pub fn new(spec: Spec, settings: Settings) -> Self {
+        let wanted = spec.app.workers.get();
+        let slots = vec![SlotInfo::new(Generation(1)); wanted as usize];
+        let mut specs = BTreeMap::new();
+        specs.insert(Generation(1), spec);
+        Supervisor {
+            settings,
+            specs,
+            stable: Generation(1),
+            newest: Generation(1),
+            wanted,
+            rollout: None,
+            last_rollout: None,
+            workers: BTreeMap::new(),
+            slots,
+            queue: VecDeque::new(),
+            inflight: Vec::new(),
+            next_id: 1,
+            phase: Phase::Starting,
+            strays: BTreeMap::new(),
+            listed_since_exit: true,
+            gone: VecDeque::new(),
+            sample_at: None,
+            sampling: None,
+            reload_note: None,
+            told: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The spec of `generation`, while something uses it.
+    pub fn spec(&self, generation: Generation) -> Option<&Spec> {
+        self.specs.get(&generation)
+    }
+    /// Every generation still in use, with its spec.
+    pub fn specs(&self) -> impl Iterator<Item = (Generation, &Spec)> {
+        self.specs.iter().map(|(g, s)| (*g, s))
+    }
+    /// The spec new workers get: the rollout's target, else the stable one.
+    pub(crate) fn current_spec(&self) -> &Spec {
+        match self.specs.get(&self.target()) {
+            Some(s) => s,
+            None => self.stable_spec(),
+        }
+    }
+    fn stable_spec(&self) -> &Spec {
+        match self.specs.get(&self.stable) {
+            Some(s) => s,
+            // The stable generation is never retired (see `retire`).
+            None => unreachable!("the stable generation {} has no spec", self.stable),
+        }
+    }
+    /// The spec of `w`'s generation (the current one as a fallback).
+    fn spec_of(&self, w: &Worker) -> &Spec {
+        self.specs
+            .get(&w.generation)
+            .unwrap_or_else(|| self.current_spec())
+    }
+    pub fn workers(&self) -> impl Iterator<Item = &Worker> {
+        self.workers.values()
+    }
+    #[cfg(test)]
+    pub(crate) fn worker(&self, id: WorkerId) -> Option<&Worker> {
+        self.workers.get(&id)
+    }
+    pub(crate) fn slot_info(&self, slot: Slot) -> Option<&SlotInfo> {
+        self.slots.get(slot.0 as usize)
+    }
+    pub fn slots(&self) -> impl Iterator<Item = (Slot, &SlotInfo)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (Slot(i as u32), s))
+    }
+    pub fn rollout(&self) -> Option<&Rollout> {
+        self.rollout.as_ref()
+    }
+    pub fn last_rollout(&self) -> Option<&(Generation, Result<(), String>)> {
+        self.last_rollout.as_ref()
+    }
+    pub fn stable(&self) -> Generation {
+        self.stable
+    }
+    /// How many workers (slots) holdfast runs.
+    pub fn workers_wanted(&self) -> u32 {
+        self.wanted
+    }
+    pub(crate) fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. } | Phase::Exited)
+    }
+    /// Adopted descendants holdfast knows of.
+    pub(crate) fn strays(&self) -> impl Iterator<Item = &Stray> {
+        self.strays.values()
+    }
+    /// Why the last reload was rejected, until the next accepted one.
+    pub(crate) fn reload_note(&self) -> Option<&str> {
+        self.reload_note.as_deref()
+    }
+    /// Workers that are ready now.
+    pub(crate) fn ready_count(&self) -> usize {
+        self.workers.values().filter(|w| w.state.is_ready()).count()
+    }
+    /// Whether every slot has a ready worker of the current generation and
+    /// holdfast is not stopping (what an orchestrator's readiness probe asks).
+    pub(crate) fn all_current_ready(&self) -> bool {
+        !self.is_stopping()
+            && (0..self.slots.len() as u32).all(|s| {
+                self.workers
+                    .values()
+                    .any(|w| w.slot == Slot(s) && w.state.is_ready() && w.generation == self.stable)
+            })
+    }
+    fn target(&self) -> Generation {
+        self.rollout.as_ref().map_or(self.stable, |r| r.generation)
+    }
+    fn max_surge(&self) -> u32 {
+        self.current_spec().app.max_surge
+    }
+
+    /// The earliest deadline in the state: when the edge must send `Tick`.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.values().filter_map(|w| match w.state {
+            WorkerState::Starting { ready_by } => {
+                let spec = self.spec_of(w);
+                let delay = (spec.ready() == ReadyMode::Delay)
+                    .then(|| later(w.started, spec.app.ready_delay));
+                Some(delay.map_or(ready_by, |d| d.min(ready_by)))
+            }
+            WorkerState::Checking { ready_by } => Some(ready_by),
+            WorkerState::Draining { kill_at } | WorkerState::Stopping { kill_at } => Some(kill_at),
+            _ => None,
+        });
+        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        let sampling = self
+            .sample_at
+            .into_iter()
+            .chain(self.sampling.map(|t| later(t, SAMPLE_LOST_AFTER)));
+        workers
+            .chain(restarts)
+            .chain(self.age_deadlines())
+            .chain(self.stray_deadlines())
+            .chain(sampling)
+            .min()
+    }
+
+    pub fn step(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::Tick => {
+                self.expire(now, &mut out);
+                self.expire_ages(now);
+                self.expire_strays(now, &mut out);
+            }
+            Event::Spawned { id, pid } => self.on_spawned(id, pid, now, &mut out),
+            Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error, now, &mut out),
+            Event::Ready { id, via } => self.on_ready_claim(id, Some(via), now, &mut out),
+            Event::Status { id, status } => {
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.status = Some(status);
+                }
+            }
+            Event::SocketsChecked { id, missing } => {
+                self.on_sockets_checked(id, missing, now, &mut out)
+            }
+            Event::Exited { pid, reason } => self.on_exit(pid, reason, now, &mut out),
+            Event::Adopted { procs } => self.on_adopted(procs, now, &mut out),
+            Event::MemorySample { samples } => {
+                self.sampling = None;
+                self.on_memory_sample(samples, now, &mut out)
+            }
+            Event::ReloadRejected { error, reply } => {
+                self.on_reload_rejected(error, reply, &mut out)
+            }
+            Event::Request { request, reply } => self.on_request(request, reply, now, &mut out),
+        }
+        self.advance(now, &mut out);
+        self.sample_if_due(now, &mut out);
+        self.retire(&mut out);
+        self.tell(&mut out);
+        out
+    }
+
+    fn worker_by_pid(&self, pid: Pid) -> Option<WorkerId> {
+        self.workers
+            .values()
+            .find(|w| w.pid == Some(pid))
+            .map(|w| w.id)
+    }
+
+    fn active_in(&self, slot: Slot) -> Vec<WorkerId> {
+        self.workers
+            .values()
+            .filter(|w| w.slot == slot && w.state.is_active())
+            .map(|w| w.id)
+            .collect()
+    }
+
+    fn reply(out: &mut Vec<Action>, reply: Option<ReplyTo>, outcome: Result<String, String>) {
+        if let Some(to) = reply {
+            out.push(Action::Reply { to, outcome });
+        }
+    }
+
+    /// What the service manager should be told now.
+    pub(crate) fn service_state(&self) -> ServiceState {
+        match self.phase {
+            Phase::Stopping { .. } | Phase::Exited => ServiceState::Stopping,
+            Phase::Starting => ServiceState::Starting,
+            Phase::Running if self.rollout.is_some() => ServiceState::Reloading,
+            Phase::Running => ServiceState::Ready,
+        }
+    }
+
+    /// Tells the service manager what changed: state or status line.
+    fn tell(&mut self, out: &mut Vec<Action>) {
+        let now = (self.service_state(), self.status_line());
+        if self.told.as_ref() != Some(&now) {
+            out.push(Action::Service {
+                state: now.0,
+                status: now.1.clone(),
+            });
+            self.told = Some(now);
+        }
+    }
+
+    /// The one-line status (systemd's STATUS=), e.g. `4/4 workers ready,
+    /// generation 7, rollout 2/4 to generation 8`. It changes only with the
+    /// state, never with the clock.
+    pub(crate) fn status_line(&self) -> String {
+        let workers = self.wanted;
+        let mut line = if self.is_stopping() {
+            let left = self.workers.len() + self.strays.len();
+            format!("stopping: {left} process(es) left")
+        } else {
+            let ready = self.ready_count();
+            let starting = if self.phase == Phase::Starting {
+                "starting: "
+            } else {
+                ""
+            };
+            format!(
+                "{starting}{ready}/{workers} workers ready, generation {}",
+                self.stable
+            )
+        };
+        if self.is_stopping() {
+            return line;
+        }
+        if let Some(r) = &self.rollout {
+            let done = self
+                .workers
+                .values()
+                .filter(|w| w.generation == r.generation && w.state.is_ready())
+                .count();
+            let kind = if r.rollback { "rollback" } else { "rollout" };
+            line.push_str(&format!(
+                ", {kind} {done}/{workers} to generation {}",
+                r.generation
+            ));
+        } else if let Some((g, Err(_))) = &self.last_rollout {
+            line.push_str(&format!(", rollout of generation {g} failed"));
+        }
+        if let Some(note) = &self.reload_note {
+            line.push_str(&format!("; {note}"));
+        }
+        line
+    }
+}
+
+fn round(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,588 @@
+//! The edge: the one event loop that feeds the supervisor and carries out
+//! its actions.
+//!
+//! It only does: receive (signal, child exit, notify datagram, probe result,
+//! timer, helper answer) → `Supervisor::step` → run the actions → feed their
+//! results back as events. It decides nothing about workers: which
+//! generation a worker runs, whether a READY=1 counts, who is signalled and
+//! when, are the supervisor's. A failed action becomes an event
+//! (`SpawnFailed`), never an early return, so one bad worker cannot take the
+//! loop down.
+//!
+//! Nothing here blocks the loop: a reload reads its file and binds its
+//! sockets on a blocking thread; socket checks, memory rounds and the /proc
+//! walk that finds who sent a notify datagram run there too; an exec
+//! failure is read from the child's report pipe when the child is reaped;
+//! messages to systemd go through the notifier's own thread.
+
+mod input;
+pub mod notify;
+pub mod probe;
+mod reload;
+mod workers;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use signal_hook::consts::signal::*;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Address, Config, LogsConfig, Overrides, ReadyMode};
+use crate::control::{self, Call, ControlSocket, Reply};
+use crate::core::{
+    Action, AdoptedProc, Event, ExitReason, ReadyVia, Request, Scale, Settings, Spec, Supervisor,
+};
+use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
+use crate::logs::Logs;
+use crate::os::listener::{self, Listener};
+use crate::os::spawn::{self, Start};
+use crate::status::Snapshot;
+use crate::systemd::{ActivationError, Inherited, Notifier};
+use notify::NotifySocket;
+
+use input::ReloadWaiter;
+pub use input::{Input, Prepared};
+use workers::{signal_group, Probe};
+
+/// Why holdfast could not start; each maps to a sysexits code.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Listen(#[from] listener::ListenError),
+    #[error("{0}")]
+    Command(#[from] crate::os::sys::SpawnError),
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_)
+            | StartError::Command(_)
+            | StartError::Activation(_)
+            | StartError::Listen(listener::ListenError::NotPassed { .. }) => exitcode::CONFIG,
+            StartError::Listen(_) | StartError::Control(_) | StartError::Metrics(_) => {
+                exitcode::UNAVAILABLE
+            }
+            StartError::Io { .. } => exitcode::OSERR,
+            StartError::Logs(crate::logs::LogsError::Open { .. }) => exitcode::CANTCREAT,
+            StartError::Logs(_) => exitcode::OSERR,
+        }
+    }
+}
+
+/// How long an exiting holdfast waits for the last worker output to be written.
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the edge looks for adopted descendants and unlinked unix paths
+/// when nothing else made it look.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// The generation spec of `config` (the program resolved on PATH).
+pub fn spec_of(config: &Config) -> Result<Spec, crate::os::sys::SpawnError> {
+    let program = spawn::resolve_program(&config.app)?;
+    Ok(Spec {
+        app: config.app.clone(),
+        program,
+        listeners: config.listen.clone(),
+        memory: config.memory.clone(),
+    })
+}
+
+/// A random u64 from the std hasher's per-process random keys (no RNG crate needed).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+pub struct Runtime {
+    /// The last accepted config (control socket, logs, metrics).
+    config: Config,
+    overrides: Overrides,
+    sv: Supervisor,
+    /// The current config's listeners, in order.
+    listeners: Vec<Rc<Listener>>,
+    /// Every listener some generation still uses (a superset of `listeners`).
+    held: Vec<Rc<Listener>>,
+    /// Unreaped worker processes (their own pid).
+    pids: HashMap<i32, WorkerId>,
+    /// Exec reports of workers that may not have exec'd yet.
+    execs: HashMap<i32, (WorkerId, crate::os::sys::ExecReport)>,
+    probes: HashMap<WorkerId, Probe>,
+    /// holdfast's delegated cgroup, when it has one: a cgroup per worker.
+    cgroups: Option<crate::os::proc::Cgroups>,
+    worker_cgroups: HashMap<WorkerId, crate::os::proc::WorkerCgroup>,
+    notify: NotifySocket,
+    rundir: tempfile::TempDir,
+    devnull: OwnedFd,
+    logs: Logs,
+    tx: mpsc::UnboundedSender<Input>,
+    rx: mpsc::UnboundedReceiver<Input>,
+    /// Requests of the control socket and `/metrics`.
+    calls_tx: control::Calls,
+    calls: mpsc::UnboundedReceiver<Call>,
+    /// Reply channels by the id the supervisor answers to (a reload folded
+    /// from several requests answers them all).
+    replies: HashMap<ReplyTo, Vec<Reply>>,
+    next_reply: u64,
+    pending: VecDeque<Event>,
+    exit: Option<i32>,
+    ignored_senders: HashSet<i32>,
+    /// What systemd is told (READY, RELOADING, STOPPING, STATUS, WATCHDOG, FDSTORE).
+    systemd: Notifier,
+    /// Sockets systemd passed that no entry holds now (claimable on reload);
+    /// `None` while a reload has them on its thread.
+    inherited: Option<Inherited>,
+    /// Reloads served by the preparation under way (`Some` while one is).
+    reloading: Option<Vec<ReloadWaiter>>,
+    /// Reloads asked for meanwhile: one more preparation serves them all.
+    reload_pending: Vec<ReloadWaiter>,
+    started: Instant,
+    /// Bound in `new`, served from `run`.
+    control: Option<ControlSocket>,
+    metrics: Option<std::net::TcpListener>,
+}
+
+fn runtime_base() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
+        _ => std::env::temp_dir(),
+    }
+}
+
+impl Runtime {
+    /// Like [`Runtime::new`], with the passed sockets already taken (before
+    /// the tokio runtime opened fds of its own).
+    pub fn with_inherited(
+        config: Config,
+        overrides: Overrides,
+        mut inherited: Inherited,
+    ) -> Result<Runtime, StartError> {
+        let mut systemd = Notifier::from_env(Instant::now());
+        let mut listeners: Vec<Rc<Listener>> = Vec::new();
+        for spec in &config.listen {
+            let in_use = inodes(&listeners);
+            let l = match inherited.claim(spec, &in_use)? {
+                Some(l) => l,
+                None => Listener::bind(spec)?,
+            };
+            listeners.push(Rc::new(l));
+        }
+        inherited.settle(&listeners, &mut systemd);
+        for l in &listeners {
+            info!(name = %l.name, address = %l.address, backlog = l.backlog, fd = l.raw_fd(),
+                origin = %l.origin, inode = l.socket_inode().unwrap_or(0), "listening");
+        }
+        systemd.store(&listeners);
+        let spec = spec_of(&config)?;
+        let control = match ControlSocket::bind(&config.control_socket) {
+            Ok(s) => Some(s),
+            // Without a config file the path is the default rule's
+            // (/run/holdfast or $XDG_RUNTIME_DIR), which may be unusable or
+            // shared: run on without it rather than refuse to start.
+            Err(e) if config.path.is_none() => {
+                warn!(error = %e, "running without a control socket; signals still work (set control_socket in a config file)");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let metrics = config
+            .metrics_listen
+            .map(crate::metrics::bind)
+            .transpose()?;
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| StartError::Io { what, source }
+        };
+        let rundir = tempfile::Builder::new()
+            .prefix("holdfast-")
+            .tempdir_in(runtime_base())
+            .map_err(io("runtime directory"))?;
+        let notify =
+            NotifySocket::bind(&rundir.path().join("notify.sock")).map_err(io("notify socket"))?;
+        let devnull = std::fs::File::open("/dev/null")
+            .map_err(io("/dev/null"))?
+            .into();
+        crate::os::sys::become_subreaper().map_err(io("PR_SET_CHILD_SUBREAPER"))?;
+        let cgroups = match crate::os::proc::Cgroups::detect() {
+            Ok(c) => {
+                info!(cgroup = %c.dir().display(), "a cgroup per worker: every descendant of a worker is contained and ends with it");
+                Some(c)
+            }
+            Err(why) => {
+                info!(reason = %why, "no cgroup per worker; descendants that leave a worker's process group are tracked as holdfast's adopted children");
+                None
+            }
+        };
+        let logs = Logs::start(&config.logs)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (calls_tx, calls) = mpsc::unbounded_channel();
+        let settings = Settings {
+            seed: random_seed(),
+            reopen_signal: config.logs.reopen_signal.map(|s| s.0),
+        };
+        let sv = Supervisor::new(spec, settings);
+        Ok(Runtime {
+            sv,
+            config,
+            overrides,
+            held: listeners.clone(),
+            listeners,
+            pids: HashMap::new(),
+            execs: HashMap::new(),
+            probes: HashMap::new(),
+            cgroups,
+            worker_cgroups: HashMap::new(),
+            notify,
+            rundir,
+            devnull,
+            logs,
+            tx,
+            rx,
+            calls_tx,
+            calls,
+            replies: HashMap::new(),
+            next_reply: 1,
+            pending: VecDeque::new(),
+            exit: None,
+            ignored_senders: HashSet::new(),
+            systemd,
+            inherited: Some(inherited),
+            reloading: None,
+            reload_pending: Vec::new(),
+            started: Instant::now(),
+            control,
+            metrics,
+        })
+    }
+
+    /// Runs until every worker has exited after a stop; returns the exit code.
+    pub async fn run(mut self) -> i32 {
+        let signals = signal_hook_tokio::Signals::new([
+            SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+        ]);
+        let mut signals = match signals {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot install signal handlers");
+                return exitcode::OSERR;
+            }
+        };
+        info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
+        let baseline = crate::os::proc::net::listen_counters();
+        let control = self.control.take().and_then(|socket| {
+            let path = socket.path().display().to_string();
+            control::Server::start(socket, self.calls_tx.clone(), baseline)
+                .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
+                .ok()
+        });
+        let metrics = self.metrics.take().and_then(|l| {
+            crate::metrics::start(l, self.calls_tx.clone(), baseline)
+                .map_err(|e| error!(error = %e, "cannot serve metrics"))
+                .ok()
+        });
+        self.feed(Event::Tick);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while self.exit.is_none() {
+            let deadline = self.sv.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // WATCHDOG=1 and EXTEND_TIMEOUT_USEC come from this timer, so a
+            // loop that stops turning stops them too.
+            let systemd_due = self.systemd.next_due();
+            let systemd_sleep = async {
+                match systemd_due {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(sig) = signals.next() => self.on_signal(sig),
+                Some(input) = self.rx.recv() => self.on_input(input),
+                Some(call) = self.calls.recv() => self.on_call(call),
+                msg = self.notify.recv() => match msg {
+                    Ok(m) => self.on_notify(m),
+                    Err(e) => warn!(error = %e, "notify socket receive failed"),
+                },
+                _ = sleep => self.feed(Event::Tick),
+                _ = housekeeping.tick() => self.housekeeping(false),
+                _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
+            }
+        }
+        if self.systemd.uses_fd_store() {
+            // The sockets live on in systemd's fd store: the next holdfast
+            // adopts them by these paths.
+            for l in &self.held {
+                l.keep_path();
+            }
+        }
+        let code = self.exit.unwrap_or(0);
+        // Answer what is still queued ("holdfast is exiting") and let the
+        // control server write replies already decided (stop --wait).
+        self.rx.close();
+        while self.rx.try_recv().is_ok() {}
+        self.calls.close();
+        while self.calls.try_recv().is_ok() {}
+        self.replies.clear();
+        if let Some(m) = metrics {
+            m.abort();
+        }
+        if let Some(c) = control {
+            c.finish().await;
+        }
+        info!(code, "holdfast exiting");
+        // The workers are gone; what they wrote last is still in the pipes.
+        self.logs.shutdown(LOG_DRAIN_TIMEOUT);
+        self.systemd.flush(Duration::from_secs(2));
+        code
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        let request = |request| Event::Request {
+            request,
+            reply: None,
+        };
+        match sig {
+            SIGCHLD => self.reap(),
+            SIGTERM | SIGINT => {
+                info!(signal = %signame(sig), "stop requested");
+                self.feed(request(Request::Stop));
+            }
+            SIGHUP => {
+                info!("SIGHUP: re-reading the config and rolling every worker");
+                self.reload(ReloadWaiter::default());
+            }
+            SIGTTIN => {
+                info!("SIGTTIN: one more worker");
+                self.feed(request(Request::Scale(Scale::Up)));
+            }
+            SIGTTOU => {
+                info!("SIGTTOU: one worker fewer");
+                self.feed(request(Request::Scale(Scale::Down)));
+            }
+            SIGUSR1 => {
+                info!("SIGUSR1: reopening the log files");
+                self.feed(request(Request::ReopenLogs));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Event(e) => self.feed(e),
+            Input::Prepared(p) => self.prepared(*p),
+            Input::Notified { id, fields } => self.notified(id, fields),
+            Input::NotifyStranger { sender } => {
+                if self.ignored_senders.insert(sender) {
+                    warn!(
+                        sender,
+                        "ignoring notify messages from a process that is not a worker of holdfast"
+                    );
+                }
+            }
+        }
+    }
+
+    fn on_call(&mut self, call: Call) {
+        let request = |request, reply| Event::Request { request, reply };
+        match call {
+            Call::Status { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Call::Reload { reply, started } => self.reload(ReloadWaiter { reply, started }),
+            Call::ReopenLogs { reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::ReopenLogs, reply));
+            }
+            Call::Scale { workers, reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::Scale(Scale::To(workers)), reply));
+            }
+            Call::Stop { reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::Stop, reply));
+            }
+        }
+    }
+
+    /// The loop's half of a status snapshot: no /proc reads.
+    fn snapshot(&self) -> Snapshot {
+        crate::status::snapshot(crate::status::Sources {
+            sv: &self.sv,
+            config: &self.config,
+            listeners: &self.listeners,
+            started: self.started,
+            now: Instant::now(),
+            log_stats: self.logs.stats(),
+        })
+    }
+
+    fn hold_reply(&mut self, r: Reply) -> ReplyTo {
+        self.hold_replies(vec![r]).unwrap_or(ReplyTo(0))
+    }
+
+    /// One id for all of `rs`; `None` when there is nobody to answer.
+    fn hold_replies(&mut self, rs: Vec<Reply>) -> Option<ReplyTo> {
+        if rs.is_empty() {
+            return None;
+        }
+        let to = ReplyTo(self.next_reply);
+        self.next_reply += 1;
+        self.replies.insert(to, rs);
+        Some(to)
+    }
+
+    /// Steps the supervisor with `event` and everything its actions produce.
+    fn feed(&mut self, event: Event) {
+        self.pending.push_back(event);
+        while let Some(e) = self.pending.pop_front() {
+            let now = Instant::now();
+            for action in self.sv.step(now, e) {
+                self.act(action);
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Spawn {
+                id,
+                slot,
+                generation,
+            } => {
+                let result = self.spawn(id, slot, generation);
+                self.pending.push_back(match result {
+                    Ok(pid) => Event::Spawned { id, pid },
+                    Err(error) => Event::SpawnFailed { id, error },
+                });
+            }
+            Action::Drain { id, pid, signal } => {
+                debug!(worker = %id, %pid, %signal, "drain signal to the process group");
+                signal_group(pid, signal);
+            }
+            Action::Signal { pid, signal } => {
+                debug!(%pid, %signal, "signal");
+                if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.0), signal) {
+                    debug!(%pid, %signal, error = %e, "signal failed");
+                }
+            }
+            Action::SignalProcess {
+                id,
+                worker,
+                pid,
+                signal,
+            } => {
+                if !self.pids.contains_key(&worker.0) {
+                    return; // the worker was reaped: its pid may be anyone's now
+                }
+                match crate::os::proc::memory::signal_descendant(worker, pid, signal) {
+                    Ok(crate::os::proc::memory::Signalled::Sent) => {
+                        debug!(worker = %id, %pid, %signal, "signal to a worker's descendant")
+                    }
+                    Ok(crate::os::proc::memory::Signalled::NotDescendant) => {
+                        info!(worker_pid = %worker, %pid, %signal, "process {pid} is gone or no longer under worker pid {worker}: not signalled")
+                    }
+                    Err(e) => warn!(%pid, %signal, error = %e, "signal failed"),
+                }
+            }
+            Action::Kill { id, pid } => {
+                debug!(worker = %id, %pid, "SIGKILL to the process group");
+                signal_group(pid, Signal::SIGKILL);
+                if let Some(cg) = self.worker_cgroups.get(&id) {
+                    if let Err(e) = cg.kill() {
+                        warn!(worker = %id, cgroup = %cg.dir().display(), error = %e, "cannot kill the worker's cgroup");
+                    }
+                }
+            }
+            Action::CheckSockets {
+                id,
+                pid,
+                generation,
+            } => self.check_sockets(id, pid, generation),
+            Action::Sample { targets } => {
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let samples = crate::os::proc::memory::sample(&targets);
+                    let _ = tx.send(Input::Event(Event::MemorySample { samples }));
+                });
+            }
+            Action::ReopenLogs { reply, signalled } => {
+                let reply = reply
+                    .and_then(|to| self.replies.remove(&to))
+                    .unwrap_or_default();
+                let done = self.logs.reopen();
+                tokio::spawn(async move {
+                    let reopened = done.await;
+                    if reply.is_empty() && reopened.nothing() && signalled.is_none() {
+                        info!("no log files in [logs]; nothing to reopen");
+                    }
+                    for r in reply {
+                        let _ = r.send(reopened.reply(signalled));
+                    }
+                });
+            }
+            Action::Service { state, status } => self.systemd.tell(state, &status),
+            Action::Retire { generation } => {
+                debug!(%generation, "generation retired");
+                self.release_listeners();
+            }
+            Action::Released { id } => {
+                self.probes.remove(&id);
+                self.remove_cgroup(id);
+            }
+            Action::Reply { to, outcome } => {
+                for r in self.replies.remove(&to).into_iter().flatten() {
+                    let _ = r.send(outcome.clone());
+                }
+            }
+            Action::Exit { code } => self.exit = Some(code),
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.probes.clear();
+        let _ = &self.rundir;
+    }
+}
+
+/// Inodes of `listeners`' sockets: a passed socket already held is not claimed twice.
+fn inodes(listeners: &[Rc<Listener>]) -> Vec<u64> {
+    listeners
+        .iter()
+        .filter_map(|l| l.socket_inode().ok())
+        .collect()
+}
+
+fn signame(sig: i32) -> String {
+    Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string())
+}

@@ -1,0 +1,130 @@
+//! holdfast's own NOTIFY_SOCKET for its workers (sd_notify(3) protocol).
+//!
+//! The sender is identified by the kernel-checked credentials that come with
+//! every datagram (`SO_PASSCRED` / `SCM_CREDENTIALS`), never by what the
+//! message says, so a worker's descendant can report for it and nobody else
+//! can.
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{
+    bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+use tokio::io::Interest;
+use tokio::net::UnixDatagram;
+
+/// One datagram: who sent it, and its `KEY=VALUE` lines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub pid: i32,
+    pub fields: Vec<(String, String)>,
+}
+
+impl Message {}
+
+pub struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+/// Parses the sd_notify(3) payload: newline-separated `KEY=VALUE` assignments.
+pub fn parse(payload: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(payload)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl NotifySocket {
+    pub fn bind(path: &Path) -> io::Result<NotifySocket> {
+        let _ = std::fs::remove_file(path);
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        setsockopt(&fd, sockopt::PassCred, &true)?;
+        // Workers may run as another user (e.g. after dropping privileges).
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        Ok(NotifySocket {
+            sock: UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next datagram.
+    pub async fn recv(&self) -> io::Result<Message> {
+        loop {
+            self.sock.readable().await?;
+            let fd = self.sock.as_fd();
+            match self
+                .sock
+                .try_io(Interest::READABLE, || recv_one(fd).map_err(io::Error::from))
+            {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => continue, // no credentials attached: ignore
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn recv_one(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<Option<Message>> {
+    let mut buf = vec![0u8; 4096];
+    // Room for fds too: a datagram that carries any (BARRIER=1 from
+    // sd_notify_barrier(3), FDSTORE=1) would otherwise fail with ENOBUFS and
+    // be lost together with its READY=1.
+    let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 16]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let len = msg.bytes;
+    let mut pid = None;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => pid = Some(cred.pid()),
+            // Workers have no fd store here; closing a barrier fd releases the sender.
+            ControlMessageOwned::ScmRights(fds) => {
+                for fd in fds {
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(pid.map(|pid| Message {
+        pid,
+        fields: parse(&buf[..len]),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_assignments() {
+        assert_eq!(
+            parse(b"READY=1\nSTATUS=Gunicorn arbiter booted\n"),
+            vec![
+                ("READY".into(), "1".into()),
+                ("STATUS".into(), "Gunicorn arbiter booted".into())
+            ]
+        );
+    }
+}

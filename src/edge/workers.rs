@@ -1,0 +1,314 @@
+//! The edge's hands on workers: spawning one (fds, pipes, cgroup, probe),
+//! reaping, listing adopted descendants, checking a worker's sockets,
+//! attributing notify datagrams, signals to process groups.
+
+use super::*;
+
+pub(super) struct Probe {
+    path: PathBuf,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Runtime {
+    /// The listeners of `spec`, in fd order.
+    pub(super) fn listeners_of(&self, spec: &Spec) -> Result<Vec<Rc<Listener>>, String> {
+        spec.listeners
+            .iter()
+            .map(|want| {
+                self.held
+                    .iter()
+                    .find(|l| l.serves(&want.address))
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!("listener {} is not held (internal error)", want.address)
+                    })
+            })
+            .collect()
+    }
+
+    pub(super) fn spawn(
+        &mut self,
+        id: WorkerId,
+        slot: Slot,
+        generation: Generation,
+    ) -> Result<Pid, String> {
+        let Some(spec) = self.sv.spec(generation) else {
+            return Err(format!(
+                "no spec for generation {generation} (internal error)"
+            ));
+        };
+        let listeners = self.listeners_of(spec)?;
+        let probe = if spec.ready() == ReadyMode::Probe {
+            let path = self.rundir.path().join(format!("probe-{id}.sock"));
+            let fd = listener::bind_probe(&path)
+                .map_err(|e| format!("probe socket {}: {e}", path.display()))?;
+            Some((path, fd))
+        } else {
+            None
+        };
+        let pipes = self.logs.pipes().map_err(|e| e.to_string())?;
+        let [out, err] = pipes.child_ends();
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(
+                c.create(id.0)
+                    .map_err(|e| format!("cgroup for worker {id} in {}: {e}", c.dir().display()))?,
+            ),
+            None => None,
+        };
+        let start = Start {
+            slot,
+            generation,
+            serial: id.0,
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs_fd().as_raw_fd()),
+            notify_socket: self.notify.path(),
+            probe: probe.as_ref().map(|(_, fd)| fd.as_raw_fd()),
+            stdio: [self.devnull.as_raw_fd(), out, err],
+        };
+        let started = spawn::start(spec, &listeners, &start).map_err(|e| e.to_string())?;
+        let pid = started.pid.as_raw();
+        if let Some(cg) = cgroup {
+            self.worker_cgroups.insert(id, cg);
+        }
+        self.logs.attach(pipes, slot, Pid(pid));
+        self.pids.insert(pid, id);
+        self.execs.insert(pid, (id, started.report));
+        if let Some((path, _fd)) = probe {
+            // The worker has the probe socket now; holdfast only connects to it.
+            let task = tokio::spawn(crate::edge::probe::until_ready(
+                path.clone(),
+                spec.app.ready_path.clone(),
+                id,
+                self.tx.clone(),
+            ));
+            self.probes.insert(
+                id,
+                Probe {
+                    path,
+                    task: Some(task),
+                },
+            );
+        }
+        Ok(Pid(pid))
+    }
+
+    pub(super) fn reap(&mut self) {
+        let mut any = false;
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.reaped(pid.as_raw(), ExitReason::Code(code))
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.reaped(pid.as_raw(), ExitReason::Signal(sig as i32))
+                }
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!(error = %e, "waitpid failed");
+                    break;
+                }
+            }
+            any = true;
+        }
+        if any {
+            // An exit may have orphaned descendants, or unlinked a unix path:
+            // the supervisor hears of both before it decides anything else.
+            self.housekeeping(true);
+        }
+    }
+
+    pub(super) fn reaped(&mut self, pid: i32, reason: ExitReason) {
+        // An exec that failed reports before the child's exit counts.
+        if let Some((id, mut report)) = self.execs.remove(&pid) {
+            if let Some(Err(e)) = report.poll() {
+                self.pids.remove(&pid);
+                self.feed(Event::SpawnFailed {
+                    id,
+                    error: e.to_string(),
+                });
+            }
+        }
+        self.pids.remove(&pid);
+        self.feed(Event::Exited {
+            pid: Pid(pid),
+            reason,
+        });
+    }
+
+    /// Every second and after exits (`after_exit`): settle exec reports,
+    /// list adopted descendants, restore unlinked unix paths.
+    pub(super) fn housekeeping(&mut self, after_exit: bool) {
+        self.execs
+            .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
+        self.repair_paths();
+        let pids = &self.pids;
+        let procs: Vec<AdoptedProc> =
+            crate::os::proc::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
+                .into_iter()
+                .map(|a| AdoptedProc {
+                    pid: Pid(a.pid),
+                    pgid: Pid(a.pgid),
+                    worker: a.cgroup_serial.or(a.serial).map(WorkerId),
+                    comm: a.comm,
+                })
+                .collect();
+        if after_exit || !procs.is_empty() || self.sv.strays().next().is_some() {
+            self.feed(Event::Adopted { procs });
+        }
+    }
+
+    /// After READY: which required listeners does the worker's tree (with
+    /// its adopted descendants) not hold? Off the loop; answers as an event.
+    pub(super) fn check_sockets(&mut self, id: WorkerId, pid: Pid, generation: Generation) {
+        let want: Vec<(String, u64)> = match self.sv.spec(generation) {
+            Some(spec) => spec
+                .required_listeners()
+                .filter_map(|w| {
+                    let l = self.held.iter().find(|l| l.serves(&w.address))?;
+                    Some((w.address.to_string(), l.socket_inode().ok()?))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let extra: Vec<i32> = self
+            .sv
+            .strays()
+            .filter(|s| s.worker == Some(id))
+            .map(|s| s.pid.0)
+            .collect();
+        self.repair_paths();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut held = crate::os::proc::socket_inodes(pid.0);
+            for p in extra {
+                held.extend(crate::os::proc::socket_inodes(p));
+            }
+            let missing: Vec<String> = want
+                .into_iter()
+                .filter(|(_, inode)| !held.contains(inode))
+                .map(|(a, _)| a)
+                .collect();
+            let _ = tx.send(Input::Event(Event::SocketsChecked { id, missing }));
+        });
+    }
+
+    pub(super) fn on_notify(&mut self, m: notify::Message) {
+        if m.fields.iter().all(|(k, _)| k == "BARRIER") {
+            // sd_notify_barrier(3): receiving it (and closing its fd) is the answer.
+            return;
+        }
+        if let Some(&id) = self.pids.get(&m.pid) {
+            return self.notified(id, m.fields);
+        }
+        // A descendant in its worker's process group (most are): one small
+        // read, here and now, before a sender that exits at once is gone.
+        let group = crate::os::proc::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
+        if let Some(id) = group {
+            return self.notified(id, m.fields);
+        }
+        // Elsewhere: which worker it belongs to is a walk of /proc, off the loop.
+        let workers: HashMap<i32, WorkerId> = self.pids.clone();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            match crate::os::proc::owning_worker(m.pid, |p| workers.contains_key(&p)) {
+                Some(owner) => {
+                    if let Some(&id) = workers.get(&owner) {
+                        let _ = tx.send(Input::Notified {
+                            id,
+                            fields: m.fields,
+                        });
+                    }
+                }
+                None => {
+                    debug!(sender = m.pid, message = ?m.fields, "notify message from a process that is not a worker's");
+                    let _ = tx.send(Input::NotifyStranger { sender: m.pid });
+                }
+            }
+        });
+    }
+
+    pub(super) fn notified(&mut self, id: WorkerId, fields: Vec<(String, String)>) {
+        let get = |key: &str| {
+            fields
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        if let Some(status) = get("STATUS") {
+            self.feed(Event::Status {
+                id,
+                status: status.to_string(),
+            });
+        }
+        if get("READY") == Some("1") {
+            debug!(worker = %id, "READY=1");
+            self.feed(Event::Ready {
+                id,
+                via: ReadyVia::Notify,
+            });
+        }
+        if get("STOPPING") == Some("1") {
+            debug!(worker = %id, "STOPPING=1");
+        }
+    }
+
+    /// A worker and its descendants are gone: its cgroup goes too (if it is
+    /// still busy, a later release retries).
+    pub(super) fn remove_cgroup(&mut self, id: WorkerId) {
+        let Some(cg) = self.worker_cgroups.remove(&id) else {
+            return;
+        };
+        match cg.pids() {
+            Ok(p) if !p.is_empty() => {
+                debug!(worker = %id, pids = ?p, "worker cgroup still has processes; kept for now");
+                self.worker_cgroups.insert(id, cg);
+            }
+            _ => {
+                let dir = cg.dir().to_path_buf();
+                if let Err(e) = cg.remove() {
+                    warn!(cgroup = %dir.display(), error = %e, "cannot remove a worker's cgroup");
+                }
+            }
+        }
+    }
+
+    pub(super) fn repair_paths(&self) {
+        for l in &self.held {
+            match l.repair() {
+                Ok(true) => {
+                    warn!(address = %l.address, "the unix socket path was removed or replaced (a worker unlinked it; Puma does this to inherited unix sockets it does not bind with a matching -b); restored it to holdfast's listening socket")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    error!(address = %l.address, error = %e, "cannot restore the unix socket path")
+                }
+            }
+        }
+    }
+}
+
+/// `signal` to the process group `pid` leads, or to `pid` alone when it left
+/// the group (a server that called setsid itself).
+pub(super) fn signal_group(pid: Pid, signal: Signal) {
+    let p = nix::unistd::Pid::from_raw(pid.0);
+    match nix::sys::signal::killpg(p, signal) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ESRCH) => {
+            if let Err(e) = nix::sys::signal::kill(p, signal) {
+                debug!(%pid, %signal, error = %e, "signal failed");
+            }
+        }
+        Err(e) => warn!(%pid, %signal, error = %e, "signal to the process group failed"),
+    }
+}

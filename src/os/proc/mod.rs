@@ -1,0 +1,418 @@
+//! Processes and cgroups, read from /proc and /sys: the facts holdfast needs
+//! to account for every descendant of every worker (issue 11, item 2).
+//!
+//! A worker's process group is not its tree: a child that calls `setsid()`
+//! (a daemonised helper, a double fork) leaves it. Two mechanisms catch such
+//! processes, and this module provides the OS half of both; deciding what to
+//! do with them is the supervisor's.
+//!
+//! - **A cgroup per worker**, where holdfast may create cgroups: cgroup v2,
+//!   in a directory delegated to it (systemd's `Delegate=yes`). The child
+//!   moves itself into its [`WorkerCgroup`] before exec (see
+//!   `sys::ExecPlan::cgroup_procs`), so nothing it ever forks can leave; the
+//!   kernel lists every member and `cgroup.kill` ends them all at once.
+//!   holdfast itself stays in its own cgroup and only creates children,
+//!   without enabling controllers: cgroup v2's "no internal processes" rule
+//!   only binds a cgroup whose `cgroup.subtree_control` enables domain
+//!   controllers, so a cgroup holding holdfast may still have children.
+//! - **Subreaper adoption**, everywhere: holdfast is its workers' child
+//!   subreaper, so a descendant whose parent died is re-parented to it.
+//!   [`adopted`] lists those, with the facts the supervisor uses to attribute
+//!   each to a worker (its session and group, the worker serial in its
+//!   environment, the worker cgroup it is in).
+//!
+//! Also the one parser of `/proc/PID/stat` ([`stat`]).
+//!
+//! Everything here is blocking file I/O on procfs and cgroupfs (each call is
+//! microseconds, but still a syscall per file): the edge runs it off its event
+//! loop or on a tick, never per datagram. A process that vanishes between
+//! listing and reading is normal and left out.
+
+pub mod cgroup;
+pub mod memory;
+pub mod net;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+
+pub use cgroup::{cgroup_v2_path, parse_cgroup2_mounts, Cgroup2Mount, Cgroups, WorkerCgroup};
+
+/// The environment variable that carries each worker's unique serial (a `u64`
+/// in decimal). The spawn code sets it; [`adopted`] reads it back from
+/// `/proc/PID/environ` of processes that left the worker's tree.
+pub const SERIAL_VAR: &str = "HOLDFAST_WORKER_SERIAL";
+
+/// The fields of `/proc/PID/stat` (proc(5)) that holdfast uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub pid: i32,
+    /// The command name (at most 15 bytes; may contain spaces and parentheses).
+    pub comm: String,
+    /// `R`, `S`, `D`, `Z` (zombie), `T`, `t`, `X` (dead), ...
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+    pub num_threads: i64,
+    /// When the process started, in clock ticks after boot: with the pid, it
+    /// tells a process from a later one that reused the pid.
+    pub starttime: u64,
+}
+
+impl Stat {
+    /// Whether the process has exited (a zombie waiting to be reaped, or dead).
+    pub(crate) fn is_exited(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// `/proc/PID/stat` of `pid`, or `None` if it is gone (or unreadable).
+pub fn stat(pid: i32) -> Option<Stat> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Parses a `/proc/PID/stat` line. The command name may contain spaces and
+/// `)`, so the fields are read after the *last* `)`.
+pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let pid = text[..open].trim().parse().ok()?;
+    let comm = text.get(open + 1..close)?.to_string();
+    // Fields 3.. of proc(5), so field N is at index N - 3.
+    let f: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    let mut state = f.first()?.chars();
+    let (Some(state), None) = (state.next(), state.next()) else {
+        return None;
+    };
+    Some(Stat {
+        pid,
+        comm,
+        state,
+        ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        session: f.get(3)?.parse().ok()?,
+        num_threads: f.get(17)?.parse().ok()?,
+        starttime: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// The children of `pid`: the union of `/proc/PID/task/*/children` (a child
+/// belongs to the thread that forked it, and an orphan is re-parented to some
+/// thread of its subreaper). `None` when the kernel has no children files
+/// (CONFIG_PROC_CHILDREN) or `pid` is gone. Racy by nature: a child forked or
+/// reaped meanwhile may be missed or listed.
+pub fn children(pid: i32) -> Option<Vec<i32>> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut found = false;
+    let mut out = BTreeSet::new();
+    for task in tasks.flatten() {
+        let Ok(list) = fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        found = true;
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    found.then(|| out.into_iter().collect())
+}
+
+/// The children of `pid` found by one pass over every `/proc/*/stat`: the
+/// fallback when [`children`] has no children files. Costs one read per
+/// process on the machine.
+pub fn children_by_scan(pid: i32) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| stat(p).is_some_and(|s| s.ppid == pid))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The value of `name` in an environment block (`/proc/PID/environ`: entries
+/// separated by NUL), the first if it occurs twice, as getenv(3) would.
+pub(crate) fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    environ.split(|&b| b == 0).find_map(|entry| {
+        entry
+            .strip_prefix(name.as_bytes())?
+            .strip_prefix(b"=".as_slice())
+    })
+}
+
+/// [`SERIAL_VAR`] in an environment block, if present and a `u64`.
+pub(crate) fn parse_serial(environ: &[u8]) -> Option<u64> {
+    std::str::from_utf8(env_value(environ, SERIAL_VAR)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// [`SERIAL_VAR`] of `pid`, from `/proc/PID/environ`: the environment it was
+/// exec'd with (a process may overwrite that memory, and a program exec'd
+/// with a cleaned environment has none). `None` if absent or unreadable
+/// (another user's process, a zombie).
+pub fn serial(pid: i32) -> Option<u64> {
+    parse_serial(&fs::read(format!("/proc/{pid}/environ")).ok()?)
+}
+
+/// A process re-parented to holdfast, with the facts that attribute it to a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adopted {
+    pub pid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// [`SERIAL_VAR`] from /proc/PID/environ, if readable and present.
+    pub serial: Option<u64>,
+    /// The serial of the worker cgroup it is in, when it is in one of ours.
+    pub cgroup_serial: Option<u64>,
+    pub comm: String,
+}
+
+/// holdfast's own live children that are not in `is_worker` (which must
+/// answer true for every pid holdfast started itself and has not reaped yet):
+/// descendants re-parented to holdfast because their parent died (setsid
+/// daemons, double forks, group members of an exited worker). Zombies are left
+/// out: they are already dead, and the reaper collects them.
+///
+/// Each listed pid stays this very process until holdfast reaps it (holdfast
+/// is its parent, so the pid cannot be reused before): signal it only while
+/// the reaper has not reported it.
+///
+/// Cheap: it reads `/proc/self/task/*/children` (every thread's: an orphan is
+/// re-parented to some thread of its subreaper), then stat, environ and
+/// (with `cgroups`) cgroup of each adopted process only. Without children
+/// files it scans /proc once. Blocking.
+pub fn adopted(is_worker: impl Fn(i32) -> bool, cgroups: Option<&Cgroups>) -> Vec<Adopted> {
+    let me = std::process::id() as i32;
+    let kids = children(me).unwrap_or_else(|| children_by_scan(me));
+    kids.into_iter()
+        .filter(|&pid| !is_worker(pid))
+        .filter_map(|pid| {
+            let st = stat(pid)?;
+            // Re-checked: it may have been reaped and the pid reused since the listing.
+            if st.ppid != me || st.is_exited() {
+                return None;
+            }
+            Some(Adopted {
+                pid,
+                pgid: st.pgrp,
+                sid: st.session,
+                serial: serial(pid),
+                cgroup_serial: cgroups.and_then(|c| c.serial_of(pid)),
+                comm: st.comm,
+            })
+        })
+        .collect()
+}
+
+/// The process group and parent of `pid` (from /proc/PID/stat), if it still exists.
+pub(crate) fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
+    stat(pid).map(|s| (s.pgrp, s.ppid))
+}
+
+/// Finds which of `is_worker`'s pids `pid` belongs to: itself, its process
+/// group leader, or an ancestor (up to 32 levels).
+pub(crate) fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
+    if is_worker(pid) {
+        return Some(pid);
+    }
+    let (pgrp, mut parent) = pgrp_and_parent(pid)?;
+    if is_worker(pgrp) {
+        return Some(pgrp);
+    }
+    for _ in 0..32 {
+        if parent <= 1 {
+            return None;
+        }
+        if is_worker(parent) {
+            return Some(parent);
+        }
+        parent = pgrp_and_parent(parent)?.1;
+    }
+    None
+}
+
+// ---------------------------------------------------------------- trees --
+/// All live pids with their parent, from one pass over /proc.
+pub fn parents() -> HashMap<i32, i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| stat(pid).map(|s| (pid, s.ppid)))
+        .collect()
+}
+
+/// `root` and every descendant of it, root first.
+pub fn descendants(root: i32) -> Vec<i32> {
+    descendants_in(root, &parents())
+}
+
+/// Like [`descendants`], over a parent map already read.
+pub(crate) fn descendants_in(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for (&pid, &ppid) in parents {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(c) = children.get(&out[i]) {
+            out.extend(c);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Socket inodes held open by `pid` (from the `socket:[N]` links in /proc/PID/fd).
+pub(crate) fn process_socket_inodes(pid: i32) -> HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    dir.filter_map(|e| {
+        let link = std::fs::read_link(e.ok()?.path()).ok()?;
+        let s = link.to_str()?;
+        s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    })
+    .collect()
+}
+
+/// Socket inodes held by `root` or any of its descendants.
+pub fn socket_inodes(root: i32) -> HashSet<u64> {
+    descendants(root)
+        .into_iter()
+        .flat_map(process_socket_inodes)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat_line(comm: &str) -> String {
+        format!(
+            "4242 ({comm}) S 1 4240 4239 0 -1 4194560 100 0 0 0 3 1 0 0 20 0 7 0 123456 \
+             12345678 500 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0"
+        )
+    }
+
+    #[test]
+    fn stat_fields() {
+        let s = parse_stat(&stat_line("puma 6.4.2 (app)")).expect("parses");
+        assert_eq!(
+            s,
+            Stat {
+                pid: 4242,
+                comm: "puma 6.4.2 (app)".into(),
+                state: 'S',
+                ppid: 1,
+                pgrp: 4240,
+                session: 4239,
+                num_threads: 7,
+                starttime: 123456,
+            }
+        );
+        assert!(!s.is_exited());
+    }
+
+    #[test]
+    fn stat_comm_with_parens_spaces_and_a_fake_state() {
+        // A name crafted to look like the rest of the line.
+        let s = parse_stat(&stat_line(") Z 9 9 9 (")).expect("parses");
+        assert_eq!(s.comm, ") Z 9 9 9 (");
+        assert_eq!((s.state, s.ppid, s.pgrp, s.session), ('S', 1, 4240, 4239));
+        let s = parse_stat(&stat_line("a b)")).expect("parses");
+        assert_eq!(s.comm, "a b)");
+        assert_eq!(
+            parse_stat(&stat_line("")).map(|s| s.comm),
+            Some(String::new())
+        );
+    }
+
+    #[test]
+    fn stat_zombie_and_garbage() {
+        let z = stat_line("x").replacen(") S ", ") Z ", 1);
+        assert!(parse_stat(&z).expect("parses").is_exited());
+        assert_eq!(parse_stat(""), None);
+        assert_eq!(parse_stat("12 (x) S 1 2"), None);
+        assert_eq!(parse_stat("12 x S 1 2 3"), None);
+    }
+
+    #[test]
+    fn own_stat() {
+        let me = std::process::id() as i32;
+        let s = stat(me).expect("own stat");
+        assert_eq!(s.pid, me);
+        assert_eq!(s.ppid, nix::unistd::getppid().as_raw());
+        assert_eq!(s.pgrp, nix::unistd::getpgrp().as_raw());
+        assert!(s.num_threads >= 1);
+    }
+
+    #[test]
+    fn serial_from_environ() {
+        assert_eq!(
+            parse_serial(b"HOLDFAST_WORKER_SERIAL=7\0PATH=/bin\0"),
+            Some(7)
+        );
+        assert_eq!(
+            parse_serial(b"PATH=/bin\0HOLDFAST_WORKER_SERIAL=18446744073709551615\0HOME=/\0"),
+            Some(u64::MAX)
+        );
+        // At the end, with and without the final NUL.
+        assert_eq!(
+            parse_serial(b"PATH=/bin\0HOLDFAST_WORKER_SERIAL=12\0"),
+            Some(12)
+        );
+        assert_eq!(
+            parse_serial(b"PATH=/bin\0HOLDFAST_WORKER_SERIAL=12"),
+            Some(12)
+        );
+        // Absent, a longer name, a bad value, empty.
+        assert_eq!(parse_serial(b"PATH=/bin\0HOME=/\0"), None);
+        assert_eq!(
+            parse_serial(b"HOLDFAST_WORKER_SERIALS=3\0X_HOLDFAST_WORKER_SERIAL=4\0"),
+            None
+        );
+        assert_eq!(parse_serial(b"HOLDFAST_WORKER_SERIAL=x\0"), None);
+        assert_eq!(parse_serial(b"HOLDFAST_WORKER_SERIAL=\0"), None);
+        assert_eq!(parse_serial(b""), None);
+        // The first of two, as getenv(3) reads it.
+        assert_eq!(
+            parse_serial(b"HOLDFAST_WORKER_SERIAL=1\0HOLDFAST_WORKER_SERIAL=2\0"),
+            Some(1)
+        );
+        // A value containing '=' and non-UTF-8 neighbours.
+        assert_eq!(
+            env_value(b"\xff\xfe\0A=b=c\0", "A"),
+            Some(b"b=c".as_slice())
+        );
+    }
+
+    #[test]
+    fn own_pid_has_a_group_and_parent() {
+        let me = std::process::id() as i32;
+        assert!(pgrp_and_parent(me).is_some());
+        assert_eq!(owning_worker(me, |p| p == me), Some(me));
+    }
+
+    #[test]
+    fn own_children_are_listed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let me = std::process::id() as i32;
+        let pid = child.id() as i32;
+        let listed = children(me).expect("children files (CONFIG_PROC_CHILDREN)");
+        let scanned = children_by_scan(me);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listed.contains(&pid), "{listed:?}");
+        assert!(scanned.contains(&pid), "{scanned:?}");
+    }
+}
