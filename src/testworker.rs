@@ -190,6 +190,16 @@ struct Args {
     /// the others (repeatable). READY=1 is sent as usual.
     #[arg(long, value_name = "NAME", conflicts_with = "close_inherited")]
     close_listener: Vec<String>,
+    /// After this long serving, close every listener (the accept loops
+    /// end) but keep serving the connections already accepted and stay
+    /// alive: a server whose accept loop died after it was ready.
+    #[arg(long, value_name = "MS", conflicts_with = "close_inherited")]
+    close_listeners_after_ms: Option<u64>,
+    /// After this long, point fds 1 and 2 at /dev/null (closing this
+    /// process's ends of holdfast's pipes) and keep serving, as a server
+    /// that daemonises its stdio does. Helpers spawned before keep theirs.
+    #[arg(long, value_name = "MS")]
+    close_stdio_after_ms: Option<u64>,
     /// At start, spawn a daemon: a child that calls setsid(2) (leaving this
     /// worker's process group and session), holds a copy of every inherited
     /// listener, does not die with this worker, has /dev/null as stdio, and
@@ -824,6 +834,32 @@ impl Worker {
         }
         if self.args.grow_mb_per_sec > 0 {
             tokio::spawn(Arc::clone(self).grow_forever(self.args.grow_mb_per_sec));
+        }
+        if let Some(ms) = self.args.close_listeners_after_ms {
+            let accepting: Vec<_> = acceptors.iter().map(|a| a.abort_handle()).collect();
+            let pid = self.pid;
+            tokio::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                // Each accept loop owns its listener: ending it closes the fd.
+                for a in accepting {
+                    a.abort();
+                }
+                say(&format!(
+                    "test-worker {pid}: closed its listeners on purpose after {ms} ms (--close-listeners-after-ms)"
+                ));
+            });
+        }
+        if let Some(ms) = self.args.close_stdio_after_ms {
+            let pid = self.pid;
+            tokio::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                say(&format!(
+                    "test-worker {pid}: closing stdout and stderr on purpose (--close-stdio-after-ms)"
+                ));
+                if let Err(e) = close_stdio() {
+                    say(&format!("test-worker {pid}: --close-stdio-after-ms: {e}"));
+                }
+            });
         }
         let log = LogThread::start(self);
 
@@ -1816,6 +1852,16 @@ fn write_stream(stderr: bool, bytes: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Points fds 1 and 2 at /dev/null: the pipes to holdfast are closed for
+/// this process, and later writes go nowhere instead of failing (or, were
+/// the fds merely closed, landing in whatever opens as fd 1 next).
+fn close_stdio() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
+    Ok(())
+}
+
 /// A line on stderr, written in one piece.
 fn say(msg: &str) {
     let _ = io::stderr().lock().write_all(format!("{msg}\n").as_bytes());
@@ -2141,19 +2187,24 @@ mod tests {
             "--close-listener",
             "sock",
             "--exit-on-usr2=3",
+            "--close-listeners-after-ms=500",
+            "--close-stdio-after-ms=0",
         ])
         .map_err(|e| e.to_string());
         assert!(
             args.as_ref().is_ok_and(|a| a.daemon
                 && a.quick_term
                 && a.close_listener == ["admin", "sock"]
-                && a.exit_on_usr2 == Some(3)),
+                && a.exit_on_usr2 == Some(3)
+                && a.close_listeners_after_ms == Some(500)
+                && a.close_stdio_after_ms == Some(0)),
             "{args:?}"
         );
         for conflict in [
             ["x", "--quick-term", "--ignore-term"],
             ["x", "--daemon", "--close-inherited"],
             ["x", "--close-listener=a", "--close-inherited"],
+            ["x", "--close-listeners-after-ms=1", "--close-inherited"],
         ] {
             assert!(Args::try_parse_from(conflict).is_err(), "{conflict:?}");
         }
