@@ -39,7 +39,10 @@ fn sigkill_of_holdfast_takes_its_workers_and_frees_the_port() {
             .ok_or(format!("of {before:?}, still alive: {left:?}"))
     });
     p.check(gone.is_ok(), || {
-        format!("after SIGKILL of holdfast: {}", gone.clone().unwrap_err())
+        format!(
+            "after SIGKILL of holdfast: {}",
+            gone.clone().err().unwrap_or_default()
+        )
     });
     let code = h.wait_exit(DEADLINE);
     p.check(code.code().is_none(), || format!("holdfast: {code}"));
@@ -70,7 +73,7 @@ fn sigkill_of_holdfast_takes_its_workers_and_frees_the_port() {
             "a new holdfast on ports {} and {}: {} (log: {})",
             h.port,
             h.port2,
-            up.clone().unwrap_err(),
+            up.clone().err().unwrap_or_default(),
             log_tail(&next, 3)
         )
     }) {
@@ -79,8 +82,12 @@ fn sigkill_of_holdfast_takes_its_workers_and_frees_the_port() {
         stop_and_check_nothing_left(&mut next, &mut p);
     }
     eprintln!(
-        "sigkill: workers gone after {:?}; load until the port closed: {ka}{one}",
-        gone.ok()
+        "sigkill: workers gone after {:?}; load until the port closed: ok {} + {}, failed {:?} + {:?}",
+        gone.ok(),
+        ka.ok,
+        one.ok,
+        ka.failures,
+        one.failures
     );
     p.assert_none();
 }

@@ -559,3 +559,90 @@ pub fn counter(s: &Value, path: &str) -> u64 {
         .as_u64()
         .unwrap_or(u64::MAX)
 }
+
+/// A memory cgroup of the test's own with a hard limit, so that the
+/// kernel's OOM killer acts inside it and never on the whole machine.
+///
+/// cgroup v2's `memory.max` when the cgroup2 root has the memory
+/// controller enabled for its children; otherwise (a hybrid host like this
+/// one, where `memory` is bound to the v1 hierarchy) the v1 memory
+/// controller's `memory.limit_in_bytes`. The cgroup sits at the root of
+/// that hierarchy, next to the test's own, so that the machinery that runs
+/// the tests keeps its cgroups untouched; `Drop` kills what is left in it
+/// (only processes the test put there) and removes it.
+pub struct MemoryCgroup {
+    pub dir: std::path::PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    pub fn new(name: &str, limit_bytes: u64) -> MemoryCgroup {
+        let leaf = format!("holdfast-test-{}-{name}", std::process::id());
+        let v2_root = std::path::Path::new("/sys/fs/cgroup/unified");
+        let v2_root = if v2_root.join("cgroup.subtree_control").exists() {
+            v2_root.to_path_buf()
+        } else {
+            std::path::PathBuf::from("/sys/fs/cgroup")
+        };
+        let v2 = fs::read_to_string(v2_root.join("cgroup.subtree_control"))
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        let (dir, file) = if v2 {
+            (v2_root.join(&leaf), "memory.max")
+        } else {
+            let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+            assert!(
+                v1.join("memory.limit_in_bytes").exists(),
+                "no memory controller: neither enabled in {}/cgroup.subtree_control nor a v1 hierarchy at {}",
+                v2_root.display(),
+                v1.display()
+            );
+            (v1.join(&leaf), "memory.limit_in_bytes")
+        };
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let cg = MemoryCgroup { dir, v2 };
+        fs::write(cg.dir.join(file), limit_bytes.to_string())
+            .unwrap_or_else(|e| panic!("{file} of {}: {e}", cg.dir.display()));
+        cg
+    }
+
+    /// How many times the OOM killer killed a process in it.
+    pub fn oom_kills(&self) -> u64 {
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
+        fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn procs(&self) -> Vec<i32> {
+        fs::read_to_string(self.dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            for pid in self.procs() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() || Instant::now() > deadline
+            {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
