@@ -21,5 +21,6 @@
 mod common;
 
 mod killed;
+mod resources;
 mod support;
 mod workers;
