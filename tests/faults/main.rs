@@ -17,10 +17,12 @@
 //! socket, run directory), [`storms`] (signal storms), [`clock`] (no
 //! deadline reads the wall clock).
 
+mod clock;
 #[path = "../common/mod.rs"]
 mod common;
 
 mod killed;
 mod resources;
+mod storms;
 mod support;
 mod workers;

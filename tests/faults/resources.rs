@@ -284,13 +284,13 @@ fn in_ns(h: &Holdfast, path: &str) -> PathBuf {
 /// the newline, before the prefix), its last `[wS P] wS P done N`, and
 /// every line that is neither, nor a `test-worker` message (torn).
 #[derive(Default, Debug)]
-struct Lines {
-    seqs: BTreeMap<u32, Vec<u64>>,
-    done: BTreeMap<u32, u64>,
-    torn: Vec<String>,
+pub struct Lines {
+    pub seqs: BTreeMap<u32, Vec<u64>>,
+    pub done: BTreeMap<u32, u64>,
+    pub torn: Vec<String>,
 }
 
-fn parse_lines(text: &str) -> Lines {
+pub fn parse_lines(text: &str) -> Lines {
     let mut out = Lines::default();
     for line in text.lines() {
         let parsed = (|| {
@@ -322,7 +322,7 @@ fn parse_lines(text: &str) -> Lines {
 
 /// For each worker of `pids` (each must have its `done N` line): the seqs
 /// 1..=N missing from `lines`, and whether any came twice.
-fn missing(lines: &Lines, pids: &[u32]) -> Result<(u64, Vec<String>), String> {
+pub fn missing(lines: &Lines, pids: &[u32]) -> Result<(u64, Vec<String>), String> {
     let mut lost = 0;
     let mut dups = Vec::new();
     for pid in pids {
