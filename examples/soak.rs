@@ -112,8 +112,11 @@ fn args() -> Result<Args, String> {
             }
         }
     }
-    if !(1.0..=24.0 * 60.0).contains(&a.minutes) {
-        return Err(format!("--minutes {}: from 1 to 1440", a.minutes));
+    if !(2.0..=24.0 * 60.0).contains(&a.minutes) {
+        return Err(format!(
+            "--minutes {}: from 2 (the quiet and settle phases take 45 s) to 1440",
+            a.minutes
+        ));
     }
     Ok(a)
 }
