@@ -66,7 +66,7 @@ fn sigkill_of_holdfast_takes_its_workers_and_frees_the_port() {
         .render()
         .replace("{port2}", &h.port2.to_string())
         .replace("{port}", &h.port.to_string());
-    let mut next = crate::common::Swept::new(crate::common::Holdfast::start(&again));
+    let mut next = start_config(&again);
     let up = poll(DEADLINE, || consistent(&next, 2));
     if p.check(up.is_ok(), || {
         format!(

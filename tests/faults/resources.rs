@@ -371,7 +371,7 @@ fn a_full_log_disk_loses_only_counted_whole_lines_and_recovers() {
         tables: "[logs]\nstdout = \"{dir}/logs/app.log\"\nstderr = \"{dir}/logs/app.log\"",
         ..Cfg::default()
     };
-    let mut h = start_with_tmpfs(&cfg.render(), "logs", "4m", &[]);
+    let mut h = start_with_tmpfs(&cfg.render(), "logs", "4m", &[("XDG_RUNTIME_DIR", "{dir}")]);
     let first = wait_consistent(&h, 2);
     let traffic = Traffic::start(&h, false);
     let mut p = Problems::default();
@@ -499,7 +499,7 @@ fn a_removed_log_directory_loses_no_line_and_recovers() {
                 "--config",
                 "{config}",
             ],
-            env: &[],
+            env: &[("XDG_RUNTIME_DIR", "{dir}")],
             stdin: None,
         },
         Some(&cfg.render()),

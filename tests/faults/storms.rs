@@ -120,11 +120,87 @@ fn a_hundred_sighups_in_a_second_make_at_most_two_rollouts() {
     p.assert_none();
 }
 
+/// **Fails today** (nearly every run). SIGTTIN and SIGTTOU back to back,
+/// 40 times: each TTIN spawns a worker and the TTOU drains it at once, often
+/// before it has exec'd (holdfast logs `worker spawned` and `draining
+/// worker` for the same pid 250 µs apart). In that window the child still
+/// has holdfast's signal handlers (signal-hook's, for TERM, HUP, TTIN,
+/// ...) and an empty signal mask (src/sys.rs `child_after_fork`, which
+/// resets only SIGPIPE): the SIGTERM runs holdfast's handler *in the
+/// child* and is gone. The exec'd server never sees its drain signal,
+/// serves on, and is SIGKILLed at `drain_timeout` with the connections it
+/// holds: a keep-alive client sees resets. (The mixed storm below hit this
+/// and lost 11 requests.)
+///
+/// Wanted (src/sys.rs `spawn`, around the fork at `let fork = unsafe`, and
+/// `child_after_fork`): block every signal in the parent before fork and
+/// restore the mask after; in the child, set every handled signal back to
+/// SIG_DFL *before* emptying the mask (as `posix_spawn` does with
+/// POSIX_SPAWN_SETSIGDEF). A drain signal that arrives before exec then
+/// stays pending and ends the child (it has served nothing yet), or
+/// reaches the server after exec. Then no drain kill, no failed request.
+#[test]
+fn a_worker_drained_right_after_its_spawn_gets_its_drain_signal() {
+    let _serial = serial();
+    let mut h = Cfg {
+        app: "drain_timeout = \"1s\"\nready_timeout = \"10s\"\nmax_workers = 4",
+        ..Cfg::default()
+    }
+    .start();
+    wait_consistent(&h, 2);
+    let traffic = Traffic::start(&h, false);
+    let mut p = Problems::default();
+    for i in 0..40 {
+        h.signal(Signal::SIGTTIN);
+        h.signal(Signal::SIGTTOU);
+        // Back at 2 workers with nothing draining (a worker that lost its
+        // drain signal is there until its drain_timeout).
+        if let Err(e) = poll(Duration::from_secs(5), || {
+            let s = status(&h)?;
+            let n = workers(&s).len();
+            (n == 2 && consistent(&h, 2).is_ok())
+                .then_some(())
+                .ok_or(format!("round {i}: {n} worker rows"))
+        }) {
+            p.push(e);
+            break;
+        }
+    }
+    let killed = log_lines(&h, &["did not exit within drain_timeout"]);
+    p.check(killed.is_empty(), || {
+        let pids: Vec<&str> = killed
+            .iter()
+            .filter_map(|l| l.split("pid=").nth(1)?.split(' ').next())
+            .collect();
+        let spawned_then_drained: Vec<String> = pids
+            .iter()
+            .map(|pid| {
+                let at = |what: &str| {
+                    log_lines(&h, &[what, &format!("pid={pid} ")])
+                        .first()
+                        .map(|l| l.split_whitespace().next().unwrap_or("").to_string())
+                        .unwrap_or_default()
+                };
+                format!("pid {pid}: spawned {}, drained {}", at("worker spawned"), at("draining worker"))
+            })
+            .collect();
+        format!(
+            "{} worker(s) drained right after their spawn ignored the drain signal and were SIGKILLed: {spawned_then_drained:?}",
+            killed.len()
+        )
+    });
+    traffic.stop(&mut p, 100);
+    stop_and_check_nothing_left(&mut h, &mut p);
+    p.assert_none();
+}
+
 /// 40 SIGTTIN/SIGTTOU in a fixed mixed order, 5 ms apart, under load, with
 /// `max_workers = 5`. The count holdfast must end at is replayed from its
 /// log (each signal it handled, in order, bounded to 1..=5): it must run
 /// exactly that many workers, ready, in slots 0..n. Then a second storm
 /// mixes in SIGHUPs; a last SIGHUP must bring it back to the config's 2.
+/// Fails today now and then (about half the runs here): a worker drained
+/// right after its spawn loses its drain signal (see the test above).
 #[test]
 fn ttin_ttou_storm_with_sighups_ends_consistent() {
     let _serial = serial();

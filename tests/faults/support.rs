@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    pid_alive, tagged_pids, Holdfast, Load, LoadReport, LoadSpec, Swept, Target, DEADLINE,
+    pid_alive, tagged_pids, Holdfast, Launch, Load, LoadReport, LoadSpec, Swept, Target, DEADLINE,
 };
 
 /// The control socket of every test here (next to the config).
@@ -173,8 +173,24 @@ env = {{ FAULT_SLOT = "{slot}", FAULT_GEN = "{generation}", FAULT_FLAGS = '{flag
 
     /// Writes the config and starts holdfast on it.
     pub fn start(&self) -> Swept {
-        Swept::new(Holdfast::start(&self.render()))
+        start_config(&self.render())
     }
+}
+
+/// `holdfast run --config` on `config`, its run directory inside the
+/// test's temp dir (`XDG_RUNTIME_DIR={dir}`): a holdfast that is SIGKILLed
+/// (a fault here, or the harness's cleanup) cannot remove its run
+/// directory, and in /tmp those would pile up.
+pub fn start_config(config: &str) -> Swept {
+    Swept::new(Holdfast::launch(
+        Launch {
+            program: "{holdfast}",
+            args: &["run", "--config", "{config}"],
+            env: &[("XDG_RUNTIME_DIR", "{dir}")],
+            stdin: None,
+        },
+        Some(config),
+    ))
 }
 
 pub fn text(o: &Output) -> String {
