@@ -229,7 +229,22 @@ struct Figures {
     threads: u64,
 }
 
+/// [`Figures`] of `pid`: the fewest fds and threads over 10 samples 100 ms
+/// apart (a status request's socket or /proc read of the moment is not
+/// holdfast's to keep), the RSS of the last.
 fn figures(pid: u32) -> Figures {
+    let mut least = one_sample(pid);
+    for _ in 0..9 {
+        std::thread::sleep(Duration::from_millis(100));
+        let f = one_sample(pid);
+        least.fds = least.fds.min(f.fds);
+        least.threads = least.threads.min(f.threads);
+        least.rss_kib = f.rss_kib;
+    }
+    least
+}
+
+fn one_sample(pid: u32) -> Figures {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status

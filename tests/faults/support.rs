@@ -497,13 +497,6 @@ pub fn cpu_share(pid: u32, window: Duration) -> f64 {
     (cpu_ticks(pid) - before) as f64 / 100.0 / window.as_secs_f64()
 }
 
-/// Open fds of `pid`.
-pub fn fd_count(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// The kernel state letter of `pid` (`R`, `S`, `T`, `Z`, ...).
 pub fn proc_state(pid: u32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -252,9 +252,11 @@ fn a_worker_crashing_under_load_is_restarted_in_its_slot() {
         p.check(ready_in(&s, 0).map(|w| w.pid) == Some(first[&0]), || {
             format!("slot 0 must keep pid {}: {:?}", first[&0], workers(&s))
         });
+        // Read after the status: one more crash may have come meanwhile.
         let crashes = log_lines(&h, &["worker crashed", "slot=1"]).len() as u64;
         p.check(
-            counter(&s, "replacements.crash") == w.restarts && crashes == w.restarts,
+            counter(&s, "replacements.crash") == w.restarts
+                && (w.restarts..=w.restarts + 1).contains(&crashes),
             || format!("slot 1 restarted {} times; replacements.crash {}, `worker crashed` log lines {crashes}", w.restarts, counter(&s, "replacements.crash")),
         );
     }
@@ -471,8 +473,8 @@ fn a_ready_worker_that_stops_holding_its_listeners_is_replaced() {
 
 /// Slot 1's worker writes numbered lines, then points its stdout and
 /// stderr at /dev/null (as a server that daemonises its stdio) and keeps
-/// serving. holdfast closes its two read ends at once (its fd count drops
-/// by exactly 2), does not spin on them, keeps every line written before
+/// serving. holdfast closes its two read ends at once (it holds neither
+/// pipe any more), does not spin on them, keeps every line written before
 /// (whole, numbered 1..n without a gap), and keeps the worker: it is ready
 /// and serves until a rollout drains it.
 #[test]
@@ -489,14 +491,41 @@ fn a_worker_that_closes_stdout_and_stderr_keeps_serving() {
     .start();
     let first = wait_consistent(&h, 2);
     let quiet = first[&1];
-    let fds = fd_count(h.pid());
+    // The pipes of the worker's stdout and stderr; holdfast holds their
+    // read ends.
+    let pipes: BTreeSet<String> = [1, 2]
+        .iter()
+        .filter_map(|fd| std::fs::read_link(format!("/proc/{quiet}/fd/{fd}")).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with("pipe:"))
+        .collect();
+    assert_eq!(
+        pipes.len(),
+        2,
+        "worker {quiet}'s stdout and stderr: {pipes:?}"
+    );
+    let held = |pid: u32| -> usize {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .filter(|l| pipes.contains(&*l.to_string_lossy()))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        held(h.pid()),
+        2,
+        "holdfast holds the read ends of {pipes:?}"
+    );
     let traffic = Traffic::start(&h, true);
     let mut p = Problems::default();
 
     let closed = poll(Duration::from_secs(5), || {
-        let now = fd_count(h.pid());
-        (now + 2 == fds).then_some(()).ok_or(format!(
-            "holdfast has {now} fds, had {fds} before worker {quiet} closed its stdio"
+        let now = held(h.pid());
+        (now == 0).then_some(()).ok_or(format!(
+            "holdfast still holds {now} of the pipes {pipes:?} worker {quiet} closed its ends of"
         ))
     });
     p.note(closed);
