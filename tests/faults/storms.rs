@@ -240,6 +240,11 @@ fn ttin_ttou_storm_with_sighups_ends_consistent() {
             }
         })
         .collect();
+    assert!(
+        handled.len() >= 10,
+        "only {} of 40 TTIN/TTOU handled: the storm did not happen",
+        handled.len()
+    );
     let want = handled.iter().fold(
         2u32,
         |n, &up| if up { (n + 1).min(5) } else { (n - 1).max(1) },
