@@ -550,43 +550,64 @@ fn p99(reports: &[LoadReport]) -> f64 {
         .min(all.len() - 1)]
 }
 
-/// What a server's log files hold: each worker pid's numbered lines, its
+/// One life of a worker process: its slot and pid, and which life of that
+/// (slot, pid) it is. pids are reused (pid_max is 32768 on many machines
+/// and a 10-minute run on a shared box sees thousands of processes); a
+/// worker's `done N` line ends its life, so the next lines with the same
+/// prefix belong to the next process that got the pid.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
+struct Life {
+    pid: u32,
+    slot: String,
+    n: u32,
+}
+
+/// What a server's log files hold: each worker life's numbered lines, its
 /// `done N`, and lines that are torn (not a whole line of a known form).
 #[derive(Default)]
 struct LogCount {
-    seqs: BTreeMap<u32, Vec<u64>>,
-    done: BTreeMap<u32, u64>,
+    seqs: BTreeMap<Life, Vec<u64>>,
+    done: BTreeMap<Life, u64>,
     torn: Vec<String>,
 }
 
 fn count_lines(app: App, text: &str) -> LogCount {
     let mut c = LogCount::default();
+    let mut lives: BTreeMap<(String, u32), u32> = BTreeMap::new();
     for line in text.lines() {
         // "[wS PID] body"
-        let Some((pid, body)) = line
+        let Some((slot, pid, body)) = line
             .strip_prefix("[w")
             .and_then(|r| r.split_once("] "))
-            .and_then(|(sp, body)| Some((sp.split_once(' ')?.1.parse::<u32>().ok()?, body)))
+            .and_then(|(sp, body)| {
+                let (slot, pid) = sp.split_once(' ')?;
+                Some((slot.to_string(), pid.parse::<u32>().ok()?, body))
+            })
         else {
             c.torn.push(line.chars().take(120).collect());
             continue;
         };
         let numbered = match app {
             // "wS PID SEQ xxx" / "wS PID done N"
-            App::TestWorker => body
-                .split_once(' ')
-                .and_then(|(_, rest)| rest.strip_prefix(&format!("{pid} "))),
+            App::TestWorker => body.strip_prefix(&format!("w{slot} {pid} ")),
             // "soak PID N" / "soak PID done N"
             App::Puma => body.strip_prefix(&format!("soak {pid} ")),
         };
         let Some(rest) = numbered else {
             continue; // the server's own messages
         };
+        let key = (slot.clone(), pid);
+        let life = Life {
+            pid,
+            slot,
+            n: lives.get(&key).copied().unwrap_or(0),
+        };
         if let Some(n) = rest
             .strip_prefix("done ")
             .and_then(|n| n.trim().parse().ok())
         {
-            c.done.insert(pid, n);
+            c.done.insert(life, n);
+            *lives.entry(key).or_default() += 1;
         } else if let Some(seq) = rest.split(' ').next().and_then(|n| n.parse().ok()) {
             let whole = match app {
                 App::TestWorker => rest
@@ -595,7 +616,7 @@ fn count_lines(app: App, text: &str) -> LogCount {
                 App::Puma => !rest.contains(' '),
             };
             if whole {
-                c.seqs.entry(pid).or_default().push(seq);
+                c.seqs.entry(life).or_default().push(seq);
             } else {
                 c.torn.push(line.chars().take(120).collect());
             }
@@ -622,6 +643,10 @@ struct Outcome {
     lines_missing: u64,
     lines_twice: u64,
     torn: Vec<String>,
+    /// Worker processes whose lines were counted, and how many of them had
+    /// a (slot, pid) an earlier one had.
+    worker_lives: usize,
+    pids_reused: usize,
     per_pid_mismatch: Vec<String>,
     left: Vec<u32>,
     stop: Result<(), String>,
@@ -756,32 +781,45 @@ fn main() -> ExitCode {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let pids: BTreeSet<u32> = logs.seqs.keys().chain(logs.done.keys()).copied().collect();
-        for pid in pids {
-            let seqs = logs.seqs.get(&pid).cloned().unwrap_or_default();
+        let lives: BTreeSet<Life> = logs.seqs.keys().chain(logs.done.keys()).cloned().collect();
+        let worker_lives = lives.len();
+        let pids_reused = lives.iter().filter(|l| l.n > 0).count();
+        let mut lines_by_pid: BTreeMap<u32, u64> = BTreeMap::new();
+        for life in lives {
+            let seqs = logs.seqs.get(&life).cloned().unwrap_or_default();
             let set: BTreeSet<u64> = seqs.iter().copied().collect();
+            if set.len() != seqs.len() {
+                per_pid_mismatch.push(format!(
+                    "{} worker {life:?}: {} lines twice",
+                    s.app.name(),
+                    seqs.len() - set.len()
+                ));
+            }
             twice += (seqs.len() - set.len()) as u64;
             found += set.len() as u64;
-            match logs.done.get(&pid) {
+            match logs.done.get(&life) {
                 Some(&n) => {
                     written += n;
                     missing += n - set.range(1..=n).count() as u64;
-                    if s.app == App::Puma {
-                        // Every request a Puma answered wrote one line.
-                        let answered: u64 = all
-                            .iter()
-                            .map(|r| r.per_pid.get(&pid).copied().unwrap_or(0))
-                            .sum::<u64>()
-                            + grows.get(&pid).copied().unwrap_or(0);
-                        if answered != n {
-                            per_pid_mismatch.push(format!(
-                                "puma {pid}: {n} lines, {answered} requests answered"
-                            ));
-                        }
-                    }
+                    *lines_by_pid.entry(life.pid).or_default() += n;
                 }
-                None => {
-                    per_pid_mismatch.push(format!("{} worker {pid}: no `done` line", s.app.name()))
+                None => per_pid_mismatch
+                    .push(format!("{} worker {life:?}: no `done` line", s.app.name())),
+            }
+        }
+        if s.app == App::Puma {
+            // Every request a Puma answered wrote one line (a pid's lives
+            // are summed: the load client knows only the pid).
+            for (pid, n) in &lines_by_pid {
+                let answered: u64 = all
+                    .iter()
+                    .map(|r| r.per_pid.get(pid).copied().unwrap_or(0))
+                    .sum::<u64>()
+                    + grows.get(pid).copied().unwrap_or(0);
+                if answered != *n {
+                    per_pid_mismatch.push(format!(
+                        "puma {pid}: {n} lines, {answered} requests answered"
+                    ));
                 }
             }
         }
@@ -800,6 +838,8 @@ fn main() -> ExitCode {
             lines_missing: missing,
             lines_twice: twice,
             torn: logs.torn,
+            worker_lives,
+            pids_reused,
             per_pid_mismatch,
             left,
             stop: stopped,
@@ -858,8 +898,14 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
             get("log_lines_lost"),
         );
         println!(
-            "log lines: written by workers {}, found in the files {} (missing {}, twice {}, torn {})",
-            o.lines_written, o.lines_found, o.lines_missing, o.lines_twice, o.torn.len()
+            "log lines: written by workers {}, found in the files {} (missing {}, twice {}, torn {}); {} worker processes ({} with a reused pid)",
+            o.lines_written,
+            o.lines_found,
+            o.lines_missing,
+            o.lines_twice,
+            o.torn.len(),
+            o.worker_lives,
+            o.pids_reused
         );
         println!(
             "holdfast: RSS {} -> {} KiB, fds {} -> {}, threads {} -> {}",
@@ -895,7 +941,18 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
                 get("log_lines_lost")
             ));
         }
-        problems.extend(o.per_pid_mismatch.iter().map(|m| format!("{name}: {m}")));
+        problems.extend(
+            o.per_pid_mismatch
+                .iter()
+                .take(10)
+                .map(|m| format!("{name}: {m}")),
+        );
+        if o.per_pid_mismatch.len() > 10 {
+            problems.push(format!(
+                "{name}: and {} more worker(s) whose lines do not add up",
+                o.per_pid_mismatch.len() - 10
+            ));
+        }
         if o.end.fds > o.start.fds {
             problems.push(format!(
                 "{name}: holdfast's fds grew {} -> {}",
