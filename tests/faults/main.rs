@@ -12,17 +12,21 @@
 //! Some tests describe what holdfast should do and fail today: each such
 //! test says so in its doc comment, with the fix it asks for.
 //!
-//! Layout: [`killed`] (holdfast itself SIGKILLed), [`workers`] (workers
-//! that misbehave), [`resources`] (holdfast's own fds, log disk, control
-//! socket, run directory), [`storms`] (signal storms), [`clock`] (no
-//! deadline reads the wall clock).
+//! Layout: [`killed`] (holdfast itself SIGKILLed), [`crashes`] (workers
+//! that die, will not start or will not stop), [`hangs`] (workers that
+//! live on but wrong), [`resources`] (holdfast's own fds, control socket,
+//! run directory), [`logfiles`] (the log disk fills, its directory goes),
+//! [`storms`] (signal storms), [`clock`] (no deadline reads the wall
+//! clock); [`support`] is what they share.
 
 mod clock;
 #[path = "../common/mod.rs"]
 mod common;
 
+mod crashes;
+mod hangs;
 mod killed;
+mod logfiles;
 mod resources;
 mod storms;
 mod support;
-mod workers;

@@ -400,7 +400,7 @@ fn usr1_during_rollouts_reopens_and_loses_no_line() {
                 &std::fs::read_to_string(dir.join(name)).map_err(|e| format!("{name}: {e}"))?,
             );
         }
-        let lines = crate::resources::parse_lines(&text);
+        let lines = crate::logfiles::parse_lines(&text);
         drained
             .iter()
             .all(|pid| lines.done.contains_key(pid))
@@ -413,7 +413,7 @@ fn usr1_during_rollouts_reopens_and_loses_no_line() {
         p.check(lines.torn.is_empty(), || {
             format!("torn lines: {:?}", lines.torn)
         });
-        if let Some((lost, dups)) = p.note(crate::resources::missing(&lines, &drained)) {
+        if let Some((lost, dups)) = p.note(crate::logfiles::missing(&lines, &drained)) {
             p.check(lost == 0 && dups.is_empty(), || {
                 format!("{lost} lines of the drained workers {drained:?} in no file; {dups:?}")
             });

@@ -655,3 +655,77 @@ impl Drop for MemoryCgroup {
         }
     }
 }
+
+/// Failures a worker's death costs the connections it held: a reset, or a
+/// response cut short. Never a refusal or a timeout (the queue is shared,
+/// the other workers take the rest).
+pub const DEATH: &[&str] = &["reset", "short_body"];
+
+/// Side-load failures other than `allowed`, as a problem.
+pub fn side_only(p: &mut Problems, side: &Option<Side>, allowed: &[&str], what: &str) {
+    if let Some(side) = side {
+        let bad = side.failed_except(allowed);
+        p.check(bad.is_empty(), || {
+            format!("side load ({what}): failures other than {allowed:?}: {bad:?}\n{side}")
+        });
+        eprintln!(
+            "{what}: side load ok={} failed={} {:?} {:?}",
+            side.ok(),
+            side.failed(),
+            side.keepalive.failures,
+            side.oneshot.failures
+        );
+    }
+}
+
+/// `restart --wait` to a generation of healthy workers (the fault is
+/// generation 1's), then holdfast must be consistent with `n` workers.
+pub fn roll_to_healthy(h: &crate::common::Holdfast, p: &mut Problems, n: u32) {
+    let o = ctl(h, &["restart", "--wait"]);
+    p.check(o.status.success(), || {
+        format!("restart --wait to a healthy generation: {}", text(&o))
+    });
+    p.note(poll(DEADLINE, || consistent(h, n)));
+}
+
+/// Starts holdfast in a mount namespace of its own with a tmpfs of `size`
+/// mounted at `{dir}/MOUNT` first, and `env` added (placeholders filled).
+///
+/// The namespace is private (`unshare -m`, then `exec holdfast`): the
+/// machine's mounts are never touched, and the mount ends with holdfast,
+/// even if the test dies. The test reaches its files through
+/// `/proc/PID/root` ([`in_ns`]).
+pub fn start_with_tmpfs(config: &str, mount: &str, size: &str, env: &[(&str, &str)]) -> Swept {
+    let script = format!(
+        "mkdir -p \"$1\" && mount -t tmpfs -o size={size},mode=0755 holdfast-test \"$1\" && shift && exec \"$@\""
+    );
+    let target = format!("{{dir}}/{mount}");
+    Swept::new(Holdfast::launch(
+        Launch {
+            program: "unshare",
+            args: &[
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                &script,
+                "sh",
+                &target,
+                "{holdfast}",
+                "run",
+                "--config",
+                "{config}",
+            ],
+            env,
+            stdin: None,
+        },
+        Some(config),
+    ))
+}
+
+/// `path` (absolute) as holdfast's mount namespace sees it.
+pub fn in_ns(h: &Holdfast, path: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/{}/root{}", h.pid(), h.fill(path)))
+}
