@@ -165,11 +165,19 @@ pub struct Runtime {
     metrics: Option<std::net::TcpListener>,
 }
 
+/// Where holdfast's run directory goes: systemd's `RuntimeDirectory=`
+/// (`$RUNTIME_DIRECTORY`, the first of its list), else `$XDG_RUNTIME_DIR`,
+/// else the temp dir. /tmp is the last resort: tmp cleaners age it.
 fn runtime_base() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
-        _ => std::env::temp_dir(),
-    }
+    let first = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .and_then(|v| v.to_str()?.split(':').next().map(PathBuf::from))
+            .filter(|d| !d.as_os_str().is_empty() && d.is_dir())
+    };
+    first("RUNTIME_DIRECTORY")
+        .or_else(|| first("XDG_RUNTIME_DIR"))
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 impl Runtime {
@@ -332,7 +340,14 @@ impl Runtime {
                     Err(e) => warn!(error = %e, "notify socket receive failed"),
                 },
                 _ = sleep => self.feed(Event::Tick),
-                _ = housekeeping.tick() => self.housekeeping(false),
+                _ = housekeeping.tick() => {
+                    self.housekeeping(false);
+                    match control.as_ref().map(control::Server::repair_path) {
+                        Some(Ok(true)) => warn!("the control socket's path was removed or replaced; restored it (holdfast status and the other commands find holdfast again)"),
+                        Some(Err(e)) => error!(error = %e, "cannot restore the control socket's path"),
+                        _ => {}
+                    }
+                }
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
             }
         }
@@ -487,6 +502,16 @@ impl Runtime {
             Action::Drain { id, pid, signal } => {
                 debug!(worker = %id, %pid, %signal, "drain signal to the process group");
                 signal_group(pid, signal);
+                signal_group(pid, Signal::SIGCONT);
+            }
+            Action::Terminate { pid } => {
+                debug!(%pid, "SIGTERM and SIGCONT to an adopted descendant");
+                let p = nix::unistd::Pid::from_raw(pid.0);
+                for signal in [Signal::SIGTERM, Signal::SIGCONT] {
+                    if let Err(e) = nix::sys::signal::kill(p, signal) {
+                        debug!(%pid, %signal, error = %e, "signal failed");
+                    }
+                }
             }
             Action::Signal { pid, signal } => {
                 debug!(%pid, %signal, "signal");

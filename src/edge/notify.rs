@@ -28,6 +28,8 @@ impl Message {}
 pub struct NotifySocket {
     sock: UnixDatagram,
     path: PathBuf,
+    /// The socket file's inode: tells whether the path still leads here.
+    inode: u64,
 }
 
 /// Parses the sd_notify(3) payload: newline-separated `KEY=VALUE` assignments.
@@ -52,14 +54,24 @@ impl NotifySocket {
         setsockopt(&fd, sockopt::PassCred, &true)?;
         // Workers may run as another user (e.g. after dropping privileges).
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(path)?);
         Ok(NotifySocket {
             sock: UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?,
             path: path.to_path_buf(),
+            inode,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the path still leads to this socket (a tmp cleaner or an
+    /// `rm -r` of the run directory may have removed it: then every READY=1
+    /// sent to it is lost).
+    pub fn is_in_place(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.inode)
     }
 
     /// Waits for the next datagram.

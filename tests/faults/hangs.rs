@@ -21,13 +21,13 @@ fn listener_inodes(h: &crate::common::Holdfast) -> BTreeSet<u64> {
         .collect()
 }
 
-/// **Fails today.** Slot 1's worker is ready, then closes its listeners
+/// (Failed before its fix.) Slot 1's worker is ready, then closes its listeners
 /// (its accept loop died) and lives on serving nothing new. holdfast
 /// checks the listeners only once, at READY=1, so status keeps calling it
 /// ready forever; were every worker to do this, every request would wait
 /// in the queue until it timed out while status said all is well.
 ///
-/// Wanted: the check that makes "ready mean serving" is repeated (the
+/// The fix: the check that makes "ready mean serving" is repeated (the
 /// housekeeping walk, every few seconds), and a ready worker whose tree
 /// holds none of its required listeners is logged (naming its pid and the
 /// addresses) and replaced like a memory replacement, start before stop.
@@ -224,13 +224,13 @@ fn says_stopped(h: &crate::common::Holdfast, pid: u32) -> Result<(bool, bool, St
     ))
 }
 
-/// **Fails today.** Slot 1's worker is SIGSTOPped (hung) while it holds
+/// (Failed before its fix.) Slot 1's worker is SIGSTOPped (hung) while it holds
 /// side connections. Status must make it visible. Today it shows `ready`
 /// with its connection count (CONNS, which does not fall) and the side
 /// listener's accept queue stays 0 (the other worker accepts): nothing
 /// says the worker is stopped.
 ///
-/// Wanted: status reads the process state that the /proc walk already
+/// The fix: status reads the process state that the /proc walk already
 /// passes (`/proc/PID/stat`, field 3) and shows it: in `--json` a field of
 /// the worker's row (e.g. `"process_state": "stopped"`), in the table the
 /// STATE column (`ready (stopped)`); `D` (uninterruptible) likewise. After
@@ -278,12 +278,12 @@ fn a_stopped_worker_is_visible_in_status() {
     p.assert_none();
 }
 
-/// **Fails today.** Slot 1's worker is SIGSTOPped holding side requests,
+/// (Failed before its fix.) Slot 1's worker is SIGSTOPped holding side requests,
 /// then a rollout replaces it. Its drain signal stays pending while it is
 /// stopped, so today it is SIGKILLed at `drain_timeout` (`drain_kills` 1)
 /// and the requests it held are reset.
 ///
-/// Wanted (as systemd does after its stop signal): SIGCONT to the group
+/// The fix (as systemd does after its stop signal): SIGCONT to the group
 /// right after the drain signal, so a stopped worker drains like any
 /// other: it answers what it holds and exits 0, `drain_kills` stays 0,
 /// and nothing fails on either port.

@@ -78,7 +78,7 @@ pub fn missing(lines: &Lines, pids: &[u32]) -> Result<(u64, Vec<String>), String
 /// The worker flags that write numbered 100-byte lines at 1000 a second.
 const CHATTY: &str = "--log-forever --log-rate 1000 --log-line-bytes 100";
 
-/// **Fails today** (torn lines). The log file's disk (a 4 MiB tmpfs) fills
+/// (Failed before its fix: torn lines.) The log file's disk (a 4 MiB tmpfs) fills
 /// up under load while both workers write 1000 lines a second, stays full
 /// until 200 lines are lost, then frees up. holdfast keeps the workers
 /// serving (0 failed requests: it drops lines rather than block them),
@@ -88,7 +88,7 @@ const CHATTY: &str = "--log-forever --log-rate 1000 --log-line-bytes 100";
 /// Every line in the file must be whole. Today the write that hits ENOSPC
 /// is short: it ends mid-line, the rest of that line is dropped, and the
 /// next successful write appends to the fragment: one torn line per
-/// incident, glued to the next. Wanted (src/logs.rs, `Sink::flush` /
+/// incident, glued to the next. The fix (src/logs.rs, `Sink::flush` /
 /// `write_out`): after a short write that ends mid-line, cut the file back
 /// to the last whole line (`ftruncate` to the size before the write plus
 /// the whole lines written; holdfast is the file's only writer) or, if

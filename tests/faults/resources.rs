@@ -238,13 +238,13 @@ fn holdfast_at_its_fd_limit_keeps_serving_and_recovers() {
     p.assert_none();
 }
 
-/// **Fails today.** The control socket's path is removed under load (a tmp
+/// (Failed before its fix.) The control socket's path is removed under load (a tmp
 /// cleaner, a wrong `rm`). Today holdfast keeps accepting on a socket
 /// nobody can reach: every `holdfast status/restart/stop` says holdfast is
 /// not running (exit 69) for as long as it runs, and a deploy script's
 /// `restart --wait` fails. Signals still work (a SIGHUP rollout finishes).
 ///
-/// Wanted (as for the listeners' unix paths, src/listener.rs `repair`):
+/// The fix (as for the listeners' unix paths, src/listener.rs `repair`):
 /// the control socket keeps a hard link next to it at bind time
 /// (src/control.rs `ControlSocket::bind`), and the housekeeping pass
 /// (src/runtime.rs `repair_paths`, every second) restores the path from
@@ -310,7 +310,7 @@ fn run_dir(h: &Holdfast, base: &std::path::Path) -> PathBuf {
     .unwrap_or_else(|e| panic!("{e} (holdfast pid {})", h.pid()))
 }
 
-/// **Fails today.** holdfast's run directory is removed under load, as a
+/// (Failed before its fix.) holdfast's run directory is removed under load, as a
 /// tmp cleaner that ages /tmp (systemd-tmpfiles `q /tmp ... 10d` on Fedora
 /// and Arch) may do to a holdfast that has run for weeks: its
 /// `notify.sock` is gone. Today no new worker can send READY=1: slot 1's
@@ -318,7 +318,7 @@ fn run_dir(h: &Holdfast, base: &std::path::Path) -> PathBuf {
 /// `ready_timeout`s), and every rollout fails with "never sent READY=1",
 /// which points at the app, not at holdfast.
 ///
-/// Wanted: the housekeeping pass (src/runtime.rs `housekeeping`, every
+/// The fix: the housekeeping pass (src/runtime.rs `housekeeping`, every
 /// second) checks that the notify socket's path still is its socket (by
 /// inode, as `Listener::repair` does) and, if not, recreates the run
 /// directory (0700) and binds a new notify socket at the same path
