@@ -14,7 +14,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::sandbox::{shared, App, Sandbox};
-use common::{http_get, Target};
+use common::{http_get, wait_until, Load, Target, DEADLINE};
 
 /// `GET path` once from inside the sandbox; the status and X-Pid.
 fn get(app: &App<'_>, target: &Target, path: &str) -> Result<(u16, u32), String> {
@@ -123,4 +123,548 @@ workers = 2
         "start: systemctl start took {:.2}s (workers ready after 1.5 s)",
         took.as_secs_f64()
     );
+}
+
+/// Client connections the workers hold, from `holdfast status`.
+fn connections(app: &App<'_>) -> u64 {
+    app.status()["workers"]
+        .as_array()
+        .map(|ws| ws.iter().filter_map(|w| w["connections"].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// `n` requests of `path`, each on its own thread in the sandbox's network
+/// namespace; joined by [`InFlight::results`].
+struct InFlight {
+    threads: Vec<std::thread::JoinHandle<Result<(u16, u32), common::FailKind>>>,
+}
+
+impl InFlight {
+    fn start(app: &App<'_>, target: &Target, path: &str, n: usize) -> InFlight {
+        let threads = (0..n)
+            .map(|_| {
+                let (ns, target, path) = (app.sb.netns(), target.clone(), path.to_string());
+                std::thread::spawn(move || {
+                    common::load::join_netns(&ns);
+                    http_get(&target, &path).map(|r| (r.status, r.pid().unwrap_or(0)))
+                })
+            })
+            .collect();
+        InFlight { threads }
+    }
+
+    /// (answered 200, failures by kind).
+    fn results(self) -> (u64, std::collections::BTreeMap<String, u64>) {
+        let mut ok = 0;
+        let mut failed = std::collections::BTreeMap::new();
+        for t in self.threads {
+            match t.join().expect("request thread") {
+                Ok((200, _)) => ok += 1,
+                Ok((s, _)) => *failed.entry(format!("status {s}")).or_insert(0) += 1,
+                Err(k) => *failed.entry(k.name().to_string()).or_insert(0) += 1,
+            }
+        }
+        (ok, failed)
+    }
+}
+
+#[test]
+fn reload_under_load_returns_only_when_the_rollout_ended() {
+    let sb = shared("reload");
+    let app = App::new(
+        &sb,
+        "reload",
+        8082,
+        r#"
+[app]
+command = ["{worker}", "--lame-duck-ms", "100"]
+workers = 2
+drain_timeout = "10s"
+"#,
+    );
+    app.must("start");
+    let mut spec = app.load_spec(app.tcp());
+    spec.path = "/?sleep=5".into();
+    spec.max_duration = Duration::from_secs(240);
+    let load = Load::start(spec);
+    const RELOADS: u64 = 30;
+    let mut still_reloading = 0;
+    let t = Instant::now();
+    for i in 0..RELOADS {
+        app.must("reload");
+        // What a deploy script sees right after `systemctl reload` returned.
+        let state = app.show("ActiveState");
+        if state != "active" {
+            still_reloading += 1;
+            eprintln!("reload {i}: systemctl reload returned while the unit is {state}");
+        }
+        app.sb.wait_show(&app.unit(), "ActiveState", "active");
+    }
+    let took = t.elapsed();
+    let report = load.stop();
+    let status = app.status();
+    eprintln!(
+        "reload: {RELOADS} reloads in {:.1}s, {still_reloading} returned while still reloading; {report}",
+        took.as_secs_f64()
+    );
+    assert_eq!(status["holdfast"]["generation"], RELOADS + 1, "{status}");
+    assert_eq!(
+        still_reloading, 0,
+        "systemctl reload returned before the rollout ended"
+    );
+    report.assert_clean(100);
+}
+
+#[test]
+fn a_rejected_reload_fails_systemctl_reload_and_keeps_the_workers() {
+    let sb = shared("rejected");
+    let good = r#"
+[app]
+command = ["{worker}", "--lame-duck-ms", "100"]
+workers = 2
+"#;
+    let app = App::new(&sb, "rejected", 8083, good);
+    app.must("start");
+    let before = app.status();
+    // A typo, as a deploy might ship it.
+    app.write_config("[app]\ncommand = [\"{worker}\"]\nworkers = 2\nwokers = 3\n");
+    let out = app.systemctl("reload");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("rejected reload: systemctl reload: {} {err}", out.status);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "systemctl reload of a broken config must fail: {err}"
+    );
+    assert_eq!(app.show("ReloadResult"), "exit-code");
+    assert_eq!(app.show("ActiveState"), "active");
+    let after = app.status();
+    assert_eq!(
+        after["holdfast"]["generation"],
+        before["holdfast"]["generation"]
+    );
+    assert_eq!(
+        after["workers"],
+        before["workers"].clone(),
+        "the workers were touched"
+    );
+    let log = app.messages();
+    let want = format!("reload rejected: config {}:", app.config());
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&want) && l.contains("unknown field `wokers`")),
+        "want {want:?} in:\n{log}"
+    );
+    // Fixed, it reloads.
+    app.write_config(good);
+    app.must("reload");
+    assert_eq!(app.show("ReloadResult"), "success");
+    assert_eq!(app.status()["holdfast"]["generation"], 2);
+}
+
+#[test]
+fn a_crash_lets_the_requests_in_flight_finish() {
+    let sb = shared("crash");
+    let app = App::new(
+        &sb,
+        "crash",
+        8084,
+        r#"
+[app]
+command = ["{worker}", "--lame-duck-ms", "100"]
+workers = 2
+drain_timeout = "10s"
+"#,
+    );
+    app.must("start");
+    let first = app.main_pid();
+    let inflight = InFlight::start(&app, &app.tcp(), "/?sleep=1500", 4);
+    wait_until(DEADLINE, "4 requests in flight", || {
+        (connections(&app) == 4).then_some(())
+    });
+    sb.run(&["kill", "-KILL", &first.to_string()]);
+    let (ok, failed) = inflight.results();
+    eprintln!("crash: 4 requests in flight during kill -KILL: {ok} answered, failed {failed:?}");
+    wait_until(DEADLINE, "holdfast restarted", || {
+        let pid = app.main_pid();
+        (pid != 0 && pid != first && app.show("ActiveState") == "active").then_some(())
+    });
+    assert_eq!((ok, failed.len()), (4, 0), "failed: {failed:?}");
+    assert_eq!(
+        get(&app, &app.tcp(), "/")
+            .expect("served after the restart")
+            .0,
+        200
+    );
+}
+
+#[test]
+fn stop_removes_the_socket_files_and_restart_keeps_them() {
+    let sb = shared("stop");
+    let app = App::new(
+        &sb,
+        "stop",
+        8085,
+        "[app]\ncommand = [\"{worker}\"]\nworkers = 2\n",
+    );
+    app.must("start");
+    let sock = sb.path(&app.unix_path());
+    let keeper = sb.path(&format!("/run/holdfast/{}/.app.sock.holdfast", app.name));
+    use std::os::unix::fs::MetadataExt;
+    let inode = std::fs::metadata(&sock).expect("app.sock").ino();
+    assert_eq!(
+        std::fs::metadata(&keeper).expect("keeper link").ino(),
+        inode
+    );
+    // A restart keeps the path: the socket lives on in the fd store.
+    app.must("restart");
+    assert_eq!(
+        std::fs::metadata(&sock)
+            .expect("app.sock after restart")
+            .ino(),
+        inode
+    );
+    assert_eq!(get(&app, &app.unix(), "/").expect("served").0, 200);
+    // A final stop leaves nothing: no process, no socket file, no keeper.
+    app.must("stop");
+    assert_eq!(app.show("ActiveState"), "inactive");
+    assert_eq!(app.cgroup_pids(), Vec::<u32>::new());
+    assert!(
+        !sock.exists(),
+        "a dead socket file is left at {}",
+        app.unix_path()
+    );
+    assert!(!keeper.exists(), "the keeper link is left behind");
+}
+
+/// The inode of each listener, by name, from `holdfast status`.
+fn listener_inodes(app: &App<'_>) -> std::collections::BTreeMap<String, u64> {
+    app.status()["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .map(|l| {
+            (
+                l["name"].as_str().expect("name").to_string(),
+                l["inode"].as_u64().expect("inode"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn restart_under_load_keeps_the_very_sockets_and_refuses_nothing() {
+    let sb = shared("restart");
+    let app = App::new(
+        &sb,
+        "restart",
+        8086,
+        r#"
+[app]
+command = ["{worker}", "--lame-duck-ms", "100"]
+workers = 2
+"#,
+    );
+    app.must("start");
+    let inodes = listener_inodes(&app);
+    let first = app.main_pid();
+    let mut loads = Vec::new();
+    for target in [app.tcp(), app.unix()] {
+        let mut spec = app.load_spec(target);
+        spec.path = "/?sleep=5".into();
+        spec.max_duration = Duration::from_secs(120);
+        loads.push(Load::start(spec));
+    }
+    wait_until(DEADLINE, "load before the restart", || {
+        loads
+            .iter()
+            .all(|l| l.requests_so_far() >= 50)
+            .then_some(())
+    });
+    const RESTARTS: usize = 3;
+    for _ in 0..RESTARTS {
+        app.must("restart");
+        let at = loads.iter().map(Load::requests_so_far).collect::<Vec<_>>();
+        wait_until(DEADLINE, "load after the restart", || {
+            loads
+                .iter()
+                .zip(&at)
+                .all(|(l, a)| l.requests_so_far() >= a + 50)
+                .then_some(())
+        });
+    }
+    let reports: Vec<_> = loads.into_iter().map(Load::stop).collect();
+    for r in &reports {
+        eprintln!("restart ×{RESTARTS}: {r}");
+    }
+    assert_ne!(app.main_pid(), first);
+    assert_eq!(app.show("NFileDescriptorStore"), "2");
+    assert_eq!(listener_inodes(&app), inodes, "not the same sockets");
+    let log = app.messages();
+    assert_eq!(
+        log.matches("adopted a socket passed by systemd").count(),
+        2 * RESTARTS,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("origin=fd-store").count(),
+        4 * RESTARTS,
+        "{log}"
+    );
+    for r in &reports {
+        assert_eq!(r.count("refused"), 0, "{r}");
+        r.assert_clean(100);
+    }
+}
+
+#[test]
+fn socket_activation_through_holdfast_socket() {
+    let sb = shared("activation");
+    sb.owns("holdfast.socket");
+    sb.owns("holdfast.service");
+    let sock_path = sb
+        .run(&[
+            "systemctl",
+            "show",
+            "-p",
+            "Listen",
+            "--value",
+            "holdfast.socket",
+        ])
+        .lines()
+        .filter_map(|l| l.strip_suffix(" (Stream)"))
+        .find(|l| l.starts_with('/'))
+        .expect("the unit's unix path")
+        .to_string();
+    sb.write(
+        "/etc/holdfast/holdfast.toml",
+        &format!(
+            r#"control_socket = "/run/holdfast/holdfast.sock"
+
+[[listen]]
+name = "http"
+address = "127.0.0.1:8080"
+
+[[listen]]
+name = "unix"
+address = "unix:{sock_path}"
+
+[app]
+command = ["{bin}/holdfast-test-worker", "--lame-duck-ms", "100"]
+workers = 2
+"#,
+            bin = common::sandbox::BIN
+        ),
+    );
+    sb.run(&["systemctl", "start", "holdfast.socket"]);
+    assert_eq!(sb.show("holdfast.service", "ActiveState"), "inactive");
+    // The first connection starts holdfast; it waits in the queue meanwhile.
+    let tcp = Target::local(8080);
+    let t = Instant::now();
+    let first = sb
+        .in_netns(|| http_get(&tcp, "/"))
+        .expect("the activating request");
+    assert_eq!(first.status, 200);
+    eprintln!(
+        "socket activation: first request answered in {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(sb.show("holdfast.service", "ActiveState"), "active");
+    let log = sb.messages("holdfast.service");
+    assert_eq!(
+        log.matches("adopted a socket passed by systemd").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(log.matches("origin=socket-activated").count(), 4, "{log}");
+    // A restart of the service under load: the socket unit holds the queue.
+    let unix = Target::Unix(sb.path(&sock_path));
+    let mut loads = Vec::new();
+    for target in [tcp.clone(), unix.clone()] {
+        loads.push(Load::start(common::LoadSpec {
+            netns: Some(sb.netns()),
+            path: "/?sleep=5".into(),
+            max_duration: Duration::from_secs(120),
+            ..common::LoadSpec::new(target)
+        }));
+    }
+    wait_until(DEADLINE, "load", || {
+        loads
+            .iter()
+            .all(|l| l.requests_so_far() >= 50)
+            .then_some(())
+    });
+    sb.run(&["systemctl", "restart", "holdfast.service"]);
+    let at: Vec<u64> = loads.iter().map(Load::requests_so_far).collect();
+    wait_until(DEADLINE, "load after the restart", || {
+        loads
+            .iter()
+            .zip(&at)
+            .all(|(l, a)| l.requests_so_far() >= a + 50)
+            .then_some(())
+    });
+    // A final stop of the service: the socket unit still listens, and a
+    // connection starts holdfast again, on both sockets.
+    sb.run(&["systemctl", "stop", "holdfast.service"]);
+    let reports: Vec<_> = loads.into_iter().map(Load::stop).collect();
+    for r in &reports {
+        eprintln!("socket activation, restart and stop of the service: {r}");
+    }
+    assert_eq!(sb.show("holdfast.socket", "ActiveState"), "active");
+    let again = sb
+        .in_netns(move || http_get(&unix, "/"))
+        .expect("re-activated by the unix socket");
+    assert_eq!(again.status, 200);
+    assert_eq!(sb.show("holdfast.service", "ActiveState"), "active");
+    for r in &reports {
+        // Requests sent after the stop wait for the next activation, which
+        // only the last GET triggers: they may time out, never be refused.
+        assert_eq!(r.count("refused"), 0, "{r}");
+        assert_eq!(r.count("reset"), 0, "{r}");
+        assert!(r.ok >= 100, "{r}");
+    }
+}
+
+#[test]
+fn the_watchdog_restarts_a_stalled_holdfast_and_requests_in_flight_finish() {
+    let sb = shared("watchdog");
+    let app = App::new(
+        &sb,
+        "watchdog",
+        8087,
+        r#"
+[app]
+command = ["{worker}", "--lame-duck-ms", "100"]
+workers = 2
+drain_timeout = "10s"
+"#,
+    );
+    app.dropin("watchdog", "[Service]\nWatchdogSec=2s\n");
+    app.must("start");
+    let inodes = listener_inodes(&app);
+    let first = app.main_pid();
+    let inflight = InFlight::start(&app, &app.tcp(), "/?sleep=3500", 4);
+    wait_until(DEADLINE, "4 requests in flight", || {
+        (connections(&app) == 4).then_some(())
+    });
+    // A stalled event loop: the pings stop.
+    let stalled = Instant::now();
+    sb.run(&["kill", "-STOP", &first.to_string()]);
+    let (ok, failed) = inflight.results();
+    wait_until(DEADLINE, "holdfast restarted", || {
+        let pid = app.main_pid();
+        (pid != 0 && pid != first && app.show("ActiveState") == "active").then_some(())
+    });
+    eprintln!(
+        "watchdog: restarted {:.2}s after the stall; 4 requests in flight: {ok} answered, failed {failed:?}",
+        stalled.elapsed().as_secs_f64()
+    );
+    let log = app.messages();
+    assert!(log.contains("Watchdog timeout (limit 2s)!"), "{log}");
+    assert!(
+        log.contains("Main process exited, code=killed, status=6/ABRT"),
+        "{log}"
+    );
+    assert_eq!(listener_inodes(&app), inodes, "the sockets did not survive");
+    assert_eq!((ok, failed.len()), (4, 0), "failed: {failed:?}");
+    assert_eq!(get(&app, &app.tcp(), "/").expect("served").0, 200);
+}
+
+#[test]
+fn fd_store_limits_are_warned_about_as_the_readme_says() {
+    let sb = shared("fdstore");
+    let app = App::new(&sb, "fdstore", 8088, "[app]\ncommand = [\"{worker}\"]\n");
+    // No store: one warning per socket holdfast offers.
+    app.dropin("fdstore", "[Service]\nFileDescriptorStoreMax=0\n");
+    app.must("start");
+    let warning = "Cannot store more fds than FileDescriptorStoreMax=0, closing remaining.";
+    let log = sb.wait_messages(&app.unit(), warning, 2);
+    assert_eq!(log.matches(warning).count(), 2, "{log}");
+    assert_eq!(app.show("NFileDescriptorStore"), "0");
+    app.must("stop");
+    // The unit's own 16: both stored. Lowered to 1 by a daemon-reload while
+    // holdfast runs, systemd drops one of them.
+    app.dropin("fdstore", "[Service]\n");
+    app.must("start");
+    sb.wait_show(&app.unit(), "NFileDescriptorStore", "2");
+    app.dropin("fdstore", "[Service]\nFileDescriptorStoreMax=1\n");
+    let full = "Failed to add fd to store: Exchange full";
+    let log = sb.wait_messages(&app.unit(), full, 1);
+    assert_eq!(log.matches(full).count(), 1, "{log}");
+    assert_eq!(app.show("NFileDescriptorStore"), "1");
+}
+
+#[test]
+fn delegate_gives_each_worker_a_cgroup_its_daemon_dies_with() {
+    let sb = shared("delegate");
+    let app = App::new(
+        &sb,
+        "delegate",
+        8089,
+        r#"
+[app]
+command = ["{worker}", "--daemon", "--lame-duck-ms", "100"]
+workers = 2
+"#,
+    );
+    app.must("start");
+    assert!(
+        app.messages().contains("a cgroup per worker"),
+        "{}",
+        app.messages()
+    );
+    let dir = format!(
+        "/sys/fs/cgroup/system.slice/system-holdfast.slice/{}",
+        app.unit()
+    );
+    // Each worker's cgroup holds the worker and its setsid daemon.
+    let members = |name: &str| -> Vec<u32> {
+        sb.sh(&format!("cat {dir}/{name}/cgroup.procs"))
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let cgroups = || -> Vec<String> {
+        let mut v: Vec<String> = sb
+            .sh(&format!("cd {dir} && ls -d worker-* 2>/dev/null; true"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    let before = cgroups();
+    assert_eq!(before.len(), 2, "{before:?}");
+    let mut daemons = Vec::new();
+    for cg in &before {
+        let pids = wait_until(DEADLINE, "worker and daemon in the cgroup", || {
+            let m = members(cg);
+            (m.len() == 2).then_some(m)
+        });
+        // The daemon left the worker's session (setsid): only the cgroup holds it.
+        let sids: Vec<String> = pids
+            .iter()
+            .map(|p| {
+                sb.sh(&format!("cut -d' ' -f6 /proc/{p}/stat"))
+                    .trim()
+                    .to_string()
+            })
+            .collect();
+        assert_ne!(sids[0], sids[1], "{cg}: {pids:?}");
+        daemons.extend(pids);
+    }
+    // A rolling restart replaces both workers: their cgroups, daemons included, go.
+    app.must("reload");
+    wait_until(DEADLINE, "the old cgroups removed", || {
+        let now = cgroups();
+        (now.len() == 2 && now.iter().all(|c| !before.contains(c))).then_some(())
+    });
+    for p in &daemons {
+        assert!(
+            !sb.path(&format!("/proc/{p}")).exists(),
+            "process {p} outlived its worker"
+        );
+    }
+    app.must("stop");
+    assert_eq!(app.cgroup_pids(), Vec::<u32>::new());
 }

@@ -701,6 +701,18 @@ impl<'a> App<'a> {
         self.sb.messages(&self.unit())
     }
 
+    /// `holdfast status --json` through the control socket: the snapshot.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.sb.run(&[
+            &format!("{BIN}/holdfast"),
+            "status",
+            "--json",
+            "--control",
+            &self.control(),
+        ]);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+    }
+
     /// The processes of the unit's cgroup (and its sub-cgroups), inside pids.
     pub fn cgroup_pids(&self) -> Vec<u32> {
         let out = self.sb.sh(&format!(
