@@ -177,6 +177,8 @@ pub struct Runtime {
     /// holdfast's delegated cgroup, when it has one: a cgroup per worker.
     cgroups: Option<crate::procs::Cgroups>,
     worker_cgroups: HashMap<WorkerId, crate::procs::WorkerCgroup>,
+    /// What the previous holdfast of this unit left running (see [`Previous`]).
+    previous: Previous,
     notify: NotifySocket,
     rundir: tempfile::TempDir,
     devnull: OwnedFd,
@@ -223,6 +225,93 @@ fn runtime_base() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
         _ => std::env::temp_dir(),
+    }
+}
+
+/// The workers an earlier holdfast of the same unit left in their cgroups
+/// (see `procs::Cgroups::previous_workers`): with `KillMode=process`,
+/// systemd restarts a crashed holdfast without killing them, and they drain
+/// on their parent-death signal while the new holdfast takes over the
+/// sockets from the fd store. systemd will not end them later either (not
+/// even at a stop), so holdfast does: each second it removes the cgroups
+/// that emptied, at `kill_at` (start + drain_timeout) it kills the rest
+/// through `cgroup.kill`, and it exits only once they are gone.
+struct Previous {
+    cgroups: Vec<crate::procs::WorkerCgroup>,
+    kill_at: Instant,
+    killed: bool,
+}
+
+/// How long an exiting holdfast waits for the previous holdfast's workers
+/// after killing them (a process in uninterruptible sleep): then it exits anyway.
+const PREVIOUS_ABANDON_AFTER: Duration = Duration::from_secs(5);
+
+impl Previous {
+    fn find(cgroups: Option<&crate::procs::Cgroups>, drain_timeout: Duration) -> Previous {
+        let found = cgroups.map(|c| c.previous_workers()).unwrap_or_default();
+        if !found.is_empty() {
+            let names: Vec<String> = found
+                .iter()
+                .map(|c| c.dir().display().to_string())
+                .collect();
+            let pids: Vec<i32> = found
+                .iter()
+                .flat_map(|c| c.pids().unwrap_or_default())
+                .collect();
+            warn!(cgroups = ?names, pids = ?pids, drain_timeout = ?drain_timeout,
+                "the previous holdfast of this unit left workers running (they drain since it died, on their parent-death signal); new workers start now; these are killed if still there after drain_timeout");
+        }
+        Previous {
+            cgroups: found,
+            kill_at: Instant::now() + drain_timeout,
+            killed: false,
+        }
+    }
+
+    /// The first worker id after theirs.
+    fn next_serial(&self) -> Option<u64> {
+        self.cgroups.iter().map(|c| c.serial() + 1).max()
+    }
+
+    /// Removes the cgroups that emptied; past `kill_at`, kills the rest.
+    fn check(&mut self, now: Instant) {
+        if self.cgroups.is_empty() {
+            return;
+        }
+        let kill = now >= self.kill_at;
+        let mut left = Vec::new();
+        for cg in std::mem::take(&mut self.cgroups) {
+            match cg.pids() {
+                Ok(p) if p.is_empty() => {
+                    let dir = cg.dir().display().to_string();
+                    match cg.remove() {
+                        Ok(()) => {
+                            info!(cgroup = %dir, "a worker of the previous holdfast has exited")
+                        }
+                        Err(e) => {
+                            warn!(cgroup = %dir, error = %e, "cannot remove a worker cgroup of the previous holdfast")
+                        }
+                    }
+                }
+                Ok(p) => {
+                    if kill && !self.killed {
+                        warn!(cgroup = %cg.dir().display(), pids = ?p, "a worker of the previous holdfast still runs after drain_timeout: SIGKILL to its cgroup");
+                    }
+                    if kill {
+                        if let Err(e) = cg.kill() {
+                            warn!(cgroup = %cg.dir().display(), error = %e, "cannot kill a worker cgroup of the previous holdfast");
+                        }
+                    }
+                    left.push(cg);
+                }
+                Err(e) => {
+                    // Removed behind holdfast's back: nothing left to wait for.
+                    debug!(cgroup = %cg.dir().display(), error = %e, "previous worker cgroup unreadable; forgetting it");
+                }
+            }
+        }
+        self.killed |= kill;
+        self.cgroups = left;
     }
 }
 
@@ -300,13 +389,17 @@ impl Runtime {
                 None
             }
         };
+        let previous = Previous::find(cgroups.as_ref(), config.app.drain_timeout);
         let logs = Logs::start(&config.logs)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let settings = Settings {
             seed: random_seed(),
             reopen_signal: config.logs.reopen_signal.map(|s| s.0),
         };
-        let sv = Supervisor::new(spec, settings);
+        let mut sv = Supervisor::new(spec, settings);
+        if let Some(first) = previous.next_serial() {
+            sv.number_workers_from(first);
+        }
         Ok(Runtime {
             sv,
             config,
@@ -318,6 +411,7 @@ impl Runtime {
             probes: HashMap::new(),
             cgroups,
             worker_cgroups: HashMap::new(),
+            previous,
             notify,
             rundir,
             devnull,
@@ -402,6 +496,13 @@ impl Runtime {
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
                 Some(d) = next_signal(&mut stall) => stall_loop(d),
             }
+        }
+        // systemd (KillMode=process) leaves what the previous holdfast
+        // left to us: a stop ends once it is gone.
+        let abandon = self.previous.kill_at.max(Instant::now()) + PREVIOUS_ABANDON_AFTER;
+        while !self.previous.cgroups.is_empty() && Instant::now() < abandon {
+            self.previous.check(Instant::now());
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if self.systemd.uses_fd_store() {
             // The sockets live on in systemd's fd store: the next holdfast
@@ -879,6 +980,7 @@ impl Runtime {
     /// Every second and after exits (`after_exit`): settle exec reports,
     /// list adopted descendants, restore unlinked unix paths.
     fn housekeeping(&mut self, after_exit: bool) {
+        self.previous.check(Instant::now());
         self.execs
             .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
         self.repair_paths();

@@ -265,20 +265,23 @@ workers = 2
 #[test]
 fn a_crash_lets_the_requests_in_flight_finish() {
     let sb = shared("crash");
+    // Unicorn's signals: TERM drops what is in flight, QUIT drains.
     let app = App::new(
         &sb,
         "crash",
         8084,
         r#"
 [app]
-command = ["{worker}", "--lame-duck-ms", "100"]
+command = ["{worker}", "--quick-term", "--lame-duck-ms", "100"]
 workers = 2
+drain_signal = "QUIT"
 drain_timeout = "10s"
 "#,
     );
     app.must("start");
     let first = app.main_pid();
-    let inflight = InFlight::start(&app, &app.tcp(), "/?sleep=1500", 4);
+    // 3 s: still in flight when systemd restarts holdfast (RestartSec=1s).
+    let inflight = InFlight::start(&app, &app.tcp(), "/?sleep=3000", 4);
     wait_until(DEADLINE, "4 requests in flight", || {
         (connections(&app) == 4).then_some(())
     });
@@ -296,6 +299,50 @@ drain_timeout = "10s"
             .0,
         200
     );
+    // The new holdfast accounted for the old workers until they exited:
+    // their cgroups are gone, its own are numbered after theirs.
+    let log = app.messages();
+    assert!(log.contains("Found left-over process"), "{log}");
+    let warned = log
+        .lines()
+        .find(|l| l.contains("the previous holdfast of this unit left workers running"))
+        .unwrap_or_else(|| panic!("no word of the old workers:\n{log}"));
+    let left: Vec<u64> = warned
+        .split("worker-")
+        .skip(1)
+        .map(|t| {
+            t.split('"')
+                .next()
+                .expect("serial")
+                .parse()
+                .expect("serial")
+        })
+        .collect();
+    assert!(!left.is_empty(), "{warned}");
+    sb.wait_messages(
+        &app.unit(),
+        "a worker of the previous holdfast has exited",
+        left.len(),
+    );
+    let dir = format!(
+        "/sys/fs/cgroup/system.slice/system-holdfast.slice/{}",
+        app.unit()
+    );
+    let cgroups = sb.sh(&format!("cd {dir} && ls -d worker-*"));
+    let last = left.iter().max().expect("one");
+    assert_eq!(
+        cgroups.split_whitespace().collect::<Vec<_>>(),
+        [
+            format!("worker-{}", last + 1),
+            format!("worker-{}", last + 2)
+        ]
+    );
+    eprintln!(
+        "crash: the new holdfast waited for {} old worker(s): {left:?}",
+        left.len()
+    );
+    app.must("stop");
+    assert_eq!(app.cgroup_pids(), Vec::<u32>::new());
 }
 
 #[test]

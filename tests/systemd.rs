@@ -983,7 +983,7 @@ fn units_pass_systemd_analyze_verify() {
         for (key, want) in [
             ("Type", "notify"),
             ("NotifyAccess", "main"),
-            ("KillMode", "mixed"),
+            ("KillMode", "process"),
             ("Restart", "on-failure"),
             ("RestartPreventExitStatus", "78"),
             ("ExecReload", "/bin/kill -HUP $MAINPID"),
