@@ -676,6 +676,9 @@ impl Runtime {
             waiters.into_iter().map(|w| (w.reply, w.started)).unzip();
         let reply = self.hold_replies(replies.into_iter().flatten().collect());
         let started: Vec<Reply> = started.into_iter().flatten().collect();
+        // Each reload must be answered RELOADING=1 … READY=1 (see
+        // `Notifier::reload_began`), also one that lands during a rollout.
+        let during_rollout = self.systemd.told() == crate::systemd::Told::Reloading;
         let answer = match p.result {
             Err(error) => {
                 let answer = Err(format!("reload rejected: {error}"));
@@ -715,6 +718,9 @@ impl Runtime {
                 }
             }
         };
+        if during_rollout {
+            self.systemd.reload_began();
+        }
         for s in started {
             let _ = s.send(answer.clone());
         }
@@ -831,8 +837,15 @@ impl Runtime {
                 self.remove_cgroup(id);
             }
             Action::Reply { to, outcome } => {
-                for r in self.replies.remove(&to).into_iter().flatten() {
-                    let _ = r.send(outcome.clone());
+                let replies = self.replies.remove(&to).unwrap_or_default();
+                if !replies.is_empty() {
+                    // After what systemd was told before it (READY=1 at a
+                    // rollout's end): see `Notifier::then`.
+                    self.systemd.then(Box::new(move || {
+                        for r in replies {
+                            let _ = r.send(outcome.clone());
+                        }
+                    }));
                 }
             }
             Action::Exit { code } => self.exit = Some(code),

@@ -243,17 +243,48 @@ workers = 2
         after["holdfast"]["generation"],
         before["holdfast"]["generation"]
     );
+    let workers = |s: &serde_json::Value| -> Vec<(u64, u64, u64, String)> {
+        s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .map(|w| {
+                (
+                    w["slot"].as_u64().expect("slot"),
+                    w["pid"].as_u64().expect("pid"),
+                    w["generation"].as_u64().expect("generation"),
+                    w["state"].as_str().expect("state").to_string(),
+                )
+            })
+            .collect()
+    };
     assert_eq!(
-        after["workers"],
-        before["workers"].clone(),
+        workers(&after),
+        workers(&before),
         "the workers were touched"
     );
+    // The reason, in the journal: from holdfast, and from the ExecReload=
+    // client that systemd ran (what `systemctl status` shows last).
     let log = app.messages();
-    let want = format!("reload rejected: config {}:", app.config());
+    let want = format!("config {}:14:1: unknown field `wokers`", app.config());
+    let said: Vec<&str> = log.lines().filter(|l| l.contains(&want)).collect();
+    assert_eq!(said.len(), 2, "want {want:?} twice in:\n{log}");
+    assert!(said[0].contains("reload rejected, still running the previous config: config"));
     assert!(
-        log.lines()
-            .any(|l| l.contains(&want) && l.contains("unknown field `wokers`")),
-        "want {want:?} in:\n{log}"
+        said[1].starts_with("holdfast: reload rejected: config"),
+        "{said:?}"
+    );
+    assert!(
+        log.contains("Control process exited, code=exited, status=1/FAILURE"),
+        "{log}"
+    );
+    assert!(
+        log.contains("Reload failed for holdfast@rejected.service"),
+        "{log}"
+    );
+    eprintln!(
+        "rejected reload: the journal says:\n  {}",
+        said.join("\n  ")
     );
     // Fixed, it reloads.
     app.write_config(good);
