@@ -506,8 +506,15 @@ impl Runtime {
         }
         if self.systemd.uses_fd_store() {
             // The sockets live on in systemd's fd store: the next holdfast
-            // adopts them by these paths.
-            for l in &self.held {
+            // adopts them by these paths. (A final stop closes the store
+            // and removes RuntimeDirectory=, paths and keepers with it.) A
+            // socket-activated path is systemd's and stays anyway; its
+            // keeper link is holdfast's and goes.
+            for l in self
+                .held
+                .iter()
+                .filter(|l| !matches!(l.origin, listener::Origin::Activated { .. }))
+            {
                 l.keep_path();
             }
         }

@@ -1083,9 +1083,17 @@ fn units_pass_systemd_analyze_verify() {
     let socket = &texts["holdfast.socket"];
     assert_eq!(
         setting(socket, "ListenStream"),
-        ["127.0.0.1:8080", "/run/holdfast/app.sock"]
+        ["127.0.0.1:8080", "/run/holdfast-socket/app.sock"]
     );
     assert_eq!(setting(socket, "FileDescriptorName"), ["http"]);
     assert_eq!(setting(socket, "Accept"), ["no"]);
+    assert_eq!(setting(socket, "RemoveOnStop"), ["yes"]);
+    for name in ["holdfast.service", "holdfast@.service"] {
+        assert_eq!(
+            setting(&texts[name], "RuntimeDirectoryPreserve"),
+            ["restart"],
+            "{name}"
+        );
+    }
     assert_eq!(setting(socket, "Backlog").len(), 1);
 }
