@@ -684,6 +684,34 @@ fn fd_store_limits_are_warned_about_as_the_readme_says() {
     let log = sb.wait_messages(&app.unit(), full, 1);
     assert_eq!(log.matches(full).count(), 1, "{log}");
     assert_eq!(app.show("NFileDescriptorStore"), "1");
+    // The next restart takes the one left and binds the other anew.
+    app.must("restart");
+    let log = app.messages();
+    let last_start = log.rfind("holdfast started").expect("started");
+    let restarted = &log[..last_start];
+    let restarted = &restarted[restarted
+        .rfind("socket activation: taking")
+        .expect("taking")..];
+    assert_eq!(
+        restarted.matches("origin=fd-store").count(),
+        2,
+        "{restarted}"
+    );
+    assert_eq!(restarted.matches("origin=bound").count(), 1, "{restarted}");
+    app.must("stop");
+    // FDSTORE=0 in the unit's environment: no offer, no warning.
+    app.dropin(
+        "fdstore",
+        "[Service]\nFileDescriptorStoreMax=0\nEnvironment=FDSTORE=0\n",
+    );
+    app.must("start");
+    app.must("stop");
+    assert_eq!(
+        app.messages().matches(warning).count(),
+        2,
+        "{}",
+        app.messages()
+    );
 }
 
 #[test]
