@@ -394,6 +394,14 @@ impl Sandbox {
         self.run(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
     }
 
+    /// `unit`'s journal entries (`-o json`), oldest first.
+    pub fn entries(&self, unit: &str) -> Vec<serde_json::Value> {
+        self.run(&["journalctl", "--no-pager", "-o", "json", "-u", unit])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("journal json: {e}: {l}")))
+            .collect()
+    }
+
     /// Waits until `unit`'s journal has `n` messages containing `needle`.
     pub fn wait_messages(&self, unit: &str, needle: &str, n: usize) -> String {
         wait_until(
