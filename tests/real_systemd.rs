@@ -814,3 +814,65 @@ workers = 2
     app.must("stop");
     assert_eq!(app.cgroup_pids(), Vec::<u32>::new());
 }
+
+/// Today's way to run a new holdfast: a package replaces the binary, then
+/// `systemctl restart`. The sockets survive (fd store) and no request fails,
+/// but every worker starts again (the test worker serves before it is
+/// ready, so the gap an app's boot leaves is not measured here). This is the
+/// baseline, and the pattern, for a test of the in-place upgrade
+/// (`holdfast upgrade`, same pid): install with `copy_in`, run it with
+/// `run_binary`, replace it, then upgrade instead of restart.
+#[test]
+fn a_package_upgrade_then_restart_runs_the_new_binary_and_fails_nothing() {
+    let sb = shared("package");
+    let app = App::new(
+        &sb,
+        "package",
+        8090,
+        r#"
+[app]
+command = ["{worker}", "--ready-delay-ms", "1000", "--lame-duck-ms", "100"]
+workers = 2
+"#,
+    );
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_holdfast"));
+    let installed = "/usr/local/lib/holdfast/holdfast";
+    sb.copy_in(built, installed);
+    app.run_binary(installed);
+    app.must("start");
+    let first = app.main_pid();
+    let exe = |pid: u32| {
+        sb.sh(&format!("readlink /proc/{pid}/exe"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(exe(first), installed);
+    let mut spec = app.load_spec(app.tcp());
+    spec.path = "/?sleep=5".into();
+    spec.max_duration = Duration::from_secs(60);
+    let load = Load::start(spec);
+    wait_until(DEADLINE, "load", || {
+        (load.requests_so_far() >= 100).then_some(())
+    });
+    // The package manager: a new file renamed over the old one.
+    sb.copy_in(built, installed);
+    assert_eq!(exe(first), format!("{installed} (deleted)"));
+    let t = Instant::now();
+    app.must("restart");
+    let took = t.elapsed();
+    let at = load.requests_so_far();
+    wait_until(DEADLINE, "load after the restart", || {
+        (load.requests_so_far() >= at + 100).then_some(())
+    });
+    let report = load.stop();
+    let second = app.main_pid();
+    eprintln!(
+        "package upgrade + systemctl restart: took {:.2}s (workers ready after 1 s); {report}",
+        took.as_secs_f64()
+    );
+    assert_ne!(second, first);
+    assert_eq!(exe(second), installed);
+    report.assert_clean(200);
+    // READY=1 waited for the new workers (1 s each to READY=1).
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+}

@@ -677,6 +677,21 @@ impl<'a> App<'a> {
         self.sb.run(&["systemctl", "daemon-reload"]);
     }
 
+    /// Runs this instance from `binary` (a path inside, e.g. one installed
+    /// with [`Sandbox::copy_in`] as a package would) instead of [`BIN`]:
+    /// a drop-in replacing ExecStart= and ExecReload=. For upgrade tests: the
+    /// file can then be replaced while holdfast runs.
+    pub fn run_binary(&self, binary: &str) {
+        self.dropin(
+            "binary",
+            &format!(
+                "[Service]\nExecStart=\nExecStart={binary} run --config {config}\nExecReload=\nExecReload={binary} restart --wait --control {control}\n",
+                config = self.config(),
+                control = self.control()
+            ),
+        );
+    }
+
     /// `systemctl VERB UNIT` (bounded); its output.
     pub fn systemctl(&self, verb: &str) -> Output {
         self.sb.exec(&["systemctl", verb, &self.unit()])
