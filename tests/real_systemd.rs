@@ -193,7 +193,7 @@ fn reload_under_load_returns_only_when_the_rollout_ended() {
         8082,
         r#"
 [app]
-command = ["{worker}", "--lame-duck-ms", "100"]
+command = ["{worker}"]
 workers = 2
 drain_timeout = "10s"
 "#,
@@ -236,7 +236,7 @@ fn a_rejected_reload_fails_systemctl_reload_and_keeps_the_workers() {
     let sb = shared("rejected");
     let good = r#"
 [app]
-command = ["{worker}", "--lame-duck-ms", "100"]
+command = ["{worker}"]
 workers = 2
 "#;
     let app = App::new(&sb, "rejected", 8083, good);
@@ -319,7 +319,7 @@ fn a_crash_lets_the_requests_in_flight_finish() {
         8084,
         r#"
 [app]
-command = ["{worker}", "--quick-term", "--lame-duck-ms", "100"]
+command = ["{worker}", "--quick-term"]
 workers = 2
 drain_signal = "QUIT"
 drain_timeout = "10s"
@@ -469,7 +469,7 @@ fn restart_under_load_keeps_the_very_sockets_and_refuses_nothing() {
         8086,
         r#"
 [app]
-command = ["{worker}", "--lame-duck-ms", "100"]
+command = ["{worker}"]
 workers = 2
 "#,
     );
@@ -558,7 +558,7 @@ name = "unix"
 address = "unix:{sock_path}"
 
 [app]
-command = ["{bin}/holdfast-test-worker", "--lame-duck-ms", "100"]
+command = ["{bin}/holdfast-test-worker"]
 workers = 2
 "#,
             bin = common::sandbox::BIN
@@ -652,7 +652,7 @@ fn the_watchdog_restarts_a_stalled_holdfast_and_requests_in_flight_finish() {
         8087,
         r#"
 [app]
-command = ["{worker}", "--lame-duck-ms", "100"]
+command = ["{worker}"]
 workers = 2
 drain_timeout = "10s"
 "#,
@@ -749,7 +749,7 @@ fn delegate_gives_each_worker_a_cgroup_its_daemon_dies_with() {
         8089,
         r#"
 [app]
-command = ["{worker}", "--daemon", "--lame-duck-ms", "100"]
+command = ["{worker}", "--daemon"]
 workers = 2
 "#,
     );
@@ -831,7 +831,7 @@ fn a_package_upgrade_then_restart_runs_the_new_binary_and_fails_nothing() {
         8090,
         r#"
 [app]
-command = ["{worker}", "--ready-delay-ms", "1000", "--lame-duck-ms", "100"]
+command = ["{worker}", "--ready-delay-ms", "1000"]
 workers = 2
 "#,
     );
