@@ -21,6 +21,17 @@
 //! The build's binaries (the directory of `CARGO_BIN_EXE_holdfast`) are bound
 //! read-only at [`BIN`] inside; [`Sandbox::install_units`] installs
 //! `units/*` with `/usr/bin/holdfast` pointed there.
+//!
+//! A test: `let sb = shared("name");` then an [`App`] (its own
+//! `holdfast@NAME.service`, config, port, drop-ins), `app.must("start")`, a
+//! `Load` from `app.load_spec(app.tcp())`, `systemctl` verbs, and facts from
+//! `app.show(PROP)`, `app.status()` (holdfast's JSON), `app.messages()` or
+//! `sb.entries(unit)` (the journal, with timestamps), `app.cgroup_pids()`.
+//! An upgrade of holdfast itself: `sb.copy_in(new_binary, "/usr/local/lib/holdfast/holdfast")`
+//! and `app.run_binary(..)` before the start, the same `copy_in` again (a
+//! rename over the running file, as a package does), then `systemctl kill -s
+//! USR2` or `holdfast upgrade` through `sb.run(..)`: `app.main_pid()` must not
+//! change, nor the worker pids in `app.status()`.
 
 use std::cell::RefCell;
 use std::fs::{self, File};
