@@ -113,6 +113,8 @@ workers = 2
     assert_eq!(states, ["ready", "ready"], "{status}");
     // holdfast logs through a thread of its own, so the journal may file its
     // line after systemd's; the line's own timestamp was taken before READY=1.
+    // (journald reads a service's output on its own time: wait for the line.)
+    sb.wait_messages(&app.unit(), "all workers ready", 1);
     let entries = app.sb.entries(&app.unit());
     let message = |e: &serde_json::Value| e["MESSAGE"].as_str().unwrap_or("").to_string();
     let ready_line = entries
@@ -281,13 +283,19 @@ workers = 2
     );
     // The reason, in the journal: from holdfast, and from the ExecReload=
     // client that systemd ran (what `systemctl status` shows last).
-    let log = app.messages();
     let want = format!("config {}:14:1: unknown field `wokers`", app.config());
+    let log = sb.wait_messages(&app.unit(), &want, 2);
     let said: Vec<&str> = log.lines().filter(|l| l.contains(&want)).collect();
+    // Two writers (holdfast's log thread, the client's stderr): either order.
     assert_eq!(said.len(), 2, "want {want:?} twice in:\n{log}");
-    assert!(said[0].contains("reload rejected, still running the previous config: config"));
     assert!(
-        said[1].starts_with("holdfast: reload rejected: config"),
+        said.iter()
+            .any(|l| l.contains("reload rejected, still running the previous config: config")),
+        "{said:?}"
+    );
+    assert!(
+        said.iter()
+            .any(|l| l.starts_with("holdfast: reload rejected: config")),
         "{said:?}"
     );
     assert!(
@@ -348,7 +356,11 @@ drain_timeout = "10s"
     );
     // The new holdfast accounted for the old workers until they exited:
     // their cgroups are gone, its own are numbered after theirs.
-    let log = app.messages();
+    let log = sb.wait_messages(
+        &app.unit(),
+        "the previous holdfast of this unit left workers running",
+        1,
+    );
     assert!(log.contains("Found left-over process"), "{log}");
     let warned = log
         .lines()
@@ -508,7 +520,11 @@ workers = 2
     assert_ne!(app.main_pid(), first);
     assert_eq!(app.show("NFileDescriptorStore"), "2");
     assert_eq!(listener_inodes(&app), inodes, "not the same sockets");
-    let log = app.messages();
+    let log = sb.wait_messages(
+        &app.unit(),
+        "adopted a socket passed by systemd",
+        2 * RESTARTS,
+    );
     assert_eq!(
         log.matches("adopted a socket passed by systemd").count(),
         2 * RESTARTS,
@@ -577,8 +593,8 @@ workers = 2
         "socket activation: first request answered in {:.2}s",
         t.elapsed().as_secs_f64()
     );
-    assert_eq!(sb.show("holdfast.service", "ActiveState"), "active");
-    let log = sb.messages("holdfast.service");
+    sb.wait_show("holdfast.service", "ActiveState", "active");
+    let log = sb.wait_messages("holdfast.service", "origin=socket-activated", 4);
     assert_eq!(
         log.matches("adopted a socket passed by systemd").count(),
         2,
@@ -628,7 +644,7 @@ workers = 2
         .in_netns(move || http_get(&unix, "/"))
         .expect("re-activated by the unix socket");
     assert_eq!(again.status, 200);
-    assert_eq!(sb.show("holdfast.service", "ActiveState"), "active");
+    sb.wait_show("holdfast.service", "ActiveState", "active");
     assert!(
         sb.path(&keeper).exists(),
         "{keeper}: holdfast keeps a link while it runs"
@@ -712,7 +728,8 @@ fn fd_store_limits_are_warned_about_as_the_readme_says() {
     assert_eq!(app.show("NFileDescriptorStore"), "1");
     // The next restart takes the one left and binds the other anew.
     app.must("restart");
-    let log = app.messages();
+    // The third holdfast of this unit (0, 16, then 1 stored socket).
+    let log = sb.wait_messages(&app.unit(), "holdfast started", 3);
     let last_start = log.rfind("holdfast started").expect("started");
     let restarted = &log[..last_start];
     let restarted = &restarted[restarted
@@ -754,11 +771,7 @@ workers = 2
 "#,
     );
     app.must("start");
-    assert!(
-        app.messages().contains("a cgroup per worker"),
-        "{}",
-        app.messages()
-    );
+    sb.wait_messages(&app.unit(), "a cgroup per worker", 1);
     let dir = format!(
         "/sys/fs/cgroup/system.slice/system-holdfast.slice/{}",
         app.unit()
