@@ -149,6 +149,14 @@ impl Supervisor {
         }
     }
 
+    /// Numbers new workers from `first` on (ids below it are never used):
+    /// a holdfast restarted by systemd while the previous one's workers
+    /// still drain (`KillMode=process`) continues after their serials, so
+    /// no worker id, `HOLDFAST_WORKER_SERIAL` or `worker-N` cgroup is reused.
+    pub(crate) fn number_workers_from(&mut self, first: u64) {
+        self.next_id = self.next_id.max(first);
+    }
+
     /// The spec of `generation`, while something uses it.
     pub fn spec(&self, generation: Generation) -> Option<&Spec> {
         self.specs.get(&generation)

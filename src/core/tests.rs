@@ -178,6 +178,28 @@ fn rollout_starts_new_before_stopping_old() {
 }
 
 #[test]
+fn workers_are_numbered_after_those_a_previous_holdfast_left() {
+    // Its cgroups worker-1..worker-7 still drain: the first id is 8.
+    let mut sv = new(policy(2, 1));
+    sv.number_workers_from(8);
+    assert_eq!(
+        step(&mut sv, 0, Event::Tick),
+        vec![spawn(8, 0, 1), spawn(9, 1, 1)]
+    );
+    // Never backwards.
+    sv.number_workers_from(3);
+    play(
+        &mut sv,
+        vec![
+            (1, spawned(8, 100), vec![]),
+            (1, exited_with(100, ExitReason::Code(1)), vec![]),
+        ],
+    );
+    let respawn = step(&mut sv, 60_000, Event::Tick);
+    assert_eq!(respawn, vec![spawn(10, 0, 1)]);
+}
+
+#[test]
 fn max_surge_two_replaces_two_at_a_time() {
     let mut sv = running(4, 2);
     play(

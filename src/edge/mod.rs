@@ -17,6 +17,7 @@
 
 mod input;
 pub mod notify;
+mod previous;
 pub mod probe;
 mod reload;
 mod workers;
@@ -134,6 +135,8 @@ pub struct Runtime {
     /// holdfast's delegated cgroup, when it has one: a cgroup per worker.
     cgroups: Option<crate::os::proc::Cgroups>,
     worker_cgroups: HashMap<WorkerId, crate::os::proc::WorkerCgroup>,
+    /// What the previous holdfast of this unit left running.
+    previous: previous::Previous,
     notify: NotifySocket,
     rundir: tempfile::TempDir,
     devnull: OwnedFd,
@@ -251,7 +254,11 @@ impl Runtime {
             seed: random_seed(),
             reopen_signal: config.logs.reopen_signal.map(|s| s.0),
         };
-        let sv = Supervisor::new(spec, settings);
+        let previous = previous::Previous::find(cgroups.as_ref(), config.app.drain_timeout);
+        let mut sv = Supervisor::new(spec, settings);
+        if let Some(first) = previous.next_serial() {
+            sv.number_workers_from(first);
+        }
         Ok(Runtime {
             sv,
             config,
@@ -263,6 +270,7 @@ impl Runtime {
             probes: HashMap::new(),
             cgroups,
             worker_cgroups: HashMap::new(),
+            previous,
             notify,
             rundir,
             devnull,
@@ -351,10 +359,24 @@ impl Runtime {
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
             }
         }
+        // systemd (KillMode=process) leaves what the previous holdfast
+        // left to us: a stop ends once it is gone.
+        let abandon = self.previous.kill_at.max(Instant::now()) + previous::PREVIOUS_ABANDON_AFTER;
+        while !self.previous.cgroups.is_empty() && Instant::now() < abandon {
+            self.previous.check(Instant::now());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if self.systemd.uses_fd_store() {
             // The sockets live on in systemd's fd store: the next holdfast
-            // adopts them by these paths.
-            for l in &self.held {
+            // adopts them by these paths. (A final stop closes the store
+            // and removes RuntimeDirectory=, paths and keepers with it.) A
+            // socket-activated path is systemd's and stays anyway; its
+            // keeper link is holdfast's and goes.
+            for l in self
+                .held
+                .iter()
+                .filter(|l| !matches!(l.origin, crate::os::listener::Origin::Activated { .. }))
+            {
                 l.keep_path();
             }
         }
@@ -584,8 +606,15 @@ impl Runtime {
                 self.remove_cgroup(id);
             }
             Action::Reply { to, outcome } => {
-                for r in self.replies.remove(&to).into_iter().flatten() {
-                    let _ = r.send(outcome.clone());
+                let replies = self.replies.remove(&to).unwrap_or_default();
+                if !replies.is_empty() {
+                    // After what systemd was told before it (READY=1 at a
+                    // rollout's end): see `Notifier::then`.
+                    self.systemd.then(Box::new(move || {
+                        for r in replies {
+                            let _ = r.send(outcome.clone());
+                        }
+                    }));
                 }
             }
             Action::Exit { code } => self.exit = Some(code),

@@ -148,6 +148,7 @@ impl Runtime {
     /// Every second and after exits (`after_exit`): settle exec reports,
     /// list adopted descendants, restore unlinked unix paths.
     pub(super) fn housekeeping(&mut self, after_exit: bool) {
+        self.previous.check(Instant::now());
         self.execs
             .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
         self.repair_paths();

@@ -178,6 +178,10 @@ pub struct LoadSpec {
     pub request_timeout: Duration,
     /// Send `POST` with this body instead of `GET`.
     pub post_body: Option<Vec<u8>>,
+    /// A network namespace (`/proc/PID/ns/net`) each client thread joins
+    /// before it connects: the loopback of a systemd sandbox
+    /// (`sandbox::Sandbox::netns`). `None`: the test's own.
+    pub netns: Option<PathBuf>,
 }
 
 impl LoadSpec {
@@ -192,6 +196,7 @@ impl LoadSpec {
             max_requests: 1_000_000,
             request_timeout: Duration::from_secs(10),
             post_body: None,
+            netns: None,
         }
     }
 }
@@ -473,6 +478,9 @@ fn build_request(path: &str, keepalive: bool, post_body: Option<&[u8]>) -> Vec<u
 
 fn client_loop(shared: &Shared, conn_no: usize) {
     let spec = &shared.spec;
+    if let Some(ns) = &spec.netns {
+        join_netns(ns);
+    }
     let req = build_request(&spec.path, spec.keepalive, spec.post_body.as_deref());
     let mut conn: Option<Conn> = None;
     while !shared.should_stop() && shared.claim() {
@@ -513,6 +521,14 @@ fn client_loop(shared: &Shared, conn_no: usize) {
             Err(f) => shared.record_failure(conn_no, f),
         }
     }
+}
+
+/// Moves the calling thread (only it: setns(2) on a network namespace is
+/// per thread) into the network namespace at `ns`. Panics if it cannot.
+pub fn join_netns(ns: &std::path::Path) {
+    let f = std::fs::File::open(ns).unwrap_or_else(|e| panic!("open {}: {e}", ns.display()));
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {}: {e}", ns.display()));
 }
 
 fn snippet(body: &[u8]) -> String {

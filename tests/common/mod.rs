@@ -14,6 +14,7 @@
 
 pub mod cgroup;
 pub mod load;
+pub mod sandbox;
 
 // Re-exported for the test binaries; each uses a subset.
 #[allow(unused_imports)]
