@@ -842,3 +842,455 @@ drain_timeout = "35s"
     assert_eq!(proxy.error_lines(EAGAIN_LINE), Vec::<String>::new());
     assert_eq!(proxy.error_lines("connect() to unix"), Vec::<String>::new());
 }
+
+// ---------------------------------------------------------------------------
+// Story 4: Passenger's SIGUSR1, and a logrotate that reloads Apache
+
+/// A copy of examples/apps/config.ru as a Passenger app (`public/`, `tmp/`)
+/// in `base/app`, readable by `nobody` (Passenger runs a root-owned app as
+/// nobody).
+fn passenger_app(base: &Path) -> PathBuf {
+    let app = base.join("app");
+    for d in ["public", "tmp", "log"] {
+        fs::create_dir_all(app.join(d)).expect("mkdir app dir");
+        fs::set_permissions(app.join(d), fs::Permissions::from_mode(0o777)).expect("chmod");
+    }
+    fs::copy(apps_dir().join("config.ru"), app.join("config.ru")).expect("copy config.ru");
+    fs::set_permissions(&app, fs::Permissions::from_mode(0o755)).expect("chmod app");
+    fs::set_permissions(app.join("config.ru"), fs::Permissions::from_mode(0o644))
+        .expect("chmod config.ru");
+    app
+}
+
+/// Apache + mod_passenger (Debian's libapache2-mod-passenger) serving `app`
+/// with 2 app processes, each one request at a time, and an access log.
+fn passenger_body(app: &Path) -> String {
+    format!(
+        r#"
+PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
+PassengerDefaultRuby /usr/bin/ruby
+PassengerInstanceRegistryDir {{pdir}}/instreg
+PassengerMaxPoolSize 2
+PassengerMinInstances 2
+PassengerDisableAnonymousTelemetry on
+PassengerDisableSecurityUpdateCheck on
+LogFormat "%h %l %u %t \"%r\" %>s %b" common
+<VirtualHost *:{{port}}>
+    ServerName 127.0.0.1
+    DocumentRoot {app}/public
+    PassengerAppRoot {app}
+    PassengerAppEnv production
+    CustomLog {{pdir}}/access.log common
+    <Directory {app}/public>
+        Require all granted
+    </Directory>
+</VirtualHost>
+"#,
+        app = app.display()
+    )
+}
+
+/// Processes whose command line (title) contains `needle`: Passenger's app
+/// processes carry the app's path, which is this test's temp dir.
+fn pids_titled(needle: &str) -> Vec<u32> {
+    let mut v: Vec<u32> = fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            pid_alive(*pid)
+                && fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Kills, at drop, every process whose title names this test's app dir (a
+/// Passenger helper left behind by a failed test).
+struct PassengerSweep(String);
+
+impl Drop for PassengerSweep {
+    fn drop(&mut self) {
+        for pid in pids_titled(&self.0) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn story4_passenger_sigusr1_to_a_busy_app_process_fails_requests() {
+    require("passenger-config", "passenger libapache2-mod-passenger");
+    assert!(
+        Path::new("/usr/lib/apache2/modules/mod_passenger.so").exists(),
+        "mod_passenger.so missing: apt-get install libapache2-mod-passenger"
+    );
+    let _net = PrivateNet::enter();
+    let tmp = tempfile::Builder::new()
+        .prefix("holdfast-story4-")
+        .tempdir()
+        .expect("tempdir");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+    let app = passenger_app(tmp.path());
+    let title = format!("Passenger RubyApp: {}", app.display());
+    let _sweep = PassengerSweep(app.display().to_string());
+    let dir = proxy_dir(tmp.path(), "apache");
+    fs::create_dir_all(dir.join("instreg")).expect("mkdir instreg");
+    let proxy = Proxy::apache(&dir, free_port(), &["passenger"], &passenger_body(&app));
+    proxy.wait_serving("/", BOOT);
+    wait_until(BOOT, "two Passenger app processes", || {
+        (pids_titled(&title).len() == 2).then_some(())
+    });
+
+    // Every app process always busy: 8 clients, 100 ms per request, 2
+    // processes. SIGUSR1, what memory-killer scripts send, to one of them.
+    const KILLS: usize = 5;
+    let load = Load::start(LoadSpec {
+        connections: 8,
+        path: "/?sleep=100".into(),
+        max_duration: Duration::from_secs(120),
+        max_requests: 100_000,
+        request_timeout: Duration::from_secs(30),
+        ..LoadSpec::new(proxy.target())
+    });
+    let mut killed = Vec::new();
+    for _ in 0..KILLS {
+        let base = load.requests_so_far();
+        wait_until(BOOT, "requests between kills", || {
+            (load.requests_so_far() >= base + 20).then_some(())
+        });
+        let pid = wait_until(BOOT, "two app processes", || {
+            let pids = pids_titled(&title);
+            (pids.len() == 2).then(|| pids[0])
+        });
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGUSR1).expect("SIGUSR1");
+        killed.push(pid);
+        wait_until(BOOT, "the signalled app process to go", || {
+            (!pid_alive(pid)).then_some(())
+        });
+    }
+    let base = load.requests_so_far();
+    wait_until(BOOT, "requests after the last kill", || {
+        (load.requests_so_far() >= base + 20).then_some(())
+    });
+    let report = load.stop();
+    let incomplete = proxy
+        .error_lines("application did not send a complete response")
+        .len();
+    print_reports(
+        "4 reproduced: Passenger, SIGUSR1 to a busy app process",
+        &[report.clone()],
+    );
+    eprintln!("story 4 reproduced: {KILLS} SIGUSR1 -> {} failed, {incomplete} `did not send a complete response` lines", report.failed());
+    assert_eq!(
+        report.failures.keys().cloned().collect::<Vec<_>>(),
+        vec!["5xx".to_string()],
+        "{report}"
+    );
+    assert!(
+        report.failed() >= KILLS as u64,
+        "each SIGUSR1 lost at least the request in flight: {report}"
+    );
+    assert_eq!(
+        incomplete as u64,
+        report.failed(),
+        "one Passenger `Sending 502 response` line per failed request"
+    );
+}
+
+/// Apache (examples/apache.conf, mod_proxy with its defaults) in front of
+/// holdfast's TCP listener.
+fn apache_in_front(h: &Holdfast) -> Proxy {
+    let site = fs::read_to_string(examples_dir().join("apache.conf")).expect("apache.conf");
+    let site = replace_once(&site, "<VirtualHost *:80>", "<VirtualHost *:{port}>");
+    let site = replace_once(
+        &site,
+        "\"unix:/run/holdfast/app.sock|http://holdfast/\"",
+        &format!("\"http://127.0.0.1:{}/\"", h.port),
+    );
+    let body = format!(
+        "LogFormat \"%h %l %u %t \\\"%r\\\" %>s %b\" common\nCustomLog {{pdir}}/access.log common\n{site}"
+    );
+    let dir = proxy_dir(h.dir.path(), "apache");
+    let proxy = Proxy::apache(&dir, h.port2, &["proxy", "proxy_http"], &body);
+    proxy.wait_serving("/", BOOT);
+    proxy
+}
+
+/// Puma as examples/puma.toml runs it, on a TCP listener, with `extra`
+/// appended to the config and `args` before the rackup file.
+fn puma_holdfast(args: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:{{port}}"
+
+[app]
+command = ["puma", "-C", "puma.rb", "--bind-to-activated-sockets=only", "-t", "16:16", {args} "config.ru"]
+cwd = "{apps}"
+workers = 2
+env = {{ RACK_ENV = "production" }}
+handoff = ["systemd"]
+ready = "notify"
+ready_timeout = "60s"
+drain_signal = "TERM"
+drain_timeout = "35s"
+{extra}
+"#,
+        apps = apps_dir().display()
+    )
+}
+
+#[test]
+fn story4_holdfast_memory_recycling_behind_apache_fails_nothing() {
+    require("puma", "puma ruby-sd-notify");
+    let _net = PrivateNet::enter();
+    let h = Holdfast::start(&puma_holdfast(
+        "",
+        r#"
+[memory]
+limit = "192MiB"
+interval = "250ms"
+grace = 2
+min_lifetime = "0s"
+"#,
+    ));
+    wait_ready(&h);
+    let proxy = apache_in_front(&h);
+    // The load of the Passenger run, through Apache.
+    const BLOATS: usize = 5;
+    let load = Load::start(LoadSpec {
+        connections: 8,
+        path: "/?sleep=100".into(),
+        max_duration: Duration::from_secs(150),
+        max_requests: 100_000,
+        request_timeout: Duration::from_secs(30),
+        ..LoadSpec::new(proxy.target())
+    });
+    for i in 1..=BLOATS {
+        let base = load.requests_so_far();
+        wait_until(BOOT, "requests between bloats", || {
+            (load.requests_so_far() >= base + 20).then_some(())
+        });
+        // One worker (whichever answers) grows past the limit.
+        let grown = http_get(&h.tcp(), "/grow?mb=200").expect("GET /grow");
+        assert_eq!(grown.status, 200);
+        let bloated = grown.pid().expect("X-Pid");
+        wait_log(
+            &h,
+            &format!("memory replacement {i} of pid {bloated}"),
+            |log| {
+                log.lines()
+                    .any(|l| l.contains(&format!("(pid {bloated})")) && l.contains(": replacing"))
+            },
+        );
+        wait_log(&h, &format!("pid {bloated} to exit"), |log| {
+            log.lines()
+                .any(|l| l.contains("worker exited") && field_u32(l, "pid") == Some(bloated))
+        });
+    }
+    let base = load.requests_so_far();
+    wait_until(BOOT, "requests after the last recycle", || {
+        (load.requests_so_far() >= base + 20).then_some(())
+    });
+    let report = load.stop();
+    print_reports(
+        "4 with holdfast: Apache -> Puma, [memory] recycling",
+        &[report.clone()],
+    );
+    report.assert_clean(100);
+    let replaced = h.log().matches(": replacing").count();
+    assert_eq!(replaced, BLOATS, "one memory replacement per bloat");
+    assert_eq!(proxy.error_lines("AH01102"), Vec::<String>::new());
+}
+
+/// A logrotate config for `log`, with `postrotate`.
+fn logrotate_conf(log: &Path, postrotate: &str) -> String {
+    format!(
+        "{} {{\n    su root root\n    rotate 10\n    missingok\n    sharedscripts\n    postrotate\n        {postrotate}\n    endscript\n}}\n",
+        log.display()
+    )
+}
+
+fn logrotate(conf: &Path, state: &Path) {
+    let out = Command::new(require("logrotate", "logrotate"))
+        .arg("-f")
+        .arg("-s")
+        .arg(state)
+        .arg(conf)
+        .output()
+        .expect("run logrotate");
+    assert!(
+        out.status.success(),
+        "logrotate: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Lines containing `needle` in `path` and its rotated copies (`path.N`).
+fn lines_in_series(path: &Path, needle: &str) -> usize {
+    let name = path
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let dir = path.parent().expect("dir");
+    fs::read_dir(dir)
+        .expect("read log dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+        .map(|e| {
+            fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .count()
+        })
+        .sum()
+}
+
+const ROTATIONS: usize = 3;
+
+#[test]
+fn story4_logrotate_reloading_apache_resets_connections() {
+    require("passenger-config", "passenger libapache2-mod-passenger");
+    let _net = PrivateNet::enter();
+    let tmp = tempfile::Builder::new()
+        .prefix("holdfast-story4r-")
+        .tempdir()
+        .expect("tempdir");
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
+    let app = passenger_app(tmp.path());
+    let _sweep = PassengerSweep(app.display().to_string());
+    let dir = proxy_dir(tmp.path(), "apache");
+    fs::create_dir_all(dir.join("instreg")).expect("mkdir instreg");
+    let proxy = Proxy::apache(&dir, free_port(), &["passenger"], &passenger_body(&app));
+    proxy.wait_serving("/", BOOT);
+    // The story's postrotate: `service httpd reload`, which was
+    // `kill -HUP $(cat httpd.pid)`: Apache restarts its children.
+    let access = dir.join("access.log");
+    let conf = tmp.path().join("logrotate.conf");
+    fs::write(
+        &conf,
+        logrotate_conf(
+            &access,
+            &format!("/bin/kill -HUP $(cat {})", dir.join("apache.pid").display()),
+        ),
+    )
+    .expect("write logrotate.conf");
+    let path = "/?sleep=20&story=4";
+    let load = Load::start(LoadSpec {
+        connections: 8,
+        path: path.into(),
+        max_duration: Duration::from_secs(150),
+        max_requests: 100_000,
+        request_timeout: Duration::from_secs(30),
+        ..LoadSpec::new(proxy.target())
+    });
+    for _ in 0..ROTATIONS {
+        let base = load.requests_so_far();
+        wait_until(BOOT, "requests between rotations", || {
+            (load.requests_so_far() >= base + 100).then_some(())
+        });
+        logrotate(&conf, &tmp.path().join("logrotate.state"));
+    }
+    let base = load.requests_so_far();
+    wait_until(BOOT, "requests after the last rotation", || {
+        (load.requests_so_far() >= base + 100).then_some(())
+    });
+    let report = load.stop();
+    let logged = lines_in_series(&access, &format!("\"GET {path} HTTP/1.1\" 200"));
+    print_reports(
+        "4 reproduced: logrotate with `kill -HUP` of Apache",
+        &[report.clone()],
+    );
+    eprintln!(
+        "story 4 reproduced: {ROTATIONS} rotations: {} failed; {} answered 200, {logged} logged",
+        report.failed(),
+        report.ok
+    );
+    assert!(report.failed() >= 1, "no request failed: {report}");
+}
+
+#[test]
+fn story4_logrotate_with_holdfast_loses_no_request_and_no_line() {
+    require("puma", "puma ruby-sd-notify");
+    let _net = PrivateNet::enter();
+    let h0 = tempfile::Builder::new()
+        .prefix("holdfast-story4l-")
+        .tempdir()
+        .expect("tempdir");
+    let logs = h0.path().join("logs");
+    fs::create_dir_all(&logs).expect("mkdir logs");
+    let app_log = logs.join("app.log");
+    let h = Holdfast::start(&puma_holdfast(
+        r#""--log-requests","#,
+        &format!("[logs]\nstdout = {app_log:?}\nstderr = {app_log:?}\n"),
+    ));
+    wait_ready(&h);
+    let proxy = apache_in_front(&h);
+    // units/holdfast.logrotate, paths adapted.
+    let snippet = include_str!("../units/holdfast.logrotate");
+    let adapted = replace_once(snippet, "/var/log/app/*.log", &app_log.to_string_lossy());
+    let adapted = replace_once(&adapted, "create 0640 app adm", "create 0640");
+    let adapted = replace_once(
+        &adapted,
+        "/usr/bin/holdfast reopen-logs --config /etc/holdfast/app.toml",
+        &h.fill("{holdfast} reopen-logs --config {config}"),
+    );
+    let adapted = adapted.replace("    compress\n    delaycompress\n", "");
+    let conf = h0.path().join("logrotate.conf");
+    fs::write(&conf, adapted).expect("write logrotate.conf");
+    let path = "/?sleep=20&story=4";
+    let load = Load::start(LoadSpec {
+        connections: 8,
+        path: path.into(),
+        max_duration: Duration::from_secs(150),
+        max_requests: 100_000,
+        request_timeout: Duration::from_secs(30),
+        ..LoadSpec::new(proxy.target())
+    });
+    for _ in 0..ROTATIONS {
+        let base = load.requests_so_far();
+        wait_until(BOOT, "requests between rotations", || {
+            (load.requests_so_far() >= base + 100).then_some(())
+        });
+        logrotate(&conf, &h0.path().join("logrotate.state"));
+        wait_until(BOOT, "lines in the new app.log", || {
+            (fs::metadata(&app_log).ok()?.len() > 0).then_some(())
+        });
+    }
+    let base = load.requests_so_far();
+    wait_until(BOOT, "requests after the last rotation", || {
+        (load.requests_so_far() >= base + 100).then_some(())
+    });
+    let report = load.stop();
+    print_reports(
+        "4 with holdfast: logrotate + reopen-logs",
+        &[report.clone()],
+    );
+    report.assert_clean(300);
+    let needle = format!("\"GET {path} HTTP/1.1\" 200");
+    // Puma writes its request line after the response; let the last ones land.
+    wait_until(BOOT, "every answered request in the logs", || {
+        (lines_in_series(&app_log, &needle) as u64 >= report.ok).then_some(())
+    });
+    let logged = lines_in_series(&app_log, &needle);
+    eprintln!(
+        "story 4 with holdfast: {ROTATIONS} rotations, {} answered, {logged} logged",
+        report.ok
+    );
+    assert_eq!(
+        logged as u64, report.ok,
+        "each answered request logged once"
+    );
+    let rotated = fs::read_dir(&logs).expect("logs").count();
+    assert_eq!(
+        rotated,
+        ROTATIONS + 1,
+        "app.log and {ROTATIONS} rotated files"
+    );
+}
