@@ -1,5 +1,5 @@
 //! End-to-end proof with the real app servers of Debian 12: Puma 5.6 (with
-//! ruby-sd-notify), Unicorn 6 and Gunicorn 20 under holdfast, each rolled
+//! ruby-sd-notify), Unicorn 6, Gunicorn 20 and uWSGI 2.0 under holdfast, each rolled
 //! [`ROLLOUTS`] times by SIGHUP under a bounded load that must see no failed
 //! request; the two traps of real servers that holdfast must catch and
 //! explain (a wrapper that closes the inherited fds, Puma unlinking a unix
@@ -520,6 +520,17 @@ fn gunicorn_through_listen_fds_ready_by_probe() {
     finish(&mut h, "exit status 0");
 }
 
+#[test]
+fn uwsgi_hup_exit_on_reload_ready_by_probe() {
+    require("uwsgi", "uwsgi-core uwsgi-plugin-python3");
+    let mut h = Holdfast::start(&example_config("uwsgi.toml"));
+    wait_all_ready(&h);
+    let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
+    rolled.assert_clean("uwsgi", 100);
+    // HUP with --exit-on-reload: requests finished, then exit 0.
+    finish(&mut h, "exit status 0");
+}
+
 /// Every example config passes `holdfast check` (relative paths resolve
 /// against the file, so this works from any directory).
 #[test]
@@ -541,7 +552,7 @@ fn example_configs_pass_check() {
         }
     }
     checked.sort();
-    for name in ["gunicorn", "puma-cluster", "puma", "unicorn"] {
+    for name in ["gunicorn", "puma-cluster", "puma", "unicorn", "uwsgi"] {
         assert!(
             checked
                 .iter()
@@ -805,8 +816,8 @@ impl Proxy {
         let site = site.replace("unix:/run/holdfast/app.sock", "unix:{dir}/app.sock");
         assert_eq!(
             site.matches("unix:{dir}/app.sock").count(),
-            2,
-            "nginx.conf: the upstream socket, twice"
+            1,
+            "nginx.conf: one upstream server, nginx's default retries (tests/proxies.rs)"
         );
         fs::write(dir.join("nginx-site.conf"), h.fill(&site)).expect("write nginx-site.conf");
         let main = r#"

@@ -324,8 +324,10 @@ fn apache_defaults_test_worker_keepalive_pool_20_rollouts() {
     test_worker_behind("apache");
 }
 
-/// Puma on a TCP listener, with `args` after `puma`.
-fn puma_config(args: &str) -> String {
+/// Puma on a TCP listener; `config` is the `-C` file in examples/apps
+/// (`puma.rb`, with `queue_requests false`), or `None` for Puma's defaults.
+fn puma_config(config: Option<&str>, workers: u32) -> String {
+    let c = config.map_or(String::new(), |c| format!(r#""-C", "{c}", "#));
     format!(
         r#"
 [[listen]]
@@ -333,9 +335,9 @@ name = "http"
 address = "127.0.0.1:{{port}}"
 
 [app]
-command = ["puma", {args}, "--bind-to-activated-sockets=only", "-t", "32:32", "config.ru"]
+command = ["puma", {c}"--bind-to-activated-sockets=only", "-t", "32:32", "config.ru"]
 cwd = "{apps}"
-workers = 2
+workers = {workers}
 env = {{ RACK_ENV = "production" }}
 handoff = ["systemd"]
 ready = "notify"
@@ -347,10 +349,10 @@ drain_timeout = "35s"
     )
 }
 
-fn puma_behind(kind: &str, args: &str) -> (Seen, Proxy, Holdfast) {
+fn puma_behind(kind: &str, config: Option<&str>) -> (Seen, Proxy, Holdfast) {
     require("puma", "puma ruby-sd-notify");
     let net = PrivateNet::enter();
-    let h = Holdfast::start(&puma_config(args));
+    let h = Holdfast::start(&puma_config(config, 2));
     wait_log(&h, "all workers ready", |log| {
         log.contains("all workers ready")
     });
@@ -359,22 +361,154 @@ fn puma_behind(kind: &str, args: &str) -> (Seen, Proxy, Holdfast) {
     (seen, proxy, h)
 }
 
-#[test]
-fn measure_puma_defaults_nginx() {
-    let (seen, proxy, _h) = puma_behind("nginx", r#""-C", "/dev/null""#);
-    eprintln!("{}", seen.summary("nginx -> puma defaults"));
-    for r in &seen.reports {
-        eprint!("{r}");
-    }
-    eprintln!("{:?}", proxy_errors(&proxy));
+/// Puma as the README recommends (`-C puma.rb`: `queue_requests false`):
+/// no failure, and no pool either: every answer says `Connection: close`.
+fn puma_as_recommended_behind(kind: &str) {
+    let (seen, proxy, _h) = puma_behind(kind, Some("puma.rb"));
+    let name = format!("{kind} -> puma (queue_requests false)");
+    eprintln!("{}", seen.summary(&name));
+    assert_eq!(seen.failed(), 0, "{}", seen.summary(&name));
+    assert_eq!(
+        proxy_errors(&proxy),
+        Vec::<String>::new(),
+        "{name}: the proxy's error log"
+    );
+    assert_eq!(
+        seen.reused(),
+        0,
+        "{name}: Puma closes every connection, so the proxy opens one per request: {}",
+        seen.summary(&name)
+    );
 }
 
 #[test]
-fn measure_puma_defaults_apache() {
-    let (seen, proxy, _h) = puma_behind("apache", r#""-C", "/dev/null""#);
-    eprintln!("{}", seen.summary("apache -> puma defaults"));
-    for r in &seen.reports {
-        eprint!("{r}");
+fn nginx_defaults_puma_queue_requests_false_20_rollouts() {
+    puma_as_recommended_behind("nginx");
+}
+
+#[test]
+fn apache_defaults_puma_queue_requests_false_20_rollouts() {
+    puma_as_recommended_behind("apache");
+}
+
+/// Puma's defaults keep the pool in use (most requests ride a reused
+/// upstream connection). What they cost is a rare failure: Puma closes idle
+/// keep-alive connections at its drain signal (see
+/// [`puma_closes_idle_keepalive_connections_at_drain`]), and a proxy that
+/// reuses one in that instant fails the request, unless it retries it
+/// (nginx does for a GET, never for a POST). Measured: README, "nginx and
+/// Apache in front". Bounded here, not zero.
+fn puma_defaults_behind(kind: &str) {
+    let (seen, proxy, _h) = puma_behind(kind, None);
+    let name = format!("{kind} -> puma (defaults)");
+    eprintln!("{}", seen.summary(&name));
+    eprintln!("{name}: proxy error lines: {:?}", proxy_errors(&proxy));
+    assert!(
+        seen.reused() * 2 >= seen.ok(),
+        "{name}: the keep-alive pool is hardly used: {}",
+        seen.summary(&name)
+    );
+    assert!(
+        seen.failed() <= 4,
+        "{name}: more failures than the measured rate (2 in 300 drains) allows: {}",
+        seen.summary(&name)
+    );
+}
+
+#[test]
+fn nginx_defaults_puma_defaults_keepalive_pool_20_rollouts() {
+    puma_defaults_behind("nginx");
+}
+
+#[test]
+fn apache_defaults_puma_defaults_keepalive_pool_20_rollouts() {
+    puma_defaults_behind("apache");
+}
+
+// ---------------------------------------------------------------------------
+// The mechanism of story 2, exactly
+
+/// Opens `n` keep-alive connections to holdfast's one worker, one request
+/// each (so each is an idle pooled connection), rolls the worker, and as soon
+/// as holdfast logs the drain of the old one, sends a request on each.
+/// Returns how many got no answer (closed or reset by the draining server)
+/// and how many were answered 200 with `Connection: close`.
+fn idle_connections_at_drain(h: &Holdfast, n: usize, closes_at_once: bool) -> (usize, usize) {
+    let old = h.worker_pids();
+    assert_eq!(old.len(), 1, "one worker");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], h.port));
+    let mut conns: Vec<std::net::TcpStream> = (0..n)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(READY)).expect("timeout");
+            let first = request_on(&mut c).expect("first request");
+            assert!(
+                first.starts_with("HTTP/1.1 200")
+                    && !first.to_ascii_lowercase().contains("connection: close"),
+                "a keep-alive answer: {first:?}"
+            );
+            c
+        })
+        .collect();
+    h.signal(Signal::SIGHUP);
+    wait_log(h, "the old worker's drain", |log| {
+        log.lines()
+            .any(|l| l.contains("draining worker") && field_u32(l, "pid") == Some(old[0]))
+    });
+    if closes_at_once {
+        // Let the server do what it does at once; a proxy's next request may
+        // come any time after.
+        for c in &conns {
+            c.set_nonblocking(false).expect("blocking");
+            let mut b = [0u8; 1];
+            let _ = c.peek(&mut b);
+        }
     }
-    eprintln!("{:?}", proxy_errors(&proxy));
+    let (mut lost, mut closed_politely) = (0, 0);
+    for c in conns.iter_mut() {
+        match request_on(c) {
+            Ok(a)
+                if a.starts_with("HTTP/1.1 200")
+                    && a.to_ascii_lowercase().contains("connection: close") =>
+            {
+                closed_politely += 1
+            }
+            Ok(a) if a.is_empty() => lost += 1,
+            Ok(a) => panic!("unexpected answer {a:?}"),
+            Err(_) => lost += 1,
+        }
+    }
+    (lost, closed_politely)
+}
+
+/// A request on `c`; the answer's head and what came with it ("" at EOF).
+fn request_on(c: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    c.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut buf = vec![0u8; 4096];
+    let n = c.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn puma_closes_idle_keepalive_connections_at_drain() {
+    require("puma", "puma ruby-sd-notify");
+    let _net = PrivateNet::enter();
+    let h = Holdfast::start(&puma_config(None, 1));
+    wait_log(&h, "all workers ready", |log| {
+        log.contains("all workers ready")
+    });
+    let (lost, polite) = idle_connections_at_drain(&h, 8, true);
+    eprintln!("puma defaults: of 8 idle keep-alive connections at TERM, {lost} closed without an answer, {polite} answered");
+    assert_eq!((lost, polite), (8, 0));
+}
+
+#[test]
+fn test_worker_lame_duck_answers_idle_keepalive_connections_at_drain() {
+    let _net = PrivateNet::enter();
+    let h = Holdfast::start(&test_worker_config().replace("workers = 2", "workers = 1"));
+    h.wait_log("all workers ready");
+    let (lost, polite) = idle_connections_at_drain(&h, 8, false);
+    eprintln!("test worker: of 8 idle keep-alive connections at TERM, {lost} closed without an answer, {polite} answered with Connection: close");
+    assert_eq!((lost, polite), (0, 8));
 }
