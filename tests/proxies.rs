@@ -284,7 +284,7 @@ drain_timeout = "10s"
 /// at least half of the requests rode a reused upstream connection.
 fn assert_honest(name: &str, seen: &Seen, proxy: &Proxy) {
     eprintln!("{}", seen.summary(name));
-    for r in &seen.reports {
+    for r in seen.reports.iter().filter(|r| r.failed() > 0) {
         eprint!("{r}");
     }
     assert_eq!(seen.failed(), 0, "{}", seen.summary(name));
@@ -510,5 +510,40 @@ fn test_worker_lame_duck_answers_idle_keepalive_connections_at_drain() {
     h.wait_log("all workers ready");
     let (lost, polite) = idle_connections_at_drain(&h, 8, false);
     eprintln!("test worker: of 8 idle keep-alive connections at TERM, {lost} closed without an answer, {polite} answered with Connection: close");
+    assert_eq!((lost, polite), (0, 8));
+}
+
+/// Puma behind a keep-alive pool as the README recommends for single mode
+/// (`-C puma-keepalive.rb`: keep-alive off for 2 s after TERM, then Puma's
+/// graceful stop): the pool in use and not one failure.
+fn puma_lame_duck_behind(kind: &str) {
+    let (seen, proxy, _h) = puma_behind(kind, Some("puma-keepalive.rb"));
+    assert_honest(
+        &format!("{kind} -> puma (puma-keepalive.rb)"),
+        &seen,
+        &proxy,
+    );
+}
+
+#[test]
+fn nginx_defaults_puma_lame_duck_keepalive_pool_20_rollouts() {
+    puma_lame_duck_behind("nginx");
+}
+
+#[test]
+fn apache_defaults_puma_lame_duck_keepalive_pool_20_rollouts() {
+    puma_lame_duck_behind("apache");
+}
+
+#[test]
+fn puma_lame_duck_answers_idle_keepalive_connections_at_drain() {
+    require("puma", "puma ruby-sd-notify");
+    let _net = PrivateNet::enter();
+    let h = Holdfast::start(&puma_config(Some("puma-keepalive.rb"), 1));
+    wait_log(&h, "all workers ready", |log| {
+        log.contains("all workers ready")
+    });
+    let (lost, polite) = idle_connections_at_drain(&h, 8, false);
+    eprintln!("puma-keepalive.rb: of 8 idle keep-alive connections at TERM, {lost} closed without an answer, {polite} answered with Connection: close");
     assert_eq!((lost, polite), (0, 8));
 }
