@@ -980,7 +980,7 @@ fn story4_passenger_sigusr1_to_a_busy_app_process_fails_requests() {
         .len();
     print_reports(
         "4 reproduced: Passenger, SIGUSR1 to a busy app process",
-        &[report.clone()],
+        std::slice::from_ref(&report),
     );
     eprintln!("story 4 reproduced: {KILLS} SIGUSR1 -> {} failed, {incomplete} `did not send a complete response` lines", report.failed());
     assert_eq!(
@@ -1098,7 +1098,7 @@ min_lifetime = "0s"
     let report = load.stop();
     print_reports(
         "4 with holdfast: Apache -> Puma, [memory] recycling",
-        &[report.clone()],
+        std::slice::from_ref(&report),
     );
     report.assert_clean(100);
     let replaced = h.log().matches(": replacing").count();
@@ -1205,7 +1205,7 @@ fn story4_logrotate_reloading_apache_resets_connections() {
     let logged = lines_in_series(&access, &format!("\"GET {path} HTTP/1.1\" 200"));
     print_reports(
         "4 reproduced: logrotate with `kill -HUP` of Apache",
-        &[report.clone()],
+        std::slice::from_ref(&report),
     );
     eprintln!(
         "story 4 reproduced: {ROTATIONS} rotations: {} failed; {} answered 200, {logged} logged",
@@ -1270,7 +1270,7 @@ fn story4_logrotate_with_holdfast_loses_no_request_and_no_line() {
     let report = load.stop();
     print_reports(
         "4 with holdfast: logrotate + reopen-logs",
-        &[report.clone()],
+        std::slice::from_ref(&report),
     );
     report.assert_clean(300);
     let needle = format!("\"GET {path} HTTP/1.1\" 200");
