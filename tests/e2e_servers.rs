@@ -41,6 +41,10 @@ const READY: Duration = Duration::from_secs(90);
 /// SIGHUP rollouts per test.
 const ROLLOUTS: u32 = 5;
 
+/// SIGHUP rollouts of the tests with nginx or Apache in front, which run
+/// the proxies with their default retries: at least 20 (tests/proxies.rs).
+const PROXY_ROLLOUTS: u32 = 20;
+
 /// Requests the load must finish after each rollout before the next SIGHUP,
 /// so that every generation is seen serving.
 const BETWEEN: u64 = 150;
@@ -236,6 +240,8 @@ struct Rolled {
     /// `took=` of each `rollout finished` line.
     rollouts: Vec<String>,
     took: Duration,
+    /// How many rollouts ran.
+    count: u32,
 }
 
 impl Rolled {
@@ -252,7 +258,7 @@ impl Rolled {
     fn assert_clean(&self, name: &str, min_ok: u64) {
         eprintln!(
             "e2e {name}: {} rollouts, requests ok={} failed={} in {:.1}s; rollouts took {}",
-            ROLLOUTS,
+            self.count,
             self.ok(),
             self.failed(),
             self.took.as_secs_f64(),
@@ -277,7 +283,17 @@ impl Rolled {
 /// [`BETWEEN`] requests. `after` runs after each rollout with the generation
 /// now serving (2, 3, ...). Generation 1 must already be ready; the config
 /// file is not changed.
-fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut(u32)) -> Rolled {
+fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, after: impl FnMut(u32)) -> Rolled {
+    rollouts_under_load_n(h, specs, ROLLOUTS, after)
+}
+
+/// [`rollouts_under_load`] with `count` rollouts.
+fn rollouts_under_load_n(
+    h: &Holdfast,
+    specs: Vec<LoadSpec>,
+    count: u32,
+    mut after: impl FnMut(u32),
+) -> Rolled {
     let started = Instant::now();
     let loads: Vec<Load> = specs.into_iter().map(Load::start).collect();
     let done = |loads: &[Load]| loads.iter().map(Load::requests_so_far).sum::<u64>();
@@ -296,7 +312,7 @@ fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut
         trees.insert(generation, tree);
     };
     serve(&loads, 1, &mut trees);
-    for generation in 2..=ROLLOUTS + 1 {
+    for generation in 2..=count + 1 {
         h.signal(Signal::SIGHUP);
         wait_rollout_finished(h, generation);
         after(generation);
@@ -314,6 +330,7 @@ fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut
         trees,
         rollouts,
         took: started.elapsed(),
+        count,
     }
 }
 
@@ -769,7 +786,7 @@ fn nginx_in_front_of_puma_on_a_unix_socket() {
     let mut h = Holdfast::start(&puma_on_unix());
     wait_all_ready(&h);
     let proxy = Proxy::nginx(&h, &nginx);
-    let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
+    let rolled = rollouts_under_load_n(&h, load_mix(proxy.target()), PROXY_ROLLOUTS, |_| {});
     rolled.assert_clean("nginx -> puma", 100);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
@@ -785,7 +802,7 @@ fn apache_in_front_of_puma_on_a_unix_socket() {
     let mut h = Holdfast::start(&puma_on_unix());
     wait_all_ready(&h);
     let proxy = Proxy::apache(&h, &apache);
-    let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
+    let rolled = rollouts_under_load_n(&h, load_mix(proxy.target()), PROXY_ROLLOUTS, |_| {});
     rolled.assert_clean("apache -> puma", 100);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
