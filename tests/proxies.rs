@@ -123,7 +123,8 @@ fn load_mix(target: Target) -> Vec<LoadSpec> {
     let base = |n, keepalive| LoadSpec {
         connections: n,
         keepalive,
-        max_duration: Duration::from_secs(240),
+        // A Puma lame-duck rollout takes about 4.5 s.
+        max_duration: Duration::from_secs(60 + 10 * u64::from(rollouts())),
         max_requests: 400_000,
         request_timeout: Duration::from_secs(20),
         ..LoadSpec::new(target.clone())
@@ -349,7 +350,9 @@ drain_timeout = "35s"
     )
 }
 
-fn puma_behind(kind: &str, config: Option<&str>) -> (Seen, Proxy, Holdfast) {
+/// Returns the proxy last, so that it is dropped first (its logs are in
+/// holdfast's temp dir, and printed by its `Drop` when a test failed).
+fn puma_behind(kind: &str, config: Option<&str>) -> (Seen, Holdfast, Proxy) {
     require("puma", "puma ruby-sd-notify");
     let net = PrivateNet::enter();
     let h = Holdfast::start(&puma_config(config, 2));
@@ -358,13 +361,13 @@ fn puma_behind(kind: &str, config: Option<&str>) -> (Seen, Proxy, Holdfast) {
     });
     let proxy = start_proxy(kind, &h, h.port);
     let seen = roll_through(&net, &h, &proxy);
-    (seen, proxy, h)
+    (seen, h, proxy)
 }
 
 /// Puma as the README recommends (`-C puma.rb`: `queue_requests false`):
 /// no failure, and no pool either: every answer says `Connection: close`.
 fn puma_as_recommended_behind(kind: &str) {
-    let (seen, proxy, _h) = puma_behind(kind, Some("puma.rb"));
+    let (seen, _h, proxy) = puma_behind(kind, Some("puma.rb"));
     let name = format!("{kind} -> puma (queue_requests false)");
     eprintln!("{}", seen.summary(&name));
     assert_eq!(seen.failed(), 0, "{}", seen.summary(&name));
@@ -399,7 +402,7 @@ fn apache_defaults_puma_queue_requests_false_20_rollouts() {
 /// (nginx does for a GET, never for a POST). Measured: README, "nginx and
 /// Apache in front". Bounded here, not zero.
 fn puma_defaults_behind(kind: &str) {
-    let (seen, proxy, _h) = puma_behind(kind, None);
+    let (seen, _h, proxy) = puma_behind(kind, None);
     let name = format!("{kind} -> puma (defaults)");
     eprintln!("{}", seen.summary(&name));
     eprintln!("{name}: proxy error lines: {:?}", proxy_errors(&proxy));
@@ -517,7 +520,7 @@ fn test_worker_lame_duck_answers_idle_keepalive_connections_at_drain() {
 /// (`-C puma-keepalive.rb`: keep-alive off for 2 s after TERM, then Puma's
 /// graceful stop): the pool in use and not one failure.
 fn puma_lame_duck_behind(kind: &str) {
-    let (seen, proxy, _h) = puma_behind(kind, Some("puma-keepalive.rb"));
+    let (seen, _h, proxy) = puma_behind(kind, Some("puma-keepalive.rb"));
     assert_honest(
         &format!("{kind} -> puma (puma-keepalive.rb)"),
         &seen,
