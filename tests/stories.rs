@@ -239,16 +239,18 @@ impl Plain {
         }
     }
 
-    /// Sends `sig` to the group and waits for the leader to exit.
+    /// Sends `sig` to the group and waits for the leader to exit. What is
+    /// left of the group is killed while the leader is an unreaped zombie:
+    /// its pid, the group's id, cannot be reused by then.
     fn stop(&mut self, sig: Signal) {
-        let pid = Pid::from_raw(self.child.id() as i32);
+        let leader = self.child.id();
+        let pid = Pid::from_raw(leader as i32);
         let _ = killpg(pid, sig);
-        let child = &mut self.child;
         wait_until(BOOT, "the plain server to exit", || {
-            child.try_wait().expect("try_wait").map(|_| ())
+            (!pid_alive(leader)).then_some(())
         });
-        // Its workers, if any are left.
         let _ = killpg(pid, Signal::SIGKILL);
+        self.child.wait().expect("reap the plain server");
     }
 
     fn log(&self) -> String {

@@ -168,8 +168,9 @@ LogLevel warn
             || {
                 assert!(
                     pid_alive(self.child.id()),
-                    "{} exited at start:\n{}",
+                    "{} exited at start ({}):\n{}",
                     self.name,
+                    zombie_status(self.child.id()),
                     self.logs()
                 );
                 http_get(&target, path).ok().filter(|r| r.status == 200)
@@ -231,6 +232,21 @@ LogLevel warn
             }
         }
         out
+    }
+}
+
+/// How an unreaped child ended, from the `exit_code` field of
+/// /proc/PID/stat (proc(5)): "exit status N" or "killed by signal N".
+fn zombie_status(pid: u32) -> String {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let code = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().last())
+        .and_then(|v| v.parse::<i32>().ok());
+    match code {
+        Some(c) if c & 0x7f != 0 => format!("killed by signal {}", c & 0x7f),
+        Some(c) => format!("exit status {}", (c >> 8) & 0xff),
+        None => "status unknown".to_string(),
     }
 }
 
