@@ -223,6 +223,8 @@ struct Shared {
     claimed: AtomicU64,
     /// Requests finished, OK or failed.
     done: AtomicU64,
+    /// Connections opened (connect succeeded).
+    connections: AtomicU64,
     tally: Mutex<Tally>,
 }
 
@@ -291,6 +293,7 @@ impl Load {
             stop: AtomicBool::new(false),
             claimed: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             tally: Mutex::new(Tally::default()),
         });
         let threads = (0..shared.spec.connections)
@@ -342,6 +345,7 @@ impl Load {
             per_pid: t.per_pid,
             latencies_ms: t.latencies_ms,
             elapsed,
+            connections: self.shared.connections.load(Ordering::SeqCst),
         }
     }
 }
@@ -384,6 +388,9 @@ pub struct LoadReport {
     /// Latency of each OK request in ms, connect included when it opened a connection.
     pub latencies_ms: Vec<f64>,
     pub elapsed: Duration,
+    /// Connections the clients opened (each successful connect), so a test
+    /// can tell its own connections from a proxy's in kernel counters.
+    pub connections: u64,
 }
 
 impl LoadReport {
@@ -488,7 +495,10 @@ fn client_loop(shared: &Shared, conn_no: usize) {
         let mut c = match conn.take() {
             Some(c) => c,
             None => match Conn::open(&spec.target, spec.request_timeout) {
-                Ok(c) => c,
+                Ok(c) => {
+                    shared.connections.fetch_add(1, Ordering::SeqCst);
+                    c
+                }
                 Err(f) => {
                     shared.record_failure(conn_no, f);
                     continue;
