@@ -25,7 +25,7 @@ const RESTART_LIMIT: Duration = Duration::from_secs(90);
 /// Longest a server may take to answer after it was started.
 const START_LIMIT: Duration = Duration::from_secs(90);
 /// Lines per second each test worker writes in the log rows.
-const LOG_RATE: &str = "1000";
+const LOG_RATE: &str = "10000";
 
 /// Where the apps and the holdfast binaries are.
 pub struct Env {

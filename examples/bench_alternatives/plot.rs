@@ -117,7 +117,7 @@ fn panel<DB: DrawingBackend>(
                 (t.as_secs_f64(), y_min),
                 (d.as_secs_f64().max(t.as_secs_f64() + 0.03), y_max),
             ],
-            RESTART_FILL.filled(),
+            RESTART_FILL.mix(0.6).filled(),
         )
     }))?;
     // Lines break where a bin has no finished request (a stall), rather
