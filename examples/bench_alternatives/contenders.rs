@@ -469,24 +469,25 @@ impl Instance {
                 })
             }
             Kind::HoldfastReopen => {
-                let d = self.dir.path();
-                fs::rename(d.join("app.log"), d.join(format!("app.log.{round}")))
-                    .context("rotate app.log")?;
-                self.holdfast()?.signal(Signal::SIGUSR1);
-                wait_until("holdfast: log file reopened", RESTART_LIMIT, || {
-                    since().contains("log file reopened")
-                })
+                // units/holdfast.logrotate: rename, create, and a postrotate
+                // that returns once holdfast has reopened every file.
+                let h = self.holdfast()?;
+                let cfg = h.dir.path().join("holdfast.toml");
+                let holdfast = crate::bench_common::holdfast_bin();
+                logrotate(
+                    self.dir.path(),
+                    &format!(
+                        "create 0640\nsharedscripts\npostrotate\n    {} reopen-logs --config {}\nendscript",
+                        holdfast.display(),
+                        cfg.display()
+                    ),
+                )?;
+                if !since().contains("log file reopened") {
+                    bail!("logrotate's postrotate returned, but holdfast logged no reopen");
+                }
+                Ok(())
             }
-            Kind::CopyTruncate => {
-                let d = self.dir.path();
-                let log = d.join("app.log");
-                fs::copy(&log, d.join(format!("app.log.{round}"))).context("copy app.log")?;
-                fs::OpenOptions::new()
-                    .write(true)
-                    .open(&log)
-                    .and_then(|f| f.set_len(0))
-                    .context("truncate app.log")
-            }
+            Kind::CopyTruncate => logrotate(self.dir.path(), "copytruncate"),
         }
     }
 
@@ -611,6 +612,38 @@ fn read_pid(path: &Path) -> Result<i32> {
 
 fn signal(pid: i32, sig: Signal) -> Result<()> {
     kill(Pid::from_raw(pid), sig).with_context(|| format!("kill -{sig} {pid}"))
+}
+
+/// Runs the real `logrotate -f` on `dir`/app.log with `method` (its
+/// rotation directives), a state file of its own, and waits for it (bounded).
+fn logrotate(dir: &Path, method: &str) -> Result<()> {
+    let conf = dir.join("logrotate.conf");
+    write(
+        &conf,
+        &format!(
+            "{} {{\n    rotate 1000\n    missingok\n    nocompress\n    {}\n}}\n",
+            dir.join("app.log").display(),
+            method.replace('\n', "\n    ")
+        ),
+    )?;
+    let out = dir.join("logrotate.out");
+    let mut g = Group::spawn(
+        "logrotate",
+        &[
+            "-f",
+            "-s",
+            &dir.join("logrotate.state").to_string_lossy(),
+            &conf.to_string_lossy(),
+        ],
+        dir,
+        &[],
+        out.clone(),
+    )?;
+    g.wait_gone(RESTART_LIMIT)?;
+    match g.child.try_wait() {
+        Ok(Some(st)) if st.success() => Ok(()),
+        other => bail!("logrotate: {other:?}: {}", procs::read_lossy(&out).trim()),
+    }
 }
 
 /// A private Apache (its own config, pid file and logs in `dir`) with

@@ -39,9 +39,12 @@ pub enum Kind {
     KillOne,
     /// holdfast (2 test workers); one worker gets SIGTERM (it drains), holdfast restarts it.
     TermOne,
-    /// holdfast (2 test workers writing log lines): rename the log, SIGUSR1.
+    /// holdfast (2 test workers writing log lines to holdfast's file):
+    /// `logrotate -f` with units/holdfast.logrotate's method (rename,
+    /// create, postrotate `holdfast reopen-logs`).
     HoldfastReopen,
-    /// One test worker bound by itself, writing its log file: copy, then truncate.
+    /// One test worker bound by itself, appending to its own log file:
+    /// `logrotate -f` with `copytruncate`.
     CopyTruncate,
     /// Apache + Passenger: rename the error log, graceful reload (SIGUSR1 to
     /// Apache), as a logrotate `postrotate` does.
@@ -107,6 +110,11 @@ const STARLET: Need = Need {
     what: "plackup with Starlet",
     package: "starlet",
     present: || on_path("plackup") && runs("perl", &["-MStarlet::Server", "-e", "1"]),
+};
+const LOGROTATE: Need = Need {
+    what: "logrotate",
+    package: "logrotate",
+    present: || on_path("logrotate"),
 };
 const APACHE: Need = Need {
     what: "apache2",
@@ -219,6 +227,7 @@ impl Kind {
             Kind::PassengerUsr1 | Kind::ApacheGraceful => {
                 vec![APACHE, MOD_PASSENGER, PASSENGER, RACK]
             }
+            Kind::HoldfastReopen | Kind::CopyTruncate => vec![LOGROTATE],
             _ => vec![],
         }
     }
