@@ -206,6 +206,15 @@ fn run(opts: &Opts) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let load_before = procs::loadavg();
     println!("machine: {}", machine());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    println!(
+        "command: cargo run --release --example bench_alternatives{}",
+        if args.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", args.join(" "))
+        }
+    );
     println!(
         "plan: {} rounds x {} contenders x {:?}; {} connections, {} ms requests, {} ms app boot, {} restarts, {} s baseline, {} s settle",
         opts.rounds,
