@@ -370,6 +370,9 @@ fn datapath_check(opts: &Opts) -> anyhow::Result<String> {
         let mut held = Vec::new();
         // Clock ticks of holdfast's CPU; None once a read failed.
         let mut holdfast_ticks = Some(0u64);
+        // The worker's CPU per request (µs), direct and behind holdfast.
+        let mut direct_cost = Vec::new();
+        let mut held_cost = Vec::new();
         let mut held_requests = 0;
         for round in 0..opts.datapath_rounds {
             // Alternate which goes first, so a drift in the machine's load
@@ -408,8 +411,24 @@ fn datapath_check(opts: &Opts) -> anyhow::Result<String> {
                 s.max_duration = secs;
                 s.max_requests = u64::MAX / 2;
                 let ticks = |h: &bench_common::Running| procs::stat(h.pid()).map(|s| s.cpu_ticks);
+                let worker_pid = match (&holdfast, &_direct) {
+                    (Some(h), _) => procs::children(h.pid()).first().copied(),
+                    (None, Some(g)) => Some(g.pid()),
+                    _ => None,
+                };
+                let worker_ticks = || worker_pid.and_then(procs::stat).map(|s| s.cpu_ticks);
+                let w0 = worker_ticks();
                 let cpu0 = holdfast.as_ref().map(ticks);
                 let r = Load::start(s).finish();
+                if let (Some(a), Some(b)) = (w0, worker_ticks()) {
+                    let us =
+                        (b - a) as f64 * 1e6 / procs::ticks_per_sec() as f64 / r.ok.max(1) as f64;
+                    if holdfast.is_some() {
+                        held_cost.push(us);
+                    } else {
+                        direct_cost.push(us);
+                    }
+                }
                 if let (Some(h), Some(c0)) = (&holdfast, cpu0) {
                     holdfast_ticks = match (holdfast_ticks, c0, ticks(h)) {
                         (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
@@ -436,8 +455,20 @@ fn datapath_check(opts: &Opts) -> anyhow::Result<String> {
         }
         let ratios: Vec<f64> = held.iter().zip(&direct).map(|(h, d)| h / d).collect();
         let per_round: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        let cost = if direct_cost.len() == opts.datapath_rounds
+            && held_cost.len() == opts.datapath_rounds
+        {
+            format!(
+                "worker CPU per request {:.1} µs direct, {:.1} µs behind holdfast (ratio {:.3})",
+                median(&direct_cost),
+                median(&held_cost),
+                median(&held_cost) / median(&direct_cost)
+            )
+        } else {
+            "worker CPU per request: failed to read".into()
+        };
         out.push_str(&format!(
-            "{:<10} direct {:>6.0} req/s, behind holdfast {:>6.0} req/s (medians); ratio {:.3} (median; per round {}); holdfast CPU {} for {} requests\n",
+            "{:<10} direct {:>6.0} req/s, behind holdfast {:>6.0} req/s (medians); ratio {:.3} (median; per round {}); {cost}; holdfast CPU {} for {} requests\n",
             variant.name(),
             median(&direct),
             median(&held),
