@@ -228,6 +228,18 @@ pub fn run(
                 break;
             }
         }
+        // A contender may call a restart done before its new workers serve
+        // (Gunicorn, Server::Starter): the next one waits until the clients
+        // have finished another `connections` requests, then `settle`.
+        let n0 = load.requests_so_far();
+        let served =
+            procs::wait_until("the server to serve again", Duration::from_secs(60), || {
+                load.requests_so_far() >= n0 + plan.connections as u64
+            });
+        if let Err(e) = served {
+            error = Some(format!("{e:#}"));
+            break;
+        }
         pace(t0, t0.elapsed() + plan.settle);
     }
     let report = load.stop();
