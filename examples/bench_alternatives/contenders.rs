@@ -243,6 +243,9 @@ impl Instance {
                 )?)
             }
         };
+        if let Server::Holdfast(h) = &server {
+            procs::remember(procs::Live::Holdfast(h.pid()));
+        }
         let inst = Instance {
             kind,
             port,
@@ -530,7 +533,11 @@ impl Instance {
     pub fn finish(mut self) -> Option<Result<u64>> {
         self.note_watchdogs();
         match std::mem::replace(&mut self.server, Server::Stopped) {
-            Server::Holdfast(h) => h.stop(),
+            Server::Holdfast(h) => {
+                let pid = h.pid();
+                h.stop();
+                procs::forget(procs::Live::Holdfast(pid));
+            }
             Server::Group(g) => g.stop(Signal::SIGTERM, Duration::from_secs(40)),
             Server::Apache {
                 group, watchdogs, ..
@@ -568,6 +575,9 @@ impl Drop for Instance {
         // finish() empties `server`; on a panic or an early return the
         // guards inside (Group, Running) kill what is left. Passenger's
         // session leaders are killed by pid.
+        if let Server::Holdfast(h) = &self.server {
+            procs::forget(procs::Live::Holdfast(h.pid()));
+        }
         if let Server::Apache { watchdogs, .. } = &self.server {
             let w = watchdogs.clone();
             self.server = Server::Stopped;

@@ -190,6 +190,7 @@ fn run(opts: &Opts) -> anyhow::Result<ExitCode> {
     // Both binaries must be built (they assert, naming the cargo command).
     let _ = bench_common::test_worker_bin();
     procs::become_subreaper()?;
+    procs::stop_everything_on_interrupt()?;
     let env = Env {
         apps: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/apps"),
         boot_ms: opts.boot_ms,
@@ -390,6 +391,7 @@ fn datapath_check(opts: &Opts) -> anyhow::Result<String> {
                     let h = bench_common::Running::start(&format!(
                         "control_socket = \"{{dir}}/holdfast.sock\"\n[[listen]]\naddress = \"{bind}\"\nbacklog = 2048\n[app]\ncommand = [\"{{test_worker}}\"]\nworkers = 1\n"
                     ));
+                    procs::remember(procs::Live::Holdfast(h.pid()));
                     (Some(h), None)
                 } else {
                     let worker = bench_common::test_worker_bin();
@@ -446,6 +448,7 @@ fn datapath_check(opts: &Opts) -> anyhow::Result<String> {
                     ));
                 }
                 if let Some(h) = holdfast {
+                    procs::forget(procs::Live::Holdfast(h.pid()));
                     h.stop();
                     held.push(rps);
                 } else {

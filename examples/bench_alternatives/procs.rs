@@ -32,6 +32,58 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -
     }
 }
 
+/// Process groups and holdfast pids alive now, for the interrupt handler.
+static LIVE: std::sync::Mutex<Vec<Live>> = std::sync::Mutex::new(Vec::new());
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Live {
+    Group(i32),
+    Holdfast(i32),
+}
+
+/// Remembers `l` until [`forget`]: an interrupt (SIGINT, SIGTERM, SIGHUP)
+/// of the benchmark stops it.
+pub fn remember(l: Live) {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+}
+
+pub fn forget(l: Live) {
+    LIVE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|x| *x != l);
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: SIGTERM to every remembered holdfast (it
+/// stops its workers) and process group (Apache stops Passenger), then exit
+/// 130. The servers run in process groups of their own, so a terminal's
+/// Ctrl-C would not reach them.
+pub fn stop_everything_on_interrupt() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("signal handler")?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let live = LIVE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            eprintln!(
+                "bench_alternatives: signal {sig}: stopping {} server(s)",
+                live.len()
+            );
+            for l in live {
+                match l {
+                    Live::Group(g) => {
+                        let _ = killpg(Pid::from_raw(g), Signal::SIGTERM);
+                    }
+                    Live::Holdfast(p) => {
+                        let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+                    }
+                }
+            }
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
 /// Becomes the child subreaper of every process this benchmark starts.
 pub fn become_subreaper() -> Result<()> {
     nix::sys::prctl::set_child_subreaper(true).context("prctl(PR_SET_CHILD_SUBREAPER)")
@@ -79,6 +131,7 @@ impl Group {
             .spawn()
             .with_context(|| format!("spawn {program} {}", args.join(" ")))?;
         let pgid = child.id() as i32;
+        remember(Live::Group(pgid));
         Ok(Group {
             child,
             log,
@@ -110,6 +163,7 @@ impl Group {
             group_members(pgid).is_empty()
         })?;
         self.done = true;
+        forget(Live::Group(pgid));
         Ok(())
     }
 
