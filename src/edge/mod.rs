@@ -506,6 +506,10 @@ impl Runtime {
                 self.act(action);
             }
         }
+        // Reports of execs that succeeded are done with: their pipes close
+        // now, not at the next housekeeping (a non-blocking read each).
+        self.execs
+            .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
     }
 
     fn act(&mut self, action: Action) {
