@@ -339,6 +339,16 @@ pub fn render(s: &Snapshot) -> String {
             "Worker children signalled for memory",
             c.child_signals,
         ),
+        (
+            "upgrades",
+            "In-place upgrades of holdfast adopted by the new image",
+            c.upgrades,
+        ),
+        (
+            "failed_upgrades",
+            "In-place upgrades of holdfast refused or failed before the exec",
+            c.failed_upgrades,
+        ),
     ] {
         r.register(name, help, ConstCounter::new(v));
     }

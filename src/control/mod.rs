@@ -12,7 +12,7 @@
 //! ← {"v":1,"ok":false,"kind":"failed","error":"rollout of generation 2 failed: ..."}
 //! ```
 //! Commands: `status`, `restart` (`wait`), `reopen-logs`, `scale`
-//! (`workers`), `stop` (`wait`). Error kinds: `bad_request`, `permission`,
+//! (`workers`), `stop` (`wait`), `upgrade` (`wait`, `binary`). Error kinds: `bad_request`, `permission`,
 //! `failed`, `busy`, `unavailable`.
 //!
 //! # Why it cannot hurt holdfast
@@ -29,6 +29,7 @@ mod client;
 mod protocol;
 mod server;
 
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -37,7 +38,7 @@ use crate::status::Snapshot;
 
 pub use client::run_client;
 pub use protocol::{parse_request, Command, ErrorKind, Request, Response};
-pub use server::{fetch_status, ControlError, ControlSocket, Server};
+pub use server::{answer_now, fetch_status, ControlError, ControlRecord, ControlSocket, Server};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -50,8 +51,32 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more get a `busy` error and are closed.
 pub const MAX_CLIENTS: usize = 256;
 
-/// A reply the event loop sends once: the outcome's message, or why it failed.
-pub type Reply = oneshot::Sender<Result<String, String>>;
+/// A reply the event loop sends once: the outcome's message, or why it
+/// failed; and the control connection waiting for it, if any, which an
+/// in-place upgrade hands to the new image so that it answers there.
+#[derive(Debug)]
+pub struct Reply {
+    tx: oneshot::Sender<Result<String, String>>,
+    conn: Option<RawFd>,
+}
+
+impl Reply {
+    /// A reply to the connection at `conn` (its task owns the fd and awaits
+    /// the other end of `tx`), or to no connection.
+    pub fn new(tx: oneshot::Sender<Result<String, String>>, conn: Option<RawFd>) -> Reply {
+        Reply { tx, conn }
+    }
+
+    pub fn send(self, outcome: Result<String, String>) -> Result<(), Result<String, String>> {
+        self.tx.send(outcome)
+    }
+
+    /// The fd of the connection still waiting for this reply: its task is
+    /// alive (and owns the fd) as long as it awaits the answer.
+    pub fn waiting_conn(&self) -> Option<RawFd> {
+        self.conn.filter(|_| !self.tx.is_closed())
+    }
+}
 
 /// What the control socket and `/metrics` ask of the event loop. This module
 /// defines it and the edge consumes it, so control never imports the edge:
@@ -74,6 +99,14 @@ pub enum Call {
     Scale { workers: u32, reply: Reply },
     /// Graceful stop (as SIGTERM); the reply comes when every worker exited.
     Stop { reply: Reply },
+    /// Upgrade holdfast in place (as SIGUSR2) to `binary` (absolute), or to
+    /// the binary it was started from. `wait`: the reply comes from the new
+    /// image once it has adopted everything; else once the exec is under way.
+    Upgrade {
+        binary: Option<std::path::PathBuf>,
+        wait: bool,
+        reply: Reply,
+    },
 }
 
 /// The event loop's end of [`Call`]s.

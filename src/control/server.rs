@@ -3,7 +3,7 @@
 //! event loop; concurrent status requests share one walk of /proc.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::{
-    parse_request, Call, Calls, Command, ErrorKind, Response, MAX_CLIENTS, MAX_REQUEST,
+    parse_request, Call, Calls, Command, ErrorKind, Reply, Response, MAX_CLIENTS, MAX_REQUEST,
     READ_TIMEOUT, WRITE_TIMEOUT,
 };
 use crate::status::Snapshot;
@@ -105,6 +105,28 @@ impl ControlSocket {
     pub fn path(&self) -> &Path {
         &self.guard.path
     }
+
+    /// The socket a previous image bound (an in-place upgrade): listening,
+    /// non-blocking, its path owned as long as it is still this inode.
+    pub fn adopt(r: ControlRecord, fd: OwnedFd) -> io::Result<ControlSocket> {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(ControlSocket {
+            listener,
+            guard: PathGuard {
+                path: r.path,
+                inode: r.inode,
+            },
+        })
+    }
+}
+
+/// The control socket as an upgrade hands it over.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ControlRecord {
+    pub path: PathBuf,
+    pub inode: u64,
+    pub fd: RawFd,
 }
 
 /// What connection tasks share.
@@ -151,6 +173,9 @@ pub struct Server {
     accept: tokio::task::JoinHandle<()>,
     guard: PathGuard,
     busy: Arc<Busy>,
+    shared: Arc<Shared>,
+    /// The listening socket's fd, owned by the accept task while it runs.
+    listener_fd: RawFd,
 }
 
 impl Server {
@@ -161,6 +186,7 @@ impl Server {
         baseline: Option<(u64, u64)>,
     ) -> io::Result<Server> {
         let ControlSocket { listener, guard } = socket;
+        let listener_fd = listener.as_raw_fd();
         let listener = tokio::net::UnixListener::from_std(listener)?;
         let busy = Arc::new(Busy::default());
         let shared = Arc::new(Shared {
@@ -171,12 +197,62 @@ impl Server {
             busy: busy.clone(),
         });
         info!(path = %guard.path.display(), "control socket listening");
-        let accept = tokio::spawn(accept_loop(listener, shared));
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Server {
             accept,
             guard,
             busy,
+            shared,
+            listener_fd,
         })
+    }
+
+    /// For an upgrade: a duplicate of the listening socket (close-on-exec
+    /// until the exec inherits it) and what the new image needs to know.
+    pub fn handover(&self) -> io::Result<(ControlRecord, OwnedFd)> {
+        let fd = crate::os::sys::dup(self.listener_fd)?;
+        let record = ControlRecord {
+            path: self.guard.path.clone(),
+            inode: self.guard.inode,
+            fd: fd.as_raw_fd(),
+        };
+        Ok((record, fd))
+    }
+
+    /// A connection a previous image handed over while it waited for an
+    /// answer: the answer is written when the returned reply is sent, then
+    /// the connection is served like any other.
+    pub fn adopt_waiting(&self, fd: OwnedFd) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        let conn = fd.as_raw_fd();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let std = std::os::unix::net::UnixStream::from(fd);
+            let stream = match std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(std))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot serve a control connection handed over by the previous image");
+                    return;
+                }
+            };
+            let Ok(outcome) = rx.await else { return };
+            let token = shared.busy.enter();
+            let line = match outcome {
+                Ok(m) => Response::ok(m),
+                Err(e) => Response::err(ErrorKind::Failed, e),
+            }
+            .line();
+            let mut stream = stream;
+            let written = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&line)).await;
+            drop(token);
+            if matches!(written, Ok(Ok(()))) {
+                serve(stream, &shared).await;
+            }
+        });
+        Reply::new(tx, Some(conn))
     }
 
     /// After the loop ended: stop accepting, remove the socket path, and give
@@ -232,6 +308,7 @@ enum After {
 }
 
 async fn serve(stream: tokio::net::UnixStream, shared: &Shared) {
+    let conn = stream.as_raw_fd();
     let (rd, mut wr) = stream.into_split();
     if let Err(response) = check_peer(&rd, shared.uid) {
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&response.line())).await;
@@ -271,7 +348,7 @@ async fn serve(stream: tokio::net::UnixStream, shared: &Shared) {
         served += 1;
         let token = shared.busy.enter();
         let (response, after) = match parse_request(&line) {
-            Ok(cmd) => handle(cmd, shared).await,
+            Ok(cmd) => handle(cmd, shared, conn).await,
             Err(r) => (r, After::Next),
         };
         let written = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&response.line())).await;
@@ -402,8 +479,9 @@ async fn accepted(
     }
 }
 
-async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
+async fn handle(cmd: Command, shared: &Shared, conn: RawFd) -> (Response, After) {
     let tx = &shared.tx;
+    let reply = |tx| Reply::new(tx, Some(conn));
     debug!(?cmd, "control request");
     match cmd {
         Command::Status => match fetch_status(tx, shared.baseline).await {
@@ -418,16 +496,16 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
         Command::Restart { wait } => {
             // --wait: answered when the rollout ends; else once it started
             // (the config read and its sockets bound) or was refused.
-            let (reply, rx) = oneshot::channel();
+            let (r, rx) = oneshot::channel();
             let input = if wait {
                 Call::Reload {
-                    reply: Some(reply),
+                    reply: Some(reply(r)),
                     started: None,
                 }
             } else {
                 Call::Reload {
                     reply: None,
-                    started: Some(reply),
+                    started: Some(reply(r)),
                 }
             };
             if tx.send(input).is_err() {
@@ -437,23 +515,26 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
             (outcome(rx.await), After::Next)
         }
         Command::ReopenLogs => {
-            let (reply, rx) = oneshot::channel();
-            if tx.send(Call::ReopenLogs { reply }).is_err() {
+            let (r, rx) = oneshot::channel();
+            if tx.send(Call::ReopenLogs { reply: reply(r) }).is_err() {
                 return (gone(), After::Close);
             }
             (outcome(rx.await), After::Next)
         }
         Command::Scale { workers } => {
-            let (reply, rx) = oneshot::channel();
-            let input = Call::Scale { workers, reply };
+            let (r, rx) = oneshot::channel();
+            let input = Call::Scale {
+                workers,
+                reply: reply(r),
+            };
             if tx.send(input).is_err() {
                 return (gone(), After::Close);
             }
             (outcome(rx.await), After::Next)
         }
         Command::Stop { wait } => {
-            let (reply, rx) = oneshot::channel();
-            let input = Call::Stop { reply };
+            let (r, rx) = oneshot::channel();
+            let input = Call::Stop { reply: reply(r) };
             if tx.send(input).is_err() {
                 return (gone(), After::Close);
             }
@@ -473,6 +554,52 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
                 After::Next
             };
             (r, after)
+        }
+        Command::Upgrade { wait, binary } => {
+            let (r, rx) = oneshot::channel();
+            let input = Call::Upgrade {
+                binary,
+                wait,
+                reply: reply(r),
+            };
+            if tx.send(input).is_err() {
+                return (gone(), After::Close);
+            }
+            info!(
+                wait,
+                "upgrade of holdfast requested over the control socket"
+            );
+            // Answered here when it fails or (without `wait`) starts; with
+            // `wait`, by the new image on this very connection.
+            (outcome(rx.await), After::Next)
+        }
+    }
+}
+
+/// Writes `outcome` as a response line to the connection `fd` at once,
+/// from the loop (an upgrade without `wait`, right before the exec): the
+/// socket is non-blocking, so a full buffer is waited for up to 1 s.
+pub fn answer_now(fd: OwnedFd, outcome: Result<String, String>) {
+    let line = match outcome {
+        Ok(m) => Response::ok(m),
+        Err(e) => Response::err(ErrorKind::Failed, e),
+    }
+    .line();
+    let mut file = std::fs::File::from(fd);
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    let mut done = 0;
+    while done < line.len() && std::time::Instant::now() < until {
+        match std::io::Write::write(&mut file, &line[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut p = [nix::poll::PollFd::new(
+                    file.as_fd(),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(100u16));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }

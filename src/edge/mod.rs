@@ -15,16 +15,22 @@
 //! failure is read from the child's report pipe when the child is reaped;
 //! messages to systemd go through the notifier's own thread.
 
+mod adopt;
+mod handover;
 mod input;
 pub mod notify;
 pub mod probe;
 mod reload;
+mod upgrade;
 mod workers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -47,8 +53,11 @@ use crate::status::Snapshot;
 use crate::systemd::{ActivationError, Inherited, Notifier};
 use notify::NotifySocket;
 
+pub use adopt::{Fallback, Incoming};
+pub use handover::{MANIFEST_VAR, STATE_VAR};
 use input::ReloadWaiter;
 pub use input::{Input, Prepared};
+pub use upgrade::version_json;
 use workers::{signal_group, Probe};
 
 /// Why holdfast could not start; each maps to a sysexits code.
@@ -109,6 +118,77 @@ pub fn spec_of(config: &Config) -> Result<Spec, crate::os::sys::SpawnError> {
     })
 }
 
+/// How holdfast was started: its command line and its binary, resolved at
+/// start (`current_exe()`), so that an upgrade's default binary is the path
+/// a package upgrade renames a new file over.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub argv: Vec<OsString>,
+    pub exe: PathBuf,
+}
+
+impl Invocation {
+    /// This process's, read now: call it first thing.
+    pub fn current() -> Invocation {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let exe = std::env::current_exe().unwrap_or_else(|_| {
+            argv.first()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("holdfast"))
+        });
+        Invocation { argv, exe }
+    }
+}
+
+/// holdfast's run directory (the workers' notify socket, probe sockets):
+/// removed when holdfast exits, never at an exec, which runs no destructor
+/// (an upgrade hands it to the new image).
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> std::io::Result<RunDir> {
+        let dir = tempfile::Builder::new()
+            .prefix("holdfast-")
+            .tempdir_in(runtime_base())?;
+        Ok(RunDir(dir.keep()))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Counts work under way off the loop (blocking helpers whose answers come
+/// back as [`Input`]): an upgrade execs only when there is none, so no
+/// answer is lost with the old image.
+#[derive(Clone, Default)]
+struct InFlight(Arc<AtomicUsize>);
+
+/// One piece of off-loop work; dropped when its answer has been sent.
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.0.clone())
+    }
+    fn none(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A random u64 from the std hasher's per-process random keys (no RNG crate needed).
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -135,7 +215,7 @@ pub struct Runtime {
     cgroups: Option<crate::os::proc::Cgroups>,
     worker_cgroups: HashMap<WorkerId, crate::os::proc::WorkerCgroup>,
     notify: NotifySocket,
-    rundir: tempfile::TempDir,
+    rundir: RunDir,
     devnull: OwnedFd,
     logs: Logs,
     tx: mpsc::UnboundedSender<Input>,
@@ -163,6 +243,23 @@ pub struct Runtime {
     /// Bound in `new`, served from `run`.
     control: Option<ControlSocket>,
     metrics: Option<std::net::TcpListener>,
+    /// The control server and the metrics task, once `run` started them;
+    /// the metrics listener's fd (owned by its task).
+    control_server: Option<control::Server>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    metrics_fd: Option<RawFd>,
+    /// `ListenOverflows`, `ListenDrops` when holdfast first started.
+    baseline: Option<(u64, u64)>,
+    /// How holdfast was started (an upgrade execs `exe` by default).
+    invocation: Invocation,
+    /// Off-loop work under way.
+    in_flight: InFlight,
+    /// The in-place upgrade under way, the edge's half.
+    upgrade: Option<upgrade::Job>,
+    /// Replies to `upgrade` without --wait: answered as the exec starts.
+    early: HashSet<ReplyTo>,
+    /// In an image exec'd by an upgrade: what `run` tells the core first.
+    adopted: Option<adopt::Adopted>,
 }
 
 fn runtime_base() -> PathBuf {
@@ -178,7 +275,22 @@ impl Runtime {
     pub fn with_inherited(
         config: Config,
         overrides: Overrides,
+        inherited: Inherited,
+        invocation: Invocation,
+    ) -> Result<Runtime, StartError> {
+        Runtime::start(config, overrides, inherited, invocation, None)
+    }
+
+    /// A fresh start, or (`fallback`) the start of an image that could not
+    /// read its predecessor's state: the sockets come in `inherited`, and
+    /// the previous image's control socket, metrics listener, workers and
+    /// their log pipes in `fallback`.
+    fn start(
+        config: Config,
+        overrides: Overrides,
         mut inherited: Inherited,
+        invocation: Invocation,
+        mut fallback: Option<adopt::Leftovers>,
     ) -> Result<Runtime, StartError> {
         let mut systemd = Notifier::from_env(Instant::now());
         let mut listeners: Vec<Rc<Listener>> = Vec::new();
@@ -197,29 +309,34 @@ impl Runtime {
         }
         systemd.store(&listeners);
         let spec = spec_of(&config)?;
-        let control = match ControlSocket::bind(&config.control_socket) {
-            Ok(s) => Some(s),
-            // Without a config file the path is the default rule's
-            // (/run/holdfast or $XDG_RUNTIME_DIR), which may be unusable or
-            // shared: run on without it rather than refuse to start.
-            Err(e) if config.path.is_none() => {
-                warn!(error = %e, "running without a control socket; signals still work (set control_socket in a config file)");
-                None
-            }
-            Err(e) => return Err(e.into()),
+        let handed_control = fallback.as_mut().and_then(|f| f.control.take());
+        let control = match handed_control {
+            Some(c) => Some(c),
+            None => match ControlSocket::bind(&config.control_socket) {
+                Ok(s) => Some(s),
+                // Without a config file the path is the default rule's
+                // (/run/holdfast or $XDG_RUNTIME_DIR), which may be unusable or
+                // shared: run on without it rather than refuse to start.
+                Err(e) if config.path.is_none() => {
+                    warn!(error = %e, "running without a control socket; signals still work (set control_socket in a config file)");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
-        let metrics = config
-            .metrics_listen
-            .map(crate::metrics::bind)
-            .transpose()?;
+        let handed_metrics = fallback.as_mut().and_then(|f| f.metrics.take());
+        let metrics = match handed_metrics {
+            Some(m) => Some(m),
+            None => config
+                .metrics_listen
+                .map(crate::metrics::bind)
+                .transpose()?,
+        };
         let io = |what: &str| {
             let what = what.to_string();
             move |source| StartError::Io { what, source }
         };
-        let rundir = tempfile::Builder::new()
-            .prefix("holdfast-")
-            .tempdir_in(runtime_base())
-            .map_err(io("runtime directory"))?;
+        let rundir = RunDir::create().map_err(io("runtime directory"))?;
         let notify =
             NotifySocket::bind(&rundir.path().join("notify.sock")).map_err(io("notify socket"))?;
         let devnull = std::fs::File::open("/dev/null")
@@ -243,18 +360,26 @@ impl Runtime {
             seed: random_seed(),
             reopen_signal: config.logs.reopen_signal.map(|s| s.0),
         };
-        let sv = Supervisor::new(spec, settings);
-        Ok(Runtime {
+        let now = Instant::now();
+        let (sv, pids, worker_cgroups) = match &mut fallback {
+            None => (
+                Supervisor::new(spec, settings),
+                HashMap::new(),
+                HashMap::new(),
+            ),
+            Some(f) => f.inherit(spec, settings, &logs, cgroups.as_ref(), now),
+        };
+        let mut rt = Runtime {
             sv,
             config,
             overrides,
             held: listeners.clone(),
             listeners,
-            pids: HashMap::new(),
+            pids,
             execs: HashMap::new(),
             probes: HashMap::new(),
             cgroups,
-            worker_cgroups: HashMap::new(),
+            worker_cgroups,
             notify,
             rundir,
             devnull,
@@ -272,16 +397,29 @@ impl Runtime {
             inherited: Some(inherited),
             reloading: None,
             reload_pending: Vec::new(),
-            started: Instant::now(),
+            started: now,
             control,
             metrics,
-        })
+            control_server: None,
+            metrics_task: None,
+            metrics_fd: None,
+            baseline: crate::os::proc::net::listen_counters(),
+            invocation,
+            in_flight: InFlight::default(),
+            upgrade: None,
+            early: HashSet::new(),
+            adopted: None,
+        };
+        if let Some(f) = fallback {
+            rt.adopted = Some(f.into_adopted());
+        }
+        Ok(rt)
     }
 
     /// Runs until every worker has exited after a stop; returns the exit code.
     pub async fn run(mut self) -> i32 {
         let signals = signal_hook_tokio::Signals::new([
-            SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+            SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD,
         ]);
         let mut signals = match signals {
             Ok(s) => s,
@@ -290,24 +428,38 @@ impl Runtime {
                 return exitcode::OSERR;
             }
         };
-        info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
-        let baseline = crate::os::proc::net::listen_counters();
-        let control = self.control.take().and_then(|socket| {
+        // An image exec'd by an upgrade inherited these blocked (pending
+        // ones wait for the handlers just installed); otherwise a no-op.
+        if let Err(e) = crate::os::handover::unblock_signals() {
+            error!(error = %e, "cannot unblock signals");
+        }
+        if self.adopted.is_none() {
+            info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
+        }
+        let baseline = self.baseline;
+        self.control_server = self.control.take().and_then(|socket| {
             let path = socket.path().display().to_string();
             control::Server::start(socket, self.calls_tx.clone(), baseline)
                 .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
                 .ok()
         });
-        let metrics = self.metrics.take().and_then(|l| {
+        self.metrics_fd = self.metrics.as_ref().map(|l| l.as_raw_fd());
+        self.metrics_task = self.metrics.take().and_then(|l| {
             crate::metrics::start(l, self.calls_tx.clone(), baseline)
                 .map_err(|e| error!(error = %e, "cannot serve metrics"))
                 .ok()
         });
-        self.feed(Event::Tick);
+        match self.adopted.take() {
+            Some(a) => self.resume_adopted(a),
+            None => self.feed(Event::Tick),
+        }
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.exit.is_none() {
-            let deadline = self.sv.next_deadline();
+            let deadline = [self.sv.next_deadline(), self.upgrade_due()]
+                .into_iter()
+                .flatten()
+                .min();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -331,10 +483,16 @@ impl Runtime {
                     Ok(m) => self.on_notify(m),
                     Err(e) => warn!(error = %e, "notify socket receive failed"),
                 },
-                _ = sleep => self.feed(Event::Tick),
+                _ = sleep => {
+                    self.upgrade_timers();
+                    self.feed(Event::Tick);
+                }
                 _ = housekeeping.tick() => self.housekeeping(false),
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
             }
+            // The one place an upgrade execs: between two turns of the loop,
+            // once nothing is under way whose answer the exec would lose.
+            self.upgrade_if_quiet();
         }
         if self.systemd.uses_fd_store() {
             // The sockets live on in systemd's fd store: the next holdfast
@@ -351,10 +509,10 @@ impl Runtime {
         self.calls.close();
         while self.calls.try_recv().is_ok() {}
         self.replies.clear();
-        if let Some(m) = metrics {
+        if let Some(m) = self.metrics_task.take() {
             m.abort();
         }
-        if let Some(c) = control {
+        if let Some(c) = self.control_server.take() {
             c.finish().await;
         }
         info!(code, "holdfast exiting");
@@ -391,6 +549,10 @@ impl Runtime {
                 info!("SIGUSR1: reopening the log files");
                 self.feed(request(Request::ReopenLogs));
             }
+            SIGUSR2 => {
+                info!("SIGUSR2: upgrading holdfast in place");
+                self.feed(request(Request::Upgrade { binary: None }));
+            }
             _ => {}
         }
     }
@@ -399,6 +561,7 @@ impl Runtime {
         match input {
             Input::Event(e) => self.feed(e),
             Input::Prepared(p) => self.prepared(*p),
+            Input::Trial(t) => self.trial_output(t),
             Input::Notified { id, fields } => self.notified(id, fields),
             Input::NotifyStranger { sender } => {
                 if self.ignored_senders.insert(sender) {
@@ -429,6 +592,17 @@ impl Runtime {
             Call::Stop { reply } => {
                 let reply = Some(self.hold_reply(reply));
                 self.feed(request(Request::Stop, reply));
+            }
+            Call::Upgrade {
+                binary,
+                wait,
+                reply,
+            } => {
+                let to = self.hold_reply(reply);
+                if !wait {
+                    self.early.insert(to);
+                }
+                self.feed(request(Request::Upgrade { binary }, Some(to)));
             }
         }
     }
@@ -529,7 +703,9 @@ impl Runtime {
             } => self.check_sockets(id, pid, generation),
             Action::Sample { targets } => {
                 let tx = self.tx.clone();
+                let guard = self.in_flight.enter();
                 tokio::task::spawn_blocking(move || {
+                    let _guard = guard;
                     let samples = crate::os::proc::memory::sample(&targets);
                     let _ = tx.send(Input::Event(Event::MemorySample { samples }));
                 });
@@ -539,7 +715,9 @@ impl Runtime {
                     .and_then(|to| self.replies.remove(&to))
                     .unwrap_or_default();
                 let done = self.logs.reopen();
+                let guard = self.in_flight.enter();
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let reopened = done.await;
                     if reply.is_empty() && reopened.nothing() && signalled.is_none() {
                         info!("no log files in [logs]; nothing to reopen");
@@ -559,19 +737,21 @@ impl Runtime {
                 self.remove_cgroup(id);
             }
             Action::Reply { to, outcome } => {
+                self.early.remove(&to);
                 for r in self.replies.remove(&to).into_iter().flatten() {
                     let _ = r.send(outcome.clone());
                 }
             }
             Action::Exit { code } => self.exit = Some(code),
+            Action::Upgrade { binary } => self.begin_upgrade(binary),
         }
     }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
+        // Probe sockets live in the run directory, which goes after them.
         self.probes.clear();
-        let _ = &self.rundir;
     }
 }
 

@@ -62,6 +62,20 @@ impl NotifySocket {
         &self.path
     }
 
+    /// The socket's fd (an upgrade keeps it open across the exec).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// The socket a previous image bound at `path` (non-blocking and with
+    /// SO_PASSCRED already: both live on the socket, not the fd).
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf) -> io::Result<NotifySocket> {
+        Ok(NotifySocket {
+            sock: UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?,
+            path,
+        })
+    }
+
     /// Waits for the next datagram.
     pub async fn recv(&self) -> io::Result<Message> {
         loop {
