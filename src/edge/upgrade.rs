@@ -197,9 +197,22 @@ impl Runtime {
         Ok(pid)
     }
 
+    /// The pid of the upgrade's trial run, while it has not been reaped.
+    pub(super) fn trial_pid(&self) -> Option<i32> {
+        match &self.upgrade {
+            Some(Job {
+                stage: Stage::Trial {
+                    pid, exit: None, ..
+                },
+                ..
+            }) => Some(*pid),
+            _ => None,
+        }
+    }
+
     /// Whether `pid` is the trial run of the upgrade under way.
     pub(super) fn is_trial(&self, pid: i32) -> bool {
-        matches!(&self.upgrade, Some(Job { stage: Stage::Trial { pid: p, .. }, .. }) if *p == pid)
+        self.trial_pid() == Some(pid)
     }
 
     /// The trial run was reaped.

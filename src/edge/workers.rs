@@ -173,16 +173,20 @@ impl Runtime {
             .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
         self.repair_paths();
         let pids = &self.pids;
-        let procs: Vec<AdoptedProc> =
-            crate::os::proc::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
-                .into_iter()
-                .map(|a| AdoptedProc {
-                    pid: Pid(a.pid),
-                    pgid: Pid(a.pgid),
-                    worker: a.cgroup_serial.or(a.serial).map(WorkerId),
-                    comm: a.comm,
-                })
-                .collect();
+        // An upgrade's trial run is holdfast's own child, not a stray.
+        let trial = self.trial_pid();
+        let procs: Vec<AdoptedProc> = crate::os::proc::adopted(
+            |p| pids.contains_key(&p) || Some(p) == trial,
+            self.cgroups.as_ref(),
+        )
+        .into_iter()
+        .map(|a| AdoptedProc {
+            pid: Pid(a.pid),
+            pgid: Pid(a.pgid),
+            worker: a.cgroup_serial.or(a.serial).map(WorkerId),
+            comm: a.comm,
+        })
+        .collect();
         if after_exit || !procs.is_empty() || self.sv.strays().next().is_some() {
             self.feed(Event::Adopted { procs });
         }

@@ -1,0 +1,624 @@
+//! The in-place upgrade (issue 13): `holdfast upgrade` and SIGUSR2 exec the
+//! new binary in the same pid and the workers never notice; every way it can
+//! fail leaves everything serving. Each test runs the real binary with real
+//! test workers under load and asserts: no failed request, holdfast's pid
+//! unchanged, the same worker pids before and after (unless the test is
+//! about replacing them), and the counters carrying on.
+//!
+//! The "bad binaries" are real executables: files written by the test (a
+//! script, an ELF header for another machine, a file without +x), system
+//! binaries (`/bin/false`), and copies of the test worker that act as a new
+//! holdfast by the name they are copied under (see the test worker's
+//! `impostor.rs`): one that aborts, one that hangs, one that reads only
+//! format 2, and one that passes the check but spoils the state it hands to
+//! the real holdfast, so that the fallback after the exec runs for real.
+//! holdfast itself has no test hook.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{wait_until, Holdfast, Load, LoadSpec, DEADLINE};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const CONFIG: &str = r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:{port}"
+
+[app]
+command = ["{test_worker}", "--lame-duck-ms", "200"]
+workers = 2
+drain_timeout = "10s"
+"#;
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `holdfast ARGS --control {dir}/holdfast.sock`.
+fn ctl(h: &Holdfast, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    all.extend(["--control", "{dir}/holdfast.sock"]);
+    h.cli(&all)
+}
+
+fn status(h: &Holdfast) -> Value {
+    let o = ctl(h, &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("status JSON: {e}: {}", text(&o)))
+}
+
+/// Every worker process's pid, sorted.
+fn pids(s: &Value) -> Vec<u32> {
+    let mut v: Vec<u32> = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn counter(s: &Value, name: &str) -> u64 {
+    s["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {s}"))
+}
+
+/// A load of `connections` keep-alive clients on holdfast's TCP listener.
+fn load(h: &Holdfast, connections: usize, path: &str) -> Load {
+    let mut spec = LoadSpec::new(h.tcp());
+    spec.connections = connections;
+    spec.path = path.into();
+    spec.max_duration = Duration::from_secs(240);
+    spec.max_requests = 5_000_000;
+    let load = Load::start(spec);
+    wait_until(DEADLINE, "the load to start", || {
+        (load.requests_so_far() >= 50).then_some(())
+    });
+    load
+}
+
+/// Lets the load make `n` more requests.
+fn more(load: &Load, n: u64) {
+    let at = load.requests_so_far();
+    wait_until(DEADLINE, "more requests", || {
+        (load.requests_so_far() >= at + n).then_some(())
+    });
+}
+
+/// Starts holdfast with `config` and waits until every worker is ready.
+fn start(config: &str) -> Holdfast {
+    let h = Holdfast::start(config);
+    h.wait_log("all workers ready");
+    h
+}
+
+/// `src` copied to `{dir}/name`, executable.
+fn copy_as(h: &Holdfast, src: &str, name: &str) -> PathBuf {
+    let dst = h.dir.path().join(name);
+    fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {src} to {}: {e}", dst.display()));
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod");
+    dst
+}
+
+/// What a refused upgrade must leave: the same pids, the same holdfast, the
+/// refusal counted, nothing upgrading, every request answered.
+fn assert_refused(binary: &Path, h: &Holdfast, want: &str) {
+    let load = load(h, 8, "/?sleep=2");
+    let before = status(h);
+    let o = ctl(
+        h,
+        &["upgrade", "--wait", "--binary", &binary.to_string_lossy()],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("upgrade refused, still running holdfast") && said.contains(want),
+        "want {want:?} in:\n{}",
+        text(&o)
+    );
+    let after = status(h);
+    assert_eq!(pids(&after), pids(&before));
+    assert_eq!(after["holdfast"]["pid"], before["holdfast"]["pid"]);
+    assert_eq!(after["holdfast"]["upgrading"], false);
+    assert_eq!(counter(&after, "failed_upgrades"), 1);
+    assert_eq!(counter(&after, "upgrades"), 0);
+    assert!(
+        h.log().contains("upgrade of holdfast failed"),
+        "{}",
+        h.log()
+    );
+    // Still whole: a rollout works.
+    let o = ctl(h, &["restart", "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    more(&load, 100);
+    let report = load.stop();
+    eprintln!("refused ({want}): {report}");
+    report.assert_clean(200);
+}
+
+#[test]
+fn a_missing_binary_is_refused_and_nothing_changes() {
+    let h = start(CONFIG);
+    let missing = h.dir.path().join("no-such-holdfast");
+    assert_refused(&missing, &h, "No such file or directory");
+}
+
+#[test]
+fn a_binary_that_is_not_executable_is_refused() {
+    let h = start(CONFIG);
+    let bin = copy_as(&h, env!("CARGO_BIN_EXE_holdfast"), "holdfast-no-x");
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o644)).expect("chmod");
+    assert_refused(&bin, &h, "not executable (mode 644)");
+}
+
+#[test]
+fn a_binary_for_another_machine_or_a_script_is_refused() {
+    let h = start(CONFIG);
+    // A 64-bit little-endian ELF executable for AArch64 (e_machine 183).
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes());
+    elf[18..20].copy_from_slice(&183u16.to_le_bytes());
+    let arm = h.dir.path().join("holdfast-aarch64");
+    fs::write(&arm, &elf).expect("write");
+    fs::set_permissions(&arm, fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert_refused(
+        &arm,
+        &h,
+        "built for 64-bit little-endian AArch64, but this machine runs 64-bit little-endian x86-64",
+    );
+    let script = h.dir.path().join("holdfast-script");
+    fs::write(&script, "#!/bin/sh\nexit 1\n").expect("write");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let o = ctl(
+        &h,
+        &["upgrade", "--wait", "--binary", &script.to_string_lossy()],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("it is a script (#!/bin/sh), not a holdfast binary"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_binary_that_crashes_or_fails_at_start_is_refused() {
+    let h = start(CONFIG);
+    let abort = copy_as(&h, common::test_worker_bin(), "holdfast-abort");
+    assert_refused(&abort, &h, "`version --json` ended with killed by SIGABRT");
+    // An ELF that runs and exits 1, and a program that is no holdfast.
+    for (bin, want) in [
+        (
+            PathBuf::from("/bin/false"),
+            "`version --json` ended with exit status 1",
+        ),
+        (
+            PathBuf::from(common::test_worker_bin()),
+            "`version --json` ended with exit status 64",
+        ),
+    ] {
+        let o = ctl(
+            &h,
+            &["upgrade", "--wait", "--binary", &bin.to_string_lossy()],
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(want),
+            "want {want:?}: {}",
+            text(&o)
+        );
+    }
+    assert_eq!(counter(&status(&h), "failed_upgrades"), 3);
+}
+
+#[test]
+fn a_binary_that_cannot_read_this_state_format_is_refused() {
+    let h = start(CONFIG);
+    let future = copy_as(&h, common::test_worker_bin(), "holdfast-future");
+    assert_refused(
+        &future,
+        &h,
+        "is holdfast 9.0.0, which reads handover format(s) [2]; this holdfast (0.1.0) writes format 1",
+    );
+}
+
+#[test]
+fn a_binary_that_never_answers_is_killed_and_refused() {
+    let h = start(CONFIG);
+    let hang = copy_as(&h, common::test_worker_bin(), "holdfast-hang");
+    assert_refused(
+        &hang,
+        &h,
+        "`version --json` did not finish within 10s; killed it",
+    );
+    // The trial run was killed (its group) and reaped.
+    assert!(
+        common::tagged_pids(h.tag())
+            .iter()
+            .all(|p| !fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.to_string_lossy().contains("holdfast-hang"))),
+        "the hanging trial run is still there"
+    );
+}
+
+/// The number of fds `pid` has open: the fewest of 5 looks 20 ms apart, so
+/// a control connection of the moment is not counted as a leak.
+fn fds(pid: u32) -> usize {
+    (0..5)
+        .map(|i| {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+/// `upgrade --wait` (plus `args`): asserts it succeeded, returns its message
+/// and how long the command took.
+fn upgrade_wait(h: &Holdfast, args: &[&str]) -> (String, Duration) {
+    let mut all = vec!["upgrade", "--wait"];
+    all.extend(args);
+    let t = Instant::now();
+    let o = ctl(h, &all);
+    let took = t.elapsed();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    (String::from_utf8_lossy(&o.stdout).trim().to_string(), took)
+}
+
+fn listener_inode(s: &Value) -> u64 {
+    s["listeners"][0]["inode"].as_u64().expect("inode")
+}
+
+#[test]
+fn an_upgrade_to_the_same_binary_keeps_every_worker_socket_and_counter() {
+    let mut h = start(CONFIG);
+    let load = load(&h, 16, "/?sleep=2");
+    // Counters to carry over: a rollout (2 replacements) first.
+    let o = ctl(&h, &["restart", "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let before = status(&h);
+    let fds_before = fds(h.pid());
+    let workers = pids(&before);
+    assert_eq!(workers.len(), 2);
+
+    // `upgrade --wait`: answered by the new image, on the same connection.
+    let (said, took) = upgrade_wait(&h, &[]);
+    assert_eq!(
+        said,
+        format!(
+            "upgraded from 0.1.0 to 0.1.0 (pid {}, 2 workers adopted)",
+            h.pid()
+        )
+    );
+    more(&load, 50);
+    // SIGUSR2 does the same.
+    h.signal(Signal::SIGUSR2);
+    h.wait_log_count("workers adopted) took=", 2);
+    more(&load, 50);
+    // Without --wait: answered as the exec starts.
+    let o = ctl(&h, &["upgrade"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("upgrading holdfast 0.1.0 in place to "),
+        "{}",
+        text(&o)
+    );
+    h.wait_log_count("workers adopted) took=", 3);
+
+    let after = status(&h);
+    assert_eq!(pids(&after), workers, "the workers were replaced");
+    assert_eq!(after["holdfast"]["pid"].as_u64(), Some(u64::from(h.pid())));
+    assert_eq!(listener_inode(&after), listener_inode(&before));
+    assert_eq!(counter(&after, "upgrades"), 3);
+    assert_eq!(counter(&after, "failed_upgrades"), 0);
+    assert_eq!(after["counters"]["replacements"]["rollout"], 2);
+    assert!(
+        after["holdfast"]["uptime_secs"].as_f64() > before["holdfast"]["uptime_secs"].as_f64(),
+        "uptime restarted"
+    );
+    assert_eq!(fds(h.pid()), fds_before, "holdfast's fd count changed");
+    // The adopted holdfast runs everything as before: a rollout, whose new
+    // workers report READY=1 on the same notify socket, and a clean stop.
+    let o = ctl(&h, &["restart", "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    more(&load, 100);
+    let report = load.stop();
+    eprintln!("3 upgrades, the first took {took:?} (client side): {report}");
+    report.assert_clean(300);
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(DEADLINE).success(), "{}", h.log());
+    let log = h.log();
+    assert!(!log.contains("ERROR"), "{log}");
+    assert!(!log.contains("WARN"), "{log}");
+}
+
+#[test]
+fn an_upgrade_in_the_middle_of_a_rollout_hands_the_rollout_over() {
+    // New workers take 2 s to be ready: the upgrade lands while slot 0's
+    // replacement is starting.
+    let config = CONFIG.replace(
+        "\"--lame-duck-ms\", \"200\"",
+        "\"--lame-duck-ms\", \"200\", \"--ready-delay-ms\", \"2000\"",
+    );
+    let h = Holdfast::start(&config);
+    h.wait_log("all workers ready");
+    let load = load(&h, 16, "/?sleep=2");
+    // A deploy, whose client waits for its end.
+    let waiter = {
+        let sock = h.dir.path().join("holdfast.sock");
+        let bin = env!("CARGO_BIN_EXE_holdfast");
+        std::thread::spawn(move || {
+            std::process::Command::new(bin)
+                .args(["restart", "--wait", "--control"])
+                .arg(sock)
+                .output()
+                .expect("restart --wait")
+        })
+    };
+    h.wait_log("rollout started generation=2");
+    wait_until(DEADLINE, "the new worker of slot 0", || {
+        h.log()
+            .lines()
+            .any(|l| l.contains("worker spawned slot=0") && l.contains("generation=2"))
+            .then_some(())
+    });
+    let before = status(&h);
+    assert_eq!(before["holdfast"]["rollout"]["generation"], 2);
+    let (said, _) = upgrade_wait(&h, &[]);
+    assert!(said.contains("3 workers adopted"), "{said}");
+    let after = status(&h);
+    // The starting worker is the same process, still starting, in the same rollout.
+    assert_eq!(pids(&after), pids(&before));
+    assert_eq!(after["holdfast"]["rollout"]["generation"], 2);
+    // The rollout ends in the new image; the deploy's client hears it there.
+    let o = waiter.join().expect("waiter");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("generation 2 is serving (2 workers"),
+        "{}",
+        text(&o)
+    );
+    more(&load, 100);
+    let report = load.stop();
+    eprintln!("upgrade during a rollout: {report}");
+    report.assert_clean(200);
+    let s = status(&h);
+    assert_eq!(s["holdfast"]["generation"], 2);
+    assert_eq!(counter(&s, "upgrades"), 1);
+    assert_eq!(s["counters"]["replacements"]["rollout"], 2);
+    assert!(!h.log().contains("ERROR"), "{}", h.log());
+}
+
+#[test]
+fn an_upgrade_while_a_worker_drains_lets_it_finish_its_request() {
+    let h = start(CONFIG);
+    let before = status(&h);
+    let old = pids(&before);
+    // A slow request on each old worker keeps it draining for 5 s: slow
+    // requests go out until each worker holds one.
+    let mut slow = Vec::new();
+    wait_until(DEADLINE, "a slow request on each worker", || {
+        let t = h.tcp();
+        slow.push(std::thread::spawn(move || {
+            common::http_get(&t, "/?sleep=5000")
+        }));
+        std::thread::sleep(Duration::from_millis(100));
+        let s = status(&h);
+        let busy = s["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().all(|w| w["connections"].as_u64().unwrap_or(0) > 0));
+        busy.then_some(())
+    });
+    let load = load(&h, 8, "/?sleep=2");
+    let o = ctl(&h, &["restart"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    h.wait_log("draining worker");
+    let draining = status(&h);
+    let states: Vec<&str> = draining["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["state"].as_str())
+        .collect();
+    assert!(states.contains(&"draining"), "{states:?}");
+    let (said, _) = upgrade_wait(&h, &[]);
+    assert!(said.contains("upgraded from"), "{said}");
+    let adopted = status(&h);
+    assert_eq!(pids(&adopted), pids(&draining));
+    // The drained workers finish their requests and exit; the new image reaps them.
+    for t in slow {
+        let r = t.join().expect("slow request").expect("answered");
+        assert_eq!(r.status, 200);
+        assert!(old.contains(&r.pid().expect("X-Pid")), "{r:?}");
+    }
+    h.wait_log("rollout finished generation=2");
+    wait_until(DEADLINE, "the old workers to be reaped", || {
+        let log = h.log();
+        old.iter()
+            .all(|p| {
+                log.lines()
+                    .any(|l| l.contains("worker exited") && l.contains(&format!("pid={p} ")))
+            })
+            .then_some(())
+    });
+    more(&load, 100);
+    let report = load.stop();
+    eprintln!("upgrade while draining: {report}");
+    report.assert_clean(200);
+    let s = status(&h);
+    assert!(pids(&s).iter().all(|p| !old.contains(p)));
+    assert_eq!(s["counters"]["drain_kills"], 0);
+    assert!(!h.log().contains("ERROR"), "{}", h.log());
+}
+
+/// Upgrades to an impostor that passes the check and then hands the real
+/// holdfast a spoiled state: the new image keeps the sockets and the
+/// workers, logs loudly, and replaces the workers with a rolling restart.
+fn falls_back(impostor: &str, want: &str) {
+    let h = Holdfast::launch(
+        common::Launch {
+            program: "{holdfast}",
+            args: &["run", "--config", "{config}"],
+            env: &[("HOLDFAST_IMPOSTOR_REAL", env!("CARGO_BIN_EXE_holdfast"))],
+            stdin: None,
+        },
+        Some(&CONFIG.replace(
+            "\"--lame-duck-ms\", \"200\"",
+            "\"--lame-duck-ms\", \"200\", \"--log-lines\", \"5\"",
+        )),
+    );
+    h.wait_log("all workers ready");
+    let load = load(&h, 16, "/?sleep=2");
+    let bin = copy_as(&h, common::test_worker_bin(), impostor);
+    let before = status(&h);
+    let old = pids(&before);
+    let o = ctl(
+        &h,
+        &["upgrade", "--wait", "--binary", &bin.to_string_lossy()],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains("upgrade failed after the exec: the new holdfast (0.1.0, pid")
+            && said.contains(want)
+            && said.contains("it kept 1 listening socket(s) and 2 worker(s) and replaces them with a rolling restart from the config file"),
+        "{}",
+        text(&o)
+    );
+    h.wait_log("rollout finished");
+    let after = status(&h);
+    assert_eq!(after["holdfast"]["pid"], before["holdfast"]["pid"]);
+    assert_eq!(listener_inode(&after), listener_inode(&before));
+    let new = pids(&after);
+    assert_eq!(new.len(), 2);
+    assert!(new.iter().all(|p| !old.contains(p)), "{old:?} -> {new:?}");
+    more(&load, 200);
+    let report = load.stop();
+    eprintln!("fallback ({impostor}): {report}");
+    report.assert_clean(300);
+    // The old workers drained (exit 0) and their output arrived, once.
+    let log = h.log();
+    for p in &old {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("pid={p} ")) && l.contains("reason=exit status 0")),
+            "worker {p} did not drain:\n{log}"
+        );
+        assert_eq!(
+            log.matches(&format!("] w0 {p} 1 ")).count()
+                + log.matches(&format!("] w1 {p} 1 ")).count(),
+            1,
+            "{log}"
+        );
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains(&format!("{p} done 5")))
+                .count(),
+            1,
+            "{log}"
+        );
+    }
+    let loud = log
+        .lines()
+        .find(|l| l.contains("could not adopt the previous image's state"))
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(loud.contains("ERROR"), "{loud}");
+    // And it runs on: another upgrade, to itself, adopts cleanly.
+    let (said, _) = upgrade_wait(&h, &[]);
+    assert!(said.contains("2 workers adopted"), "{said}");
+}
+
+#[test]
+fn a_state_in_a_format_the_new_image_cannot_read_falls_back_to_a_rolling_restart() {
+    falls_back(
+        "holdfast-impostor-format",
+        "the handover state is in format 99 (written by holdfast 9.9.9-impostor/0.1.0); this holdfast (0.1.0) reads format(s) [1]",
+    );
+}
+
+#[test]
+fn a_corrupt_state_falls_back_to_a_rolling_restart() {
+    falls_back(
+        "holdfast-impostor-corrupt",
+        "the handover state is not readable: EOF while parsing",
+    );
+}
+
+/// Why the exec must come from the thread that forked the workers, on this
+/// kernel: PR_SET_PDEATHSIG fires when the *thread* that forked a child
+/// exits, and an exec ends every other thread. A child forked by holdfast's
+/// main thread (as every worker is) survives the main thread's exec; one
+/// forked by another thread is signalled by that exec.
+#[test]
+fn the_parent_death_signal_follows_the_forking_thread_across_an_exec() {
+    const SCRIPT: &str = r#"
+import ctypes, os, signal, sys, threading, time
+mode, out = sys.argv[1], sys.argv[2]
+r, w = os.pipe()
+def fork_child():
+    pid = os.fork()
+    if pid == 0:
+        def got(sig, frame):
+            open(out, "w").write("signalled")
+            os._exit(0)
+        signal.signal(signal.SIGUSR1, got)
+        ctypes.CDLL(None).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
+        os.write(w, b"x")
+        time.sleep(3)
+        open(out, "w").write("not signalled")
+        os._exit(0)
+    return pid
+if mode == "main":
+    fork_child()
+else:
+    # The forking thread lives on until the exec ends it.
+    threading.Thread(target=lambda: (fork_child(), time.sleep(60)), daemon=True).start()
+os.read(r, 1)
+os.execv("/bin/sleep", ["sleep", "4"])
+"#;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut outcomes = Vec::new();
+    for mode in ["main", "thread"] {
+        let out = dir.path().join(mode);
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", SCRIPT, mode])
+            .arg(&out)
+            .spawn()
+            .expect("python3");
+        let said = wait_until(DEADLINE, "the forked child's report", || {
+            fs::read_to_string(&out).ok().filter(|s| !s.is_empty())
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        outcomes.push((mode, said));
+    }
+    assert_eq!(
+        outcomes,
+        [
+            ("main", "not signalled".to_string()),
+            ("thread", "signalled".to_string())
+        ]
+    );
+}
