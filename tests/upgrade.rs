@@ -621,3 +621,431 @@ os.execv("/bin/sleep", ["sleep", "4"])
         ]
     );
 }
+
+/// A NOTIFY_SOCKET that records each datagram with the time it arrived.
+struct Recorder {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    notes: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    fn start() -> Recorder {
+        let dir = tempfile::Builder::new()
+            .prefix("holdfast-notify-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let notes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (n, s) = (notes.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let started = Instant::now();
+            while !s.load(std::sync::atomic::Ordering::SeqCst)
+                && started.elapsed() < Duration::from_secs(300)
+            {
+                if let Ok(len) = sock.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                    n.lock().expect("notes").push((Instant::now(), text));
+                }
+            }
+        });
+        Recorder {
+            _dir: dir,
+            path,
+            notes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn notes(&self) -> Vec<(Instant, String)> {
+        self.notes.lock().expect("notes").clone()
+    }
+
+    fn wait(&self, what: &str, cond: impl Fn(&[(Instant, String)]) -> bool) {
+        wait_until(DEADLINE, what, || cond(&self.notes()).then_some(()));
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn has(note: &str, line: &str) -> bool {
+    note.lines().any(|l| l == line)
+}
+
+fn get<'a>(note: &'a str, key: &str) -> Option<&'a str> {
+    note.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// CLOCK_MONOTONIC in µs, the clock of MONOTONIC_USEC.
+fn monotonic_usec() -> i128 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    t.tv_sec() as i128 * 1_000_000 + t.tv_nsec() as i128 / 1000
+}
+
+#[test]
+fn under_systemd_the_upgrade_says_reloading_then_ready_and_the_watchdog_is_fed() {
+    let rec = Recorder::start();
+    let socket = rec.path.to_string_lossy().into_owned();
+    let h = Holdfast::launch(
+        common::Launch {
+            program: "{holdfast}",
+            args: &["run", "--config", "{config}"],
+            env: &[
+                ("NOTIFY_SOCKET", socket.as_str()),
+                ("WATCHDOG_USEC", "1000000"),
+            ],
+            stdin: None,
+        },
+        Some(CONFIG),
+    );
+    rec.wait("READY=1", |n| n.iter().any(|(_, t)| has(t, "READY=1")));
+    rec.wait("pings", |n| {
+        n.iter().filter(|(_, t)| has(t, "WATCHDOG=1")).count() >= 3
+    });
+    let load = load(&h, 8, "/?sleep=2");
+    let asked = Instant::now();
+    let asked_usec = monotonic_usec();
+    let (said, _) = upgrade_wait(&h, &[]);
+    assert!(said.contains("2 workers adopted"), "{said}");
+    rec.wait("READY=1 after the upgrade", |n| {
+        n.iter()
+            .filter(|(at, t)| *at > asked && has(t, "READY=1"))
+            .count()
+            == 1
+    });
+    // Pings go on for 2 s after it.
+    let adopted = Instant::now();
+    rec.wait("pings after the upgrade", |n| {
+        n.iter()
+            .any(|(at, t)| *at > adopted + Duration::from_secs(2) && has(t, "WATCHDOG=1"))
+    });
+    more(&load, 50);
+    let report = load.stop();
+    report.assert_clean(100);
+    let notes = rec.notes();
+    let since: Vec<&(Instant, String)> = notes.iter().filter(|(at, _)| *at > asked).collect();
+    let states: Vec<&str> = since
+        .iter()
+        .flat_map(|(_, t)| t.lines())
+        .filter(|l| ["READY=1", "RELOADING=1", "STOPPING=1"].contains(l))
+        .collect();
+    assert_eq!(states, ["RELOADING=1", "READY=1"], "{since:#?}");
+    let reloading = since
+        .iter()
+        .find(|(_, t)| has(t, "RELOADING=1"))
+        .map(|(_, t)| t.as_str())
+        .unwrap_or_default();
+    let mono: i128 = get(reloading, "MONOTONIC_USEC")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("RELOADING=1 without MONOTONIC_USEC: {reloading:?}"));
+    assert!(
+        (mono - asked_usec).abs() < 2_000_000,
+        "{mono} vs {asked_usec}"
+    );
+    assert_eq!(
+        get(reloading, "STATUS"),
+        Some("2/2 workers ready, generation 1; upgrading holdfast")
+    );
+    let ready = since
+        .iter()
+        .find(|(_, t)| has(t, "READY=1"))
+        .map(|(_, t)| t.as_str())
+        .unwrap_or_default();
+    assert_eq!(
+        get(ready, "STATUS"),
+        Some("2/2 workers ready, generation 1")
+    );
+    // The watchdog: never a gap of WATCHDOG_USEC; pings right before the
+    // exec and right after the adoption.
+    let pings: Vec<Instant> = notes
+        .iter()
+        .filter(|(_, t)| has(t, "WATCHDOG=1"))
+        .map(|(at, _)| *at)
+        .collect();
+    let gaps: Vec<f64> = pings
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    assert!(gaps.iter().all(|g| *g < 0.8), "{gaps:?}");
+    let around = pings
+        .iter()
+        .filter(|at| **at > asked && **at < adopted)
+        .count();
+    assert!(
+        around >= 2,
+        "no ping right before the exec and after: {gaps:?}"
+    );
+    // The pid systemd knows never changes: no MAINPID, no second FDSTORE.
+    assert!(!notes.iter().any(|(_, t)| get(t, "MAINPID").is_some()));
+    assert_eq!(
+        notes.iter().filter(|(_, t)| has(t, "FDSTORE=1")).count(),
+        1,
+        "{notes:#?}"
+    );
+    assert!(!h.log().contains("cannot notify systemd"), "{}", h.log());
+}
+
+/// The thread of `pid` named `name`, and the kernel function it sleeps in.
+fn thread_wchan(pid: u32, name: &str) -> Option<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find_map(|t| {
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            (comm.trim() == name)
+                .then(|| fs::read_to_string(t.path().join("wchan")).ok())
+                .flatten()
+        })
+}
+
+/// Counts each `w<slot> <pid> <n> xxx` line of `text` by (pid, n).
+fn numbered(text: &str) -> std::collections::BTreeMap<(u32, u64), usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let body = line.split_once("] ").map_or(line, |(_, b)| b);
+        let mut w = body.split(' ');
+        let (Some(slot), Some(pid), Some(n)) = (w.next(), w.next(), w.next()) else {
+            continue;
+        };
+        if !slot.starts_with('w') {
+            continue;
+        }
+        if let (Ok(pid), Ok(n)) = (pid.parse::<u32>(), n.parse::<u64>()) {
+            *seen.entry((pid, n)).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_log_writer_that_cannot_pause_refuses_the_upgrade_and_loses_no_line() {
+    use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
+    use nix::sys::stat::Mode;
+    use std::io::Read;
+    const LINES: u64 = 3000;
+    let dir = tempfile::Builder::new()
+        .prefix("holdfast-fifo-")
+        .tempdir()
+        .expect("dir");
+    let fifo = dir.path().join("out.fifo");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRWXU).expect("mkfifo");
+    // The reader end first (holdfast's open for writing waits for one), read
+    // by nobody yet: the workers' output fills it and the sink blocks.
+    let reader = open(&fifo, OFlag::O_RDONLY | OFlag::O_NONBLOCK, Mode::empty()).expect("open");
+    let config = format!(
+        "{}\n[logs]\nstdout = {:?}\n",
+        CONFIG.replace(
+            "\"--lame-duck-ms\", \"200\"",
+            &format!("\"--lame-duck-ms\", \"200\", \"--log-lines\", \"{LINES}\", \"--log-line-bytes\", \"100\""),
+        ),
+        fifo.to_string_lossy()
+    );
+    let h = start(&config);
+    wait_until(
+        DEADLINE,
+        "the log sink to block writing to the full FIFO",
+        || {
+            thread_wchan(h.pid(), "logs-0")
+                .filter(|w| w.contains("pipe_write"))
+                .map(|_| ())
+        },
+    );
+    let load = load(&h, 8, "/?sleep=2");
+    let before = status(&h);
+    let o = ctl(&h, &["upgrade", "--wait"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains(&format!(
+            "upgrade failed, still running holdfast 0.1.0: the log writer of {} did not pause within 2s",
+            fifo.display()
+        )),
+        "{}",
+        text(&o)
+    );
+    let after = status(&h);
+    assert_eq!(pids(&after), pids(&before));
+    assert_eq!(counter(&after, "failed_upgrades"), 1);
+    // Someone reads the FIFO now: every line arrives, once.
+    fcntl(&reader, FcntlArg::F_SETFL(OFlag::empty())).expect("blocking");
+    let read = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = read.clone();
+    let mut file = fs::File::from(reader);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = file.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            r.lock().expect("read").extend_from_slice(&buf[..n]);
+        }
+    });
+    let workers = pids(&before);
+    let all = || {
+        let text = String::from_utf8_lossy(&read.lock().expect("read")).into_owned();
+        numbered(&text)
+    };
+    wait_until(DEADLINE, "every worker's lines", || {
+        (all().len() as u64 == 2 * LINES).then_some(())
+    });
+    // Now the upgrade goes through, and the lines still come once each.
+    let (said, _) = upgrade_wait(&h, &[]);
+    assert!(said.contains("2 workers adopted"), "{said}");
+    more(&load, 100);
+    let report = load.stop();
+    report.assert_clean(200);
+    let seen = all();
+    for p in &workers {
+        for n in 1..=LINES {
+            assert_eq!(seen.get(&(*p, n)), Some(&1), "line {n} of worker {p}");
+        }
+    }
+    assert_eq!(seen.len() as u64, 2 * LINES);
+}
+
+/// holdfast's fds from 3 up that an exec would pass on (no O_CLOEXEC in
+/// /proc/PID/fdinfo).
+fn inheritable_fds(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.parse::<i32>().is_ok_and(|n| n < 3) {
+            continue;
+        }
+        let Ok(info) = fs::read_to_string(e.path()) else {
+            continue; // closed meanwhile
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        if flags & 0o2_000_000 == 0 {
+            let target = fs::read_link(format!("/proc/{pid}/fd/{name}")).unwrap_or_default();
+            out.push(format!("{name} -> {}", target.display()));
+        }
+    }
+    out
+}
+
+/// An exec that fails after every check passed (the binary is opened for
+/// writing in between: ETXTBSY) puts everything back: the log sinks run
+/// again, every fd is close-on-exec again, the signals are unblocked, and
+/// the next upgrade works. The window is held open honestly: the upgrade
+/// waits for a reload that reads its config from a FIFO the test writes.
+#[test]
+fn an_exec_that_fails_puts_everything_back() {
+    use nix::sys::stat::Mode;
+    use std::io::Write;
+    let fifo_dir = tempfile::Builder::new()
+        .prefix("holdfast-fifo-")
+        .tempdir()
+        .expect("dir");
+    let fifo = fifo_dir.path().join("holdfast.toml");
+    nix::unistd::mkfifo(&fifo, Mode::S_IRWXU).expect("mkfifo");
+    let h = Holdfast::start_args(&["run", "--config", &fifo.to_string_lossy()], None);
+    let config = h.fill(&format!(
+        "control_socket = \"{{dir}}/holdfast.sock\"\n{}",
+        CONFIG.replace(
+            "\"--lame-duck-ms\", \"200\"",
+            "\"--lame-duck-ms\", \"200\", \"--log-lines\", \"5\""
+        )
+    ));
+    let feed = |text: String| {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .open(&fifo)
+                .expect("open fifo");
+            f.write_all(text.as_bytes()).expect("write fifo");
+        })
+    };
+    feed(config.clone()).join().expect("config");
+    h.wait_log("all workers ready");
+    // What holdfast inherited itself (from whatever runs the tests) stays so.
+    let inherited = inheritable_fds(h.pid());
+    let next = copy_as(&h, env!("CARGO_BIN_EXE_holdfast"), "holdfast-next");
+    let load = load(&h, 8, "/?sleep=2");
+    // A reload that waits for its config: the upgrade waits for it.
+    h.signal(Signal::SIGHUP);
+    let client = {
+        let sock = h.dir.path().join("holdfast.sock");
+        let next = next.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+                .args(["upgrade", "--wait", "--binary"])
+                .arg(next)
+                .arg("--control")
+                .arg(sock)
+                .output()
+                .expect("upgrade")
+        })
+    };
+    h.wait_log("passed its checks; handing over once nothing is under way");
+    // Checked and tried; now a writer holds the binary: its exec fails.
+    let busy = fs::OpenOptions::new()
+        .write(true)
+        .open(&next)
+        .expect("open for writing");
+    feed(config.clone()).join().expect("config");
+    let o = client.join().expect("client");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let want = format!(
+        "upgrade failed, still running holdfast 0.1.0: exec {}: Text file busy (os error 26)",
+        next.display()
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&want),
+        "{}",
+        text(&o)
+    );
+    h.wait_log("rollout finished generation=2");
+    // Everything is back: no fd of holdfast's left inheritable, the
+    // counters, the logs.
+    assert_eq!(inheritable_fds(h.pid()), inherited);
+    let s = status(&h);
+    assert_eq!(counter(&s, "failed_upgrades"), 1);
+    assert_eq!(counter(&s, "upgrades"), 0);
+    let gen2 = pids(&s);
+    for p in &gen2 {
+        h.wait_log(&format!("{p} 5 x"));
+    }
+    // Signals work (they were blocked for the exec): a reload, read from the FIFO.
+    h.signal(Signal::SIGHUP);
+    feed(config.clone()).join().expect("config");
+    h.wait_log("rollout finished generation=3");
+    // The writer gone, the same binary upgrades.
+    drop(busy);
+    let (said, _) = upgrade_wait(&h, &["--binary", &next.to_string_lossy()]);
+    assert!(said.contains("2 workers adopted"), "{said}");
+    more(&load, 100);
+    let report = load.stop();
+    eprintln!("exec failure: {report}");
+    report.assert_clean(200);
+    assert_eq!(inheritable_fds(h.pid()), inherited);
+    assert!(
+        fs::read_link(format!("/proc/{}/exe", h.pid())).is_ok_and(|e| e == next),
+        "holdfast does not run {}",
+        next.display()
+    );
+}
