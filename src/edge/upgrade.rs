@@ -396,6 +396,11 @@ impl Runtime {
             Ok(h) => h,
             Err(e) => return e,
         };
+        let (pipes, partial_lines) = logs.pipes();
+        info!(
+            pipes,
+            partial_lines, "log sinks paused; worker pipes handed over"
+        );
         let error = self.exec_with(
             binary,
             now,

@@ -100,6 +100,16 @@ impl LogsHandover {
         }
     }
 
+    /// Worker pipes handed over, and how many hold a partial line.
+    pub fn pipes(&self) -> (usize, usize) {
+        let partial = self
+            .pipes
+            .iter()
+            .filter(|(_, p)| !p.partial.is_empty())
+            .count();
+        (self.pipes.len(), partial)
+    }
+
     /// Every fd handed over: destination files, then pipes.
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
         self.sinks
