@@ -374,3 +374,205 @@ stdout = "{{dir}}/app.log"
     assert_eq!(lines as u64, report.ok, "lines vs answered requests");
     eprintln!("upgrade proof (Puma): {lines} request lines of {workers} Puma processes, each once");
 }
+
+/// A Rack app that boots for 2 s (an app's load time), then answers in 5 ms.
+const BOOTING_RU: &str = r#"
+sleep 2
+run lambda { |env|
+  sleep 0.005
+  [200, { "content-type" => "text/plain", "x-pid" => Process.pid.to_s }, ["ok\n"]]
+}
+"#;
+
+fn booting_puma(app: &Path) -> String {
+    let apps = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/apps");
+    format!(
+        r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:{{port}}"
+
+[app]
+command = ["puma", "-C", "{puma_rb}", "--bind-to-activated-sockets=only", "-t", "32:32", "booting.ru"]
+workers = 2
+cwd = "{cwd}"
+env = {{ RACK_ENV = "production" }}
+handoff = ["systemd"]
+ready = "notify"
+drain_timeout = "35s"
+"#,
+        puma_rb = apps.join("puma.rb").display(),
+        cwd = app.display()
+    )
+}
+
+/// Holds a listening socket and runs holdfast on it twice, one after the
+/// other, as systemd does with the fd store on `systemctl restart`: the
+/// socket stays open while no holdfast runs, connections wait in its queue.
+/// Prints each holdfast's pid; their logs go to OUT.0 and OUT.1.
+const RESTARTER: &str = r#"
+import os, socket, subprocess, sys
+port, config, holdfast, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen(1024)
+def passed():
+    os.dup2(s.fileno(), 3)
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_FDNAMES"] = "http"
+    os.environ["LISTEN_PID"] = str(os.getpid())
+for n in range(2):
+    log = open("%s.%d" % (out, n), "w")
+    p = subprocess.Popen([holdfast, "run", "--config", config], preexec_fn=passed,
+                         pass_fds=(3, s.fileno()), stdout=log, stderr=log)
+    print(p.pid, flush=True)
+    p.wait()
+"#;
+
+/// The restarter and everything it started, stopped on drop.
+struct Restarter {
+    child: std::process::Child,
+    pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl Drop for Restarter {
+    fn drop(&mut self) {
+        for pid in self.pids.lock().expect("pids").iter() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(40) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// The upgrade against a restart of holdfast through held sockets, with
+/// Puma workers that boot in 2 s: how long from the signal until holdfast
+/// serves with every worker ready again, how many requests failed, and the
+/// longest request (a request queued while no worker accepted waits that long).
+#[test]
+fn an_upgrade_against_a_restart_through_the_fd_store() {
+    let app = tempfile::Builder::new()
+        .prefix("holdfast-puma-app-")
+        .tempdir()
+        .expect("app dir");
+    fs::write(app.path().join("booting.ru"), BOOTING_RU).expect("write booting.ru");
+    let config = booting_puma(app.path());
+
+    // The upgrade.
+    let h = Holdfast::start(&config);
+    h.wait_log("all workers ready");
+    let load_a = load(&h);
+    let settle = load_a.requests_so_far();
+    wait_until(DEADLINE, "load", || {
+        (load_a.requests_so_far() >= settle + 500).then_some(())
+    });
+    let t = Instant::now();
+    h.signal(Signal::SIGUSR2);
+    h.wait_log("workers adopted) took=");
+    let upgrade_wall = t.elapsed();
+    let at = load_a.requests_so_far();
+    wait_until(DEADLINE, "load after", || {
+        (load_a.requests_so_far() >= at + 500).then_some(())
+    });
+    let a = load_a.stop();
+    let adopted = adoption_times(&h.log());
+    drop(h);
+
+    // The restart: the same config, its socket held by the restarter.
+    let dir = tempfile::Builder::new()
+        .prefix("holdfast-restart-")
+        .tempdir()
+        .expect("dir");
+    let port = common::free_port();
+    let cfg = dir.path().join("holdfast.toml");
+    fs::write(&cfg, config.replace("{port}", &port.to_string())).expect("config");
+    let out = dir.path().join("holdfast.log");
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", RESTARTER, &port.to_string()])
+        .arg(&cfg)
+        .arg(env!("CARGO_BIN_EXE_holdfast"))
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .spawn()
+        .expect("python3");
+    let stdout = child.stdout.take().expect("stdout");
+    let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p = pids.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(pid) = line.trim().parse::<u32>() {
+                p.lock().expect("pids").push(pid);
+            }
+        }
+    });
+    let restarter = Restarter { child, pids };
+    let log =
+        |n: u32| fs::read_to_string(out.with_extension(format!("log.{n}"))).unwrap_or_default();
+    wait_until(DEADLINE, "the first holdfast ready", || {
+        log(0).contains("all workers ready").then_some(())
+    });
+    let mut spec = LoadSpec::new(common::Target::local(port));
+    spec.connections = 32;
+    spec.path = "/?sleep=5".into();
+    spec.max_duration = Duration::from_secs(120);
+    let load_b = Load::start(spec);
+    wait_until(DEADLINE, "load", || {
+        (load_b.requests_so_far() >= 600).then_some(())
+    });
+    let first = restarter.pids.lock().expect("pids")[0];
+    let t = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGTERM)
+        .expect("kill");
+    wait_until(Duration::from_secs(60), "the second holdfast ready", || {
+        log(1).contains("all workers ready").then_some(())
+    });
+    let restart_wall = t.elapsed();
+    let at = load_b.requests_so_far();
+    wait_until(DEADLINE, "load after", || {
+        (load_b.requests_so_far() >= at + 500).then_some(())
+    });
+    let b = load_b.stop();
+    drop(restarter);
+
+    eprintln!(
+        "upgrade proof (vs restart): upgrade (SIGUSR2): signal to adoption {} (wall {:.0} ms), {} requests, {} failed, longest request {:.0} ms",
+        spread(adopted),
+        ms(upgrade_wall),
+        a.ok + a.failed(),
+        a.failed(),
+        a.percentile(100.0)
+    );
+    eprintln!(
+        "upgrade proof (vs restart): restart through held sockets (SIGTERM, new holdfast): signal to every worker ready {:.0} ms, {} requests, {} failed, longest request {:.0} ms",
+        ms(restart_wall),
+        b.ok + b.failed(),
+        b.failed(),
+        b.percentile(100.0)
+    );
+    a.assert_clean(1000);
+    b.assert_clean(1000);
+    // The restart leaves no worker for the length of a boot; the upgrade none.
+    assert!(restart_wall > Duration::from_secs(2), "{restart_wall:?}");
+    assert!(b.percentile(100.0) > 1500.0, "{b}");
+    assert!(a.percentile(100.0) < 1000.0, "{a}");
+}
