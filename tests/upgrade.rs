@@ -301,6 +301,43 @@ fn an_upgrade_to_the_same_binary_keeps_every_worker_socket_and_counter() {
     let fds_before = fds(h.pid());
     let workers = pids(&before);
     assert_eq!(workers.len(), 2);
+    // Status requests all along, each on a fresh connection, as scripts do:
+    // the upgrade waits for those under way; new ones queue on the socket.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let statuses = {
+        let (stop, sock) = (stop.clone(), h.dir.path().join("holdfast.sock"));
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let answer = std::os::unix::net::UnixStream::connect(&sock).and_then(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    c.write_all(b"{\"v\":1,\"cmd\":\"status\"}\n")?;
+                    let mut line = String::new();
+                    std::io::BufReader::new(c).read_line(&mut line)?;
+                    Ok(line)
+                });
+                match answer {
+                    Ok(l) if l.starts_with("{\"v\":1,\"ok\":true") => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    // A script's connection held open across the upgrades, with half a
+    // request line sent before them: the new image reads the rest and
+    // answers, then the next request on the same connection.
+    let mut held = std::os::unix::net::UnixStream::connect(h.dir.path().join("holdfast.sock"))
+        .expect("connect");
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    {
+        use std::io::Write;
+        held.write_all(b"{\"v\":1,\"cmd\":")
+            .expect("half a request");
+    }
 
     // `upgrade --wait`: answered by the new image, on the same connection.
     let (said, took) = upgrade_wait(&h, &[]);
@@ -326,6 +363,26 @@ fn an_upgrade_to_the_same_binary_keeps_every_worker_socket_and_counter() {
     );
     h.wait_log_count("workers adopted) took=", 3);
 
+    {
+        use std::io::{BufRead, Write};
+        held.write_all(b"\"status\"}\n").expect("the rest");
+        let mut reader = std::io::BufReader::new(held.try_clone().expect("clone"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("answer");
+        assert!(line.starts_with("{\"v\":1,\"ok\":true"), "{line}");
+        held.write_all(b"{\"v\":1,\"cmd\":\"status\"}\n")
+            .expect("again");
+        line.clear();
+        reader.read_line(&mut line).expect("answer");
+        assert!(line.starts_with("{\"v\":1,\"ok\":true"), "{line}");
+    }
+    drop(held);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answered, failed) = statuses.join().expect("status thread");
+    assert!(
+        answered > 0 && failed.is_empty(),
+        "{answered} answered, failed: {failed:?}"
+    );
     let after = status(&h);
     assert_eq!(pids(&after), workers, "the workers were replaced");
     assert_eq!(after["holdfast"]["pid"].as_u64(), Some(u64::from(h.pid())));

@@ -50,6 +50,8 @@ pub struct Incoming {
 pub(super) struct Adopted {
     /// Control connections waiting for an answer, by reply id.
     conns: Vec<(ReplyTo, OwnedFd)>,
+    /// Idle control connections, with the bytes read from them.
+    idle: Vec<(OwnedFd, Vec<u8>)>,
     kind: AdoptedKind,
 }
 
@@ -242,6 +244,10 @@ impl Runtime {
         for (to, fd) in edge.conns {
             conns.push((to, bank.dup(fd, "waiting control connection")?));
         }
+        let mut idle = Vec::new();
+        for (fd, bytes) in edge.idle {
+            idle.push((bank.dup(fd, "idle control connection")?, bytes));
+        }
         let mut held = Vec::new();
         let mut keep = Vec::new();
         for r in edge.listeners {
@@ -332,8 +338,10 @@ impl Runtime {
             in_flight: InFlight::default(),
             upgrade: None,
             early: HashSet::new(),
+            pause: crate::control::Pause::new(),
             adopted: Some(Adopted {
                 conns,
+                idle,
                 kind: AdoptedKind::State { message },
             }),
         })
@@ -438,10 +446,13 @@ impl Runtime {
         self.systemd.ping_now(Instant::now());
         match a.kind {
             AdoptedKind::State { message } => {
-                for (to, fd) in a.conns {
-                    if let Some(s) = &self.control_server {
+                if let Some(s) = &self.control_server {
+                    for (to, fd) in a.conns {
                         let reply = s.adopt_waiting(fd);
                         self.replies.entry(to).or_default().push(reply);
+                    }
+                    for (fd, bytes) in a.idle {
+                        s.adopt_idle(fd, bytes);
                     }
                 }
                 // Exits during the exec: their SIGCHLD may be merged.
@@ -514,6 +525,7 @@ impl Leftovers {
     pub(super) fn into_adopted(self) -> Adopted {
         Adopted {
             conns: Vec::new(),
+            idle: Vec::new(),
             kind: AdoptedKind::Fallback {
                 error: self.error,
                 rollout: !self.workers.is_empty(),

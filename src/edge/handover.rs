@@ -83,6 +83,9 @@ pub struct EdgeRecord {
     pub metrics_fd: Option<RawFd>,
     /// Control connections waiting for an answer: the new image answers.
     pub conns: Vec<(ReplyTo, RawFd)>,
+    /// Idle control connections, with the bytes read from them and not used
+    /// yet (a request line on its way in).
+    pub idle: Vec<(RawFd, Vec<u8>)>,
     pub next_reply: u64,
     /// Unreaped worker processes.
     pub pids: Vec<(Pid, WorkerId)>,

@@ -258,6 +258,8 @@ pub struct Runtime {
     upgrade: Option<upgrade::Job>,
     /// Replies to `upgrade` without --wait: answered as the exec starts.
     early: HashSet<ReplyTo>,
+    /// Holds the control server and /metrics still right before an exec.
+    pause: control::Pause,
     /// In an image exec'd by an upgrade: what `run` tells the core first.
     adopted: Option<adopt::Adopted>,
 }
@@ -408,6 +410,7 @@ impl Runtime {
             in_flight: InFlight::default(),
             upgrade: None,
             early: HashSet::new(),
+            pause: control::Pause::new(),
             adopted: None,
         };
         if let Some(f) = fallback {
@@ -439,13 +442,18 @@ impl Runtime {
         let baseline = self.baseline;
         self.control_server = self.control.take().and_then(|socket| {
             let path = socket.path().display().to_string();
-            control::Server::start(socket, self.calls_tx.clone(), baseline)
-                .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
-                .ok()
+            control::Server::start(
+                socket,
+                self.calls_tx.clone(),
+                baseline,
+                self.pause.subscribe(),
+            )
+            .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
+            .ok()
         });
         self.metrics_fd = self.metrics.as_ref().map(|l| l.as_raw_fd());
         self.metrics_task = self.metrics.take().and_then(|l| {
-            crate::metrics::start(l, self.calls_tx.clone(), baseline)
+            crate::metrics::start(l, self.calls_tx.clone(), baseline, self.pause.subscribe())
                 .map_err(|e| error!(error = %e, "cannot serve metrics"))
                 .ok()
         });

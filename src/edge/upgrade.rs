@@ -10,8 +10,11 @@
 //!    runs on as usual (a rollout goes on, a SIGHUP is prepared) until no
 //!    work is under way whose answer would die with this image — no reload
 //!    being prepared, no socket check, memory round, notify attribution or
-//!    log reopen on a helper thread, nothing queued for the loop — or gives
-//!    up after [`QUIET_WITHIN`] ("busy, retry").
+//!    log reopen on a helper thread, nothing queued for the loop, no status
+//!    or control answer on its way out — or gives up after [`QUIET_WITHIN`]
+//!    ("busy, retry"). A control connection waiting for an answer the loop
+//!    still owes (`restart --wait`, `upgrade --wait`) is not waited for: it
+//!    is handed over, and the new image answers it.
 //! 3. **Quiesce, hand over, exec** ([`Runtime::exec_upgrade`]): the log
 //!    sinks pause and hand back their files and pipes with each partial
 //!    line; holdfast's own log and the systemd notifier flush (WATCHDOG=1 is
@@ -34,6 +37,8 @@ use crate::os::handover::{block_signals, inherit, memfd, reclaim, unblock_signal
 pub(super) const TRIAL_WITHIN: Duration = Duration::from_secs(10);
 /// How long a checked upgrade waits for the loop to have nothing under way.
 pub(super) const QUIET_WITHIN: Duration = Duration::from_secs(10);
+/// How often a paused control server is looked at until it has settled.
+const SETTLE_POLL: Duration = Duration::from_millis(1);
 /// The most bytes of a trial's stdout and stderr read, each.
 const TRIAL_OUTPUT: u64 = 64 * 1024;
 /// This build's version.
@@ -269,13 +274,29 @@ impl Runtime {
 
     fn fail_upgrade(&mut self, error: String) {
         self.upgrade = None;
+        self.end_pause();
         self.feed(Event::UpgradeFailed { error });
     }
 
-    /// When the upgrade under way must be looked at again (its deadline).
+    /// The control server and /metrics take requests again.
+    fn end_pause(&mut self) {
+        if self.pause.is_paused() {
+            self.pause.set(false);
+            if let Some(s) = &self.control_server {
+                s.resume_parked();
+            }
+        }
+    }
+
+    /// When the upgrade under way must be looked at again: its deadline,
+    /// and while the control server settles, every few milliseconds.
     pub(super) fn upgrade_due(&self) -> Option<Instant> {
         match &self.upgrade.as_ref()?.stage {
-            Stage::Trial { until, .. } | Stage::Ready { until, .. } => Some(*until),
+            Stage::Trial { until, .. } => Some(*until),
+            Stage::Ready { until, .. } if self.pause.is_paused() => {
+                Some((*until).min(Instant::now() + SETTLE_POLL))
+            }
+            Stage::Ready { until, .. } => Some(*until),
         }
     }
 
@@ -311,7 +332,7 @@ impl Runtime {
         }
     }
 
-    /// Nothing under way whose answer the exec would lose.
+    /// Nothing under way in the loop whose answer the exec would lose.
     fn quiet(&self) -> bool {
         self.reloading.is_none()
             && self.reload_pending.is_empty()
@@ -320,6 +341,14 @@ impl Runtime {
             && self.pending.is_empty()
             && self.rx.is_empty()
             && self.calls.is_empty()
+    }
+
+    /// The control server and /metrics hold still: nothing new accepted or
+    /// read, every answer under way written.
+    fn settled(&self) -> bool {
+        self.pause.is_paused()
+            && self.control_server.as_ref().map_or(true, |s| s.settled())
+            && crate::control::answering() == 0
     }
 
     /// Execs a checked upgrade once the loop is quiet (see the module).
@@ -334,9 +363,18 @@ impl Runtime {
         if !self.sv.is_upgrading() {
             // A stop cancelled it (the core answered its waiters).
             self.upgrade = None;
+            self.end_pause();
             return;
         }
         if !self.quiet() {
+            return;
+        }
+        if !self.pause.is_paused() {
+            // Requests under way are answered first; then it all holds still.
+            self.pause.set(true);
+            return;
+        }
+        if !self.settled() {
             return;
         }
         let Some(Job {
@@ -347,6 +385,7 @@ impl Runtime {
             return;
         };
         let error = self.exec_upgrade(&binary, &version);
+        self.end_pause();
         error!(binary = %binary.path.display(), %error, "the exec of the new holdfast failed; everything was put back");
         self.feed(Event::UpgradeFailed {
             error: format!("upgrade failed, still running holdfast {VERSION}: {error}"),
@@ -386,6 +425,11 @@ impl Runtime {
             Ok(c) => c,
             Err(e) => return format!("control socket: {e}"),
         };
+        let idle = self
+            .control_server
+            .as_ref()
+            .map(|s| s.parked())
+            .unwrap_or_default();
         let metrics = match self.metrics_fd.map(crate::os::sys::dup).transpose() {
             Ok(m) => m,
             Err(e) => return format!("metrics listener: {e}"),
@@ -407,6 +451,7 @@ impl Runtime {
             Handed {
                 logs: &logs,
                 conns: &conns,
+                idle: &idle,
                 early,
                 control: control.as_ref(),
                 metrics: metrics.as_ref(),
@@ -443,6 +488,7 @@ impl Runtime {
         fds.extend(self.execs.values().map(|(_, r)| r.as_fd()));
         fds.extend(h.logs.fds());
         fds.extend(h.conns.iter().map(|(_, f)| f.as_fd()));
+        fds.extend(h.idle.iter().map(|(f, _)| f.as_fd()));
         fds.extend(h.control.map(|(_, f)| f.as_fd()));
         fds.extend(h.metrics.map(|f| f.as_fd()));
         fds.extend(h.own_log.map(|f| f.as_fd()));
@@ -509,6 +555,11 @@ impl Runtime {
                 control: h.control.map(|(r, _)| r.clone()),
                 metrics_fd: h.metrics.map(|f| f.as_raw_fd()),
                 conns: h.conns.iter().map(|(to, f)| (*to, f.as_raw_fd())).collect(),
+                idle: h
+                    .idle
+                    .iter()
+                    .map(|(f, bytes)| (f.as_raw_fd(), bytes.clone()))
+                    .collect(),
                 next_reply: self.next_reply,
                 pids: self.pids.iter().map(|(p, id)| (Pid(*p), *id)).collect(),
                 execs: self
@@ -600,6 +651,7 @@ impl Runtime {
                 .filter(|fd| !pipes.contains(fd)),
         );
         other.extend(h.own_log.map(|f| f.as_raw_fd()));
+        other.extend(h.idle.iter().map(|(f, _)| f.as_raw_fd()));
         m.extend(other.into_iter().map(|fd| Entry::Other { fd }));
         Manifest(m)
     }
@@ -609,6 +661,7 @@ impl Runtime {
 struct Handed<'a> {
     logs: &'a crate::logs::LogsHandover,
     conns: &'a [(ReplyTo, OwnedFd)],
+    idle: &'a [(OwnedFd, Vec<u8>)],
     early: Vec<OwnedFd>,
     control: Option<&'a (crate::control::ControlRecord, OwnedFd)>,
     metrics: Option<&'a OwnedFd>,
