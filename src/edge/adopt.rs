@@ -215,6 +215,8 @@ impl Runtime {
         }
         let workers = h.core.workers.iter().filter(|w| w.pid.is_some()).count();
         let sv = Supervisor::restore(h.core, now)?;
+        // Kept across the exec by the kernel; said again, it costs nothing.
+        crate::os::sys::become_subreaper().map_err(|e| format!("PR_SET_CHILD_SUBREAPER: {e}"))?;
         let io = |what: &str| {
             let what = what.to_string();
             move |e: std::io::Error| format!("{what}: {e}")

@@ -14,6 +14,13 @@
 //! walk that finds who sent a notify datagram run there too; an exec
 //! failure is read from the child's report pipe when the child is reaped;
 //! messages to systemd go through the notifier's own thread.
+//!
+//! The in-place upgrade of holdfast itself has three files: `upgrade` (the
+//! old image: check the binary, wait for a quiet moment, quiesce, hand over,
+//! exec from the main thread, undo), `adopt` (the new image: read, check and
+//! rebuild everything, or fall back to a rolling restart) and `handover`
+//! (what crosses the exec: the versioned state and the format-independent
+//! manifest).
 
 mod adopt;
 mod handover;
