@@ -1106,3 +1106,172 @@ fn an_exec_that_fails_puts_everything_back() {
         next.display()
     );
 }
+
+/// The run directory of holdfast, from a worker's NOTIFY_SOCKET.
+fn rundir_of(worker: u32) -> PathBuf {
+    let env = fs::read(format!("/proc/{worker}/environ")).expect("environ");
+    let notify = env
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
+        .expect("NOTIFY_SOCKET");
+    Path::new(std::str::from_utf8(notify).expect("utf-8"))
+        .parent()
+        .expect("dir")
+        .to_path_buf()
+}
+
+fn probe_sockets(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| n.starts_with("probe-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A unix listener (its path and keeper link), readiness probes and
+/// holdfast's own log file are handed over as they are: the path keeps its
+/// inode and is removed at the final stop, probes of later workers work and
+/// the released ones' sockets go, the log file is written on, not reopened.
+#[test]
+fn unix_listeners_probes_and_holdfasts_own_log_are_handed_over() {
+    let mut h = Holdfast::start(
+        r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:{port}"
+
+[[listen]]
+name = "sock"
+address = "unix:{dir}/app.sock"
+
+[app]
+command = ["{test_worker}", "--lame-duck-ms", "200"]
+workers = 2
+ready = "probe"
+drain_timeout = "10s"
+
+[logs]
+holdfast_log = "{dir}/own.log"
+"#,
+    );
+    let own = h.dir.path().join("own.log");
+    let own_log = || fs::read_to_string(&own).unwrap_or_default();
+    wait_until(DEADLINE, "all workers ready", || {
+        own_log().contains("all workers ready").then_some(())
+    });
+    let sock = h.dir.path().join("app.sock");
+    let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).expect("stat"));
+    let (path_inode, keeper_inode) = (
+        inode(&sock),
+        inode(&h.dir.path().join(".app.sock.holdfast")),
+    );
+    let load = load(&h, 8, "/?sleep=2");
+    let workers = pids(&status(&h));
+    let rundir = rundir_of(workers[0]);
+    assert_eq!(probe_sockets(&rundir).len(), 2);
+    for _ in 0..2 {
+        let (said, _) = upgrade_wait(&h, &[]);
+        assert!(said.contains("2 workers adopted"), "{said}");
+    }
+    assert_eq!(pids(&status(&h)), workers);
+    assert_eq!(inode(&sock), path_inode);
+    assert_eq!(
+        inode(&h.dir.path().join(".app.sock.holdfast")),
+        keeper_inode
+    );
+    let r = common::http_get(&h.unix("app.sock"), "/").expect("served on the unix path");
+    assert_eq!(r.status, 200);
+    // Later workers are probed; the released ones' probe sockets go.
+    let o = ctl(&h, &["restart", "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    wait_until(DEADLINE, "the old probe sockets removed", || {
+        (probe_sockets(&rundir).len() == 2).then_some(())
+    });
+    more(&load, 100);
+    let report = load.stop();
+    report.assert_clean(200);
+    // One log file all along, never reopened, holding both images' lines.
+    let text = own_log();
+    assert_eq!(text.matches("workers adopted) took=").count(), 2, "{text}");
+    assert!(!text.contains("reopened"), "{text}");
+    assert!(text.contains("rollout finished generation=2"), "{text}");
+    // The final stop removes the unix path and its keeper (they are ours).
+    h.signal(Signal::SIGTERM);
+    assert!(h.wait_exit(DEADLINE).success(), "{}", own_log());
+    assert!(!sock.exists() && !h.dir.path().join(".app.sock.holdfast").exists());
+    assert!(!rundir.exists(), "the run directory was left behind");
+}
+
+/// With a cgroup per worker (a delegated cgroup, as under systemd with
+/// `Delegate=yes`) and a daemon per worker outside its process group: the
+/// cgroups and the daemons are adopted; a rollout after the upgrade removes
+/// the old workers' cgroups with their daemons; a stop leaves nothing.
+#[test]
+fn worker_cgroups_and_their_daemons_are_handed_over() {
+    let cg = common::TestCgroup::new("upgrade");
+    cg.delegate();
+    let dir = cg.dir.to_str().expect("utf-8").to_string();
+    let mut h = common::Swept::new(Holdfast::launch(
+        common::Launch {
+            program: "sh",
+            args: &[
+                "-c",
+                "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"",
+                "sh",
+                &dir,
+                "{holdfast}",
+                "run",
+                "--config",
+                "{config}",
+            ],
+            env: &[],
+            stdin: None,
+        },
+        Some(&CONFIG.replace(
+            "\"--lame-duck-ms\", \"200\"",
+            "\"--lame-duck-ms\", \"200\", \"--daemon\"",
+        )),
+    ));
+    h.wait_log("all workers ready");
+    assert!(h.log().contains("a cgroup per worker"), "{}", h.log());
+    let tag = h.tag().to_string();
+    let daemons = || {
+        common::tagged_pids(&tag)
+            .into_iter()
+            .filter(|p| common::proc_ids(*p).is_some_and(|i| i.sid == *p))
+            .collect::<Vec<u32>>()
+    };
+    wait_until(DEADLINE, "a daemon per worker", || {
+        (daemons().len() == 2).then_some(())
+    });
+    let cgroups = cg.children();
+    assert_eq!(cgroups.len(), 2, "{cgroups:?}");
+    let before = status(&h);
+    let load = load(&h, 8, "/?sleep=2");
+    let (said, _) = upgrade_wait(&h, &[]);
+    assert!(said.contains("2 workers adopted"), "{said}");
+    let after = status(&h);
+    assert_eq!(pids(&after), pids(&before));
+    assert_eq!(cg.children(), cgroups);
+    assert_eq!(daemons().len(), 2);
+    let o = ctl(&h, &["restart", "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    wait_until(DEADLINE, "the old cgroups and their daemons gone", || {
+        let now = cg.children();
+        (now.len() == 2 && now.iter().all(|c| !cgroups.contains(c)) && daemons().len() == 2)
+            .then_some(())
+    });
+    more(&load, 100);
+    let report = load.stop();
+    report.assert_clean(200);
+    let o = ctl(&h, &["stop", "--wait"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(h.wait_exit(DEADLINE).code(), Some(0));
+    assert_eq!(common::tagged_pids(&tag), Vec::<u32>::new());
+    assert_eq!(cg.children(), Vec::<String>::new());
+}

@@ -94,14 +94,21 @@ impl Incoming {
     /// exists (it changes the environment) and before anything opens an fd.
     pub fn from_env() -> Option<Incoming> {
         let state_var = std::env::var_os(STATE_VAR)?;
-        let manifest = Manifest::parse(&std::env::var(MANIFEST_VAR).unwrap_or_default());
+        let manifest_var = std::env::var_os(MANIFEST_VAR);
         std::env::remove_var(STATE_VAR);
         std::env::remove_var(MANIFEST_VAR);
-        let state_fd = state_var
-            .to_str()
-            .and_then(|s| s.trim().parse::<RawFd>().ok());
+        let number = |v: &std::ffi::OsStr| v.to_str().and_then(|s| s.trim().parse::<RawFd>().ok());
+        let state_fd = number(&state_var);
+        let manifest_fd = manifest_var.as_deref().and_then(number).filter(|n| *n > 2);
+        // Read through /proc before anything is taken: it names the rest.
+        let manifest = Manifest::parse(
+            &manifest_fd
+                .and_then(|n| std::fs::read_to_string(format!("/proc/self/fd/{n}")).ok())
+                .unwrap_or_default(),
+        );
         let mut numbers = manifest.fds();
         numbers.extend(state_fd);
+        numbers.extend(manifest_fd);
         let (mut bank, missing) = FdBank::take(&numbers);
         let state = read_state(state_fd, &mut bank, &missing);
         Some(Incoming {

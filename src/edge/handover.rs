@@ -9,8 +9,10 @@
 //!   version; an image reads only the versions in [`READS`], and says which
 //!   those are in `holdfast version --json`, which the old image checks
 //!   before it execs anything.
-//! - **The manifest** ([`Manifest`]), in `HOLDFAST_HANDOVER_FDS`: one line
-//!   per fd handed over, with its role (`listen`, `worker`, `pipe`,
+//! - **The manifest** ([`Manifest`]), text in a second memfd whose fd number
+//!   is in `HOLDFAST_HANDOVER_FDS` (an fd, not the text: thousands of workers
+//!   would pass the kernel's 128 KiB limit on one environment string): one
+//!   line per fd handed over, with its role (`listen`, `worker`, `pipe`,
 //!   `control`, ...). Its shape never changes with the state format, so an
 //!   image that cannot read the state (a corrupt one, an unknown format)
 //!   still keeps every socket and every worker it can identify, and falls
@@ -35,7 +37,7 @@ pub const FORMAT: u32 = 1;
 pub const READS: &[u32] = &[1];
 /// The variable naming the fd of the state.
 pub const STATE_VAR: &str = "HOLDFAST_HANDOVER_FD";
-/// The variable holding the [`Manifest`].
+/// The variable naming the fd of the [`Manifest`].
 pub const MANIFEST_VAR: &str = "HOLDFAST_HANDOVER_FDS";
 /// The largest state an image reads, in bytes.
 pub const MAX_STATE: u64 = 256 * 1024 * 1024;

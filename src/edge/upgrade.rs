@@ -469,16 +469,22 @@ impl Runtime {
 
     /// The state, the manifest, the fds and the exec (see [`Self::exec_upgrade`]).
     fn exec_with(&mut self, binary: &Binary, now: Instant, h: Handed<'_>) -> String {
-        let state = self.handover_state(binary, now, &h);
-        let json = match serde_json::to_vec(&state) {
+        let handover = self.handover_state(binary, now, &h);
+        let json = match serde_json::to_vec(&handover) {
             Ok(j) => j,
             Err(e) => return format!("serializing the state: {e}"),
         };
-        let memfd = match memfd("holdfast-handover", &json) {
+        let state = match memfd("holdfast-handover", &json) {
             Ok(m) => m,
             Err(e) => return format!("memfd for the state: {e}"),
         };
-        let manifest = self.manifest(&h);
+        let manifest = match memfd(
+            "holdfast-handover-fds",
+            self.manifest(&h).render().as_bytes(),
+        ) {
+            Ok(m) => m,
+            Err(e) => return format!("memfd for the manifest: {e}"),
+        };
         let mut fds: Vec<std::os::fd::BorrowedFd<'_>> = Vec::new();
         fds.extend(self.held.iter().map(|l| l.as_fd()));
         if let Some(i) = &self.inherited {
@@ -492,15 +498,16 @@ impl Runtime {
         fds.extend(h.control.map(|(_, f)| f.as_fd()));
         fds.extend(h.metrics.map(|f| f.as_fd()));
         fds.extend(h.own_log.map(|f| f.as_fd()));
-        fds.push(memfd.as_fd());
+        fds.push(state.as_fd());
+        fds.push(manifest.as_fd());
         if let Err(e) = inherit(&fds) {
             return e.to_string();
         }
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| k != STATE_VAR && k != MANIFEST_VAR)
             .collect();
-        env.push((STATE_VAR.into(), memfd.as_raw_fd().to_string().into()));
-        env.push((MANIFEST_VAR.into(), manifest.render().into()));
+        env.push((STATE_VAR.into(), state.as_raw_fd().to_string().into()));
+        env.push((MANIFEST_VAR.into(), manifest.as_raw_fd().to_string().into()));
         for fd in h.early {
             crate::control::answer_now(
                 fd,

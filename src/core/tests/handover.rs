@@ -316,3 +316,38 @@ fn a_state_that_cannot_be_right_is_refused_with_the_reason() {
     }
     assert!(Supervisor::restore(good, t(30)).is_ok());
 }
+
+#[test]
+fn a_fallback_replaces_the_old_images_workers_start_before_stop() {
+    // The previous image's three workers, identified by the manifest (their
+    // serials 7-9); the config asks for two.
+    let old = vec![
+        (WorkerId(7), Pid(700)),
+        (WorkerId(8), Pid(701)),
+        (WorkerId(9), Pid(702)),
+    ];
+    let mut sv = Supervisor::inherit(policy(2, 1), Settings::default(), old, t(0));
+    assert_eq!(sv.service_state(), ServiceState::Ready);
+    assert_eq!(sv.workers_wanted(), 3);
+    play(
+        &mut sv,
+        vec![
+            // The surplus slot drains at once; slot 0 gets its new worker
+            // first (ids go on above the old serials).
+            (
+                1,
+                rollout(policy(2, 1)),
+                vec![term(9, 702), spawn(10, 0, 2)],
+            ),
+            (2, spawned(10, 1000), vec![]),
+            (3, ready(10), vec![term(7, 700)]),
+            (4, exited(700), vec![spawn(11, 1, 2)]),
+            (5, spawned(11, 1001), vec![]),
+            (6, ready(11), vec![term(8, 701)]),
+        ],
+    );
+    let out = step(&mut sv, 7, exited(701));
+    assert!(reply_ok(&out[0]), "{out:?}");
+    assert_eq!(sv.stable(), Generation(2));
+    assert_eq!(sv.workers_wanted(), 2);
+}
