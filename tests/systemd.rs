@@ -619,6 +619,72 @@ drain_timeout = "10s"
     assert!(!notes.iter().any(|n| n.get("MAINPID").is_some()));
 }
 
+/// Whether systemd ≥ 253 (`Type=notify-reload`) would end a reload it
+/// signalled at `begin` (CLOCK_MONOTONIC µs): a RELOADING=1 whose
+/// MONOTONIC_USEC is not older than `begin`, then READY=1 (or both in one
+/// message), as `service_notify_message()` in src/core/service.c reads them.
+/// A READY=1 without a fresh RELOADING=1 before it leaves the reload waiting
+/// until TimeoutStartSec= fails it.
+fn notify_reload_ends(notes: &[Note], begin: i128) -> bool {
+    let fresh = |n: &Note| {
+        n.has("RELOADING=1")
+            && n.get("MONOTONIC_USEC")
+                .and_then(|v| v.parse::<i128>().ok())
+                .is_some_and(|m| m >= begin)
+    };
+    notes.iter().enumerate().any(|(i, n)| {
+        fresh(n) && (n.has("READY=1") || notes[i + 1..].iter().any(|r| r.has("READY=1")))
+    })
+}
+
+#[test]
+fn every_sighup_is_answered_as_type_notify_reload_wants() {
+    let mut rec = Recorder::bind();
+    let config = r#"
+[[listen]]
+address = "127.0.0.1:{port}"
+
+[app]
+command = ["{test_worker}", "--ready-delay-ms", "1000", "--lame-duck-ms", "100"]
+workers = 2
+"#;
+    let h = start_notified(&mut rec, config, &[]);
+    rec.wait("READY=1", |notes| {
+        notes.iter().find(|n| n.has("READY=1")).map(|_| ())
+    });
+    let broken = "[app]\ncommand = [\"{test_worker}\"]\nwokers = 3\n";
+    let good = h.fill(config);
+    // What systemd does: note the time, send SIGHUP, wait for the protocol.
+    let reload = |what: &str, during_rollout: bool| {
+        if during_rollout {
+            let n = h.log().matches("rollout started").count();
+            h.signal(Signal::SIGHUP);
+            h.wait_log_count("rollout started", n + 1);
+        }
+        let begin = monotonic_usec();
+        h.signal(Signal::SIGHUP);
+        rec.wait(
+            &format!("{what}: RELOADING=1 (fresh) ... READY=1"),
+            |notes| notify_reload_ends(notes, begin).then_some(()),
+        );
+    };
+    reload("an accepted reload", false);
+    reload("a reload asked for during a rollout", true);
+    h.rewrite_config(broken);
+    reload("a rejected reload", false);
+    h.rewrite_config(&good);
+    let n = h.log().matches("rollout started").count();
+    h.signal(Signal::SIGHUP);
+    h.wait_log_count("rollout started", n + 1);
+    h.rewrite_config(broken);
+    let begin = monotonic_usec();
+    h.signal(Signal::SIGHUP);
+    rec.wait(
+        "a reload rejected during a rollout: RELOADING=1 (fresh) ... READY=1",
+        |notes| notify_reload_ends(notes, begin).then_some(()),
+    );
+}
+
 #[test]
 fn notify_socket_may_be_an_abstract_name() {
     let mut rec = Recorder::bind_abstract();
@@ -1014,10 +1080,9 @@ fn units_pass_systemd_analyze_verify() {
         for (key, want) in [
             ("Type", "notify"),
             ("NotifyAccess", "main"),
-            ("KillMode", "mixed"),
+            ("KillMode", "process"),
             ("Restart", "on-failure"),
             ("RestartPreventExitStatus", "78"),
-            ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ] {
             assert_eq!(setting(t, key), [want], "{name}: {key}");
         }
@@ -1033,12 +1098,33 @@ fn units_pass_systemd_analyze_verify() {
         assert!(secs("WatchdogSec") > 0, "{name}");
         assert!(secs("FileDescriptorStoreMax") > 0, "{name}");
     }
+    // `systemctl reload` waits for the rollout, through the control socket
+    // the units' comments tell the config to use.
+    assert_eq!(
+        setting(&texts["holdfast.service"], "ExecReload"),
+        ["/usr/bin/holdfast restart --wait --control /run/holdfast/holdfast.sock"]
+    );
+    assert_eq!(
+        setting(&texts["holdfast@.service"], "ExecReload"),
+        ["/usr/bin/holdfast restart --wait --control /run/holdfast/%i/holdfast.sock"]
+    );
+    assert!(texts["holdfast.service"].contains("control_socket = \"/run/holdfast/holdfast.sock\""));
+    assert!(texts["holdfast@.service"]
+        .contains("control_socket = \"/run/holdfast/shop/holdfast.sock\""));
     let socket = &texts["holdfast.socket"];
     assert_eq!(
         setting(socket, "ListenStream"),
-        ["127.0.0.1:8080", "/run/holdfast/app.sock"]
+        ["127.0.0.1:8080", "/run/holdfast-socket/app.sock"]
     );
     assert_eq!(setting(socket, "FileDescriptorName"), ["http"]);
     assert_eq!(setting(socket, "Accept"), ["no"]);
+    assert_eq!(setting(socket, "RemoveOnStop"), ["yes"]);
+    for name in ["holdfast.service", "holdfast@.service"] {
+        assert_eq!(
+            setting(&texts[name], "RuntimeDirectoryPreserve"),
+            ["restart"],
+            "{name}"
+        );
+    }
     assert_eq!(setting(socket, "Backlog").len(), 1);
 }

@@ -39,8 +39,8 @@ use crate::status::Snapshot;
 
 pub use client::run_client;
 pub use protocol::{parse_request, Command, ErrorKind, Request, Response};
-pub(crate) use server::paused;
 pub use server::{answer_now, fetch_status, ControlError, ControlRecord, ControlSocket, Server};
+pub(crate) use server::{keeper_of, paused};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;

@@ -36,16 +36,40 @@ pub struct ControlSocket {
     guard: PathGuard,
 }
 
+/// The socket's path, and a hidden hard link to the same socket next to
+/// it (`.NAME.holdfast`) from which the path is restored if something
+/// removes it (a tmp cleaner, a careless `rm`): the CLI must find holdfast.
 #[derive(Debug)]
 struct PathGuard {
     path: PathBuf,
     inode: u64,
+    keeper: Option<PathBuf>,
+}
+
+impl PathGuard {
+    /// Puts the path back to this socket if it is gone or replaced; `Ok(true)` when it had to.
+    fn repair(&self) -> std::io::Result<bool> {
+        let Some(keeper) = &self.keeper else {
+            return Ok(false);
+        };
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.ino() == self.inode => return Ok(false),
+            Ok(_) => std::fs::remove_file(&self.path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::hard_link(keeper, &self.path)?;
+        Ok(true)
+    }
 }
 
 impl Drop for PathGuard {
     fn drop(&mut self) {
         if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
             let _ = std::fs::remove_file(&self.path);
+        }
+        if let Some(k) = &self.keeper {
+            let _ = std::fs::remove_file(k);
         }
     }
 }
@@ -88,9 +112,16 @@ impl ControlSocket {
         let addr = socket2::SockAddr::unix(path).map_err(|e| fail("address", &e))?;
         s.bind(&addr).map_err(|e| fail("bind", &e))?;
         let inode = std::fs::metadata(path).map_err(|e| fail("stat", &e))?.ino();
+        let keeper = keeper_of(path).filter(|k| {
+            let _ = std::fs::remove_file(k);
+            std::fs::hard_link(path, k)
+                .map_err(|e| warn!(path = %k.display(), error = %e, "cannot keep a link to the control socket; a removed control socket path will not be restored"))
+                .is_ok()
+        });
         let guard = PathGuard {
             path: path.to_path_buf(),
             inode,
+            keeper,
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| fail("chmod 0600", &e))?;
@@ -117,9 +148,16 @@ impl ControlSocket {
             guard: PathGuard {
                 path: r.path,
                 inode: r.inode,
+                keeper: r.keeper,
             },
         })
     }
+}
+
+/// The hard link beside the control socket's path that restores it: `.NAME.holdfast`.
+pub(crate) fn keeper_of(path: &Path) -> Option<PathBuf> {
+    path.file_name()
+        .map(|n| path.with_file_name(format!(".{}.holdfast", n.to_string_lossy())))
 }
 
 /// The control socket as an upgrade hands it over.
@@ -128,6 +166,9 @@ pub struct ControlRecord {
     pub path: PathBuf,
     pub inode: u64,
     pub fd: RawFd,
+    /// The hard link that restores the path (see `Server::repair_path`).
+    #[serde(default)]
+    pub keeper: Option<PathBuf>,
 }
 
 /// What connection tasks share.
@@ -217,6 +258,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// Restores the control socket's path if it was removed; `Ok(true)` when it had to.
+    pub fn repair_path(&self) -> io::Result<bool> {
+        self.guard.repair()
+    }
+
     /// Starts accepting on `socket`; requests go to the loop through `tx`.
     /// While `pause` says so, nothing new is accepted or read (see
     /// [`super::Pause`]).
@@ -312,6 +358,7 @@ impl Server {
             path: self.guard.path.clone(),
             inode: self.guard.inode,
             fd: fd.as_raw_fd(),
+            keeper: self.guard.keeper.clone(),
         };
         Ok((record, fd))
     }

@@ -34,7 +34,9 @@ pub(crate) enum Action {
         slot: Slot,
         generation: Generation,
     },
-    /// Send its generation's drain signal to the worker's process group.
+    /// Send its generation's drain signal to the worker's process group,
+    /// then SIGCONT: a stopped (SIGSTOPped, hung) worker must get to handle
+    /// it, or it would only die at the drain deadline with its requests.
     Drain {
         id: WorkerId,
         pid: Pid,
@@ -45,8 +47,13 @@ pub(crate) enum Action {
         id: WorkerId,
         pid: Pid,
     },
+    /// SIGTERM, then SIGCONT, to an adopted descendant holdfast has not
+    /// reaped: it is told to go, even if it is stopped.
+    Terminate {
+        pid: Pid,
+    },
     /// `signal` to one process that holdfast has not reaped: a worker's own
-    /// process (the log reopen signal) or an adopted descendant.
+    /// process (the log reopen signal) or an adopted descendant (SIGKILL).
     Signal {
         pid: Pid,
         signal: Signal,

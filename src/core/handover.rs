@@ -85,6 +85,9 @@ pub(crate) struct CoreState {
     pub listed_since_exit: bool,
     pub gone: Vec<(WorkerId, Slot, Pid)>,
     pub sample_at: Option<At>,
+    pub recheck_at: Option<At>,
+    /// A reload of the same spec waiting for the rollout under way.
+    pub deferred: Option<(Spec, Vec<ReplyTo>)>,
     pub reload_note: Option<String>,
     pub told: Option<(ServiceState, String)>,
     pub upgrade: Option<UpgradeRecord>,
@@ -110,6 +113,7 @@ pub(crate) struct WorkerRecord {
     pub started: At,
     pub status: Option<String>,
     pub memory: MemoryRecord,
+    pub not_serving: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -376,6 +380,7 @@ impl Supervisor {
                     started: now,
                     status: None,
                     memory: MemoryState::default(),
+                    not_serving: 0,
                 },
             );
         }
@@ -413,6 +418,7 @@ impl Supervisor {
                     started: at(w.started),
                     status: w.status.clone(),
                     memory: w.memory.record(now),
+                    not_serving: w.not_serving,
                 })
                 .collect(),
             slots: self
@@ -461,6 +467,8 @@ impl Supervisor {
             listed_since_exit: self.listed_since_exit,
             gone: self.gone.iter().copied().collect(),
             sample_at: opt(self.sample_at, now),
+            recheck_at: opt(self.recheck_at, now),
+            deferred: self.deferred.clone(),
             reload_note: self.reload_note.clone(),
             told: self.told.clone(),
             upgrade: self.upgrade.as_ref().map(|u| UpgradeRecord {
@@ -528,6 +536,7 @@ impl Supervisor {
                 started: w.started.at(now),
                 status: w.status,
                 memory: w.memory.live(now),
+                not_serving: w.not_serving,
             };
             if workers.insert(w.id, live).is_some() {
                 return Err(format!("worker id {} appears twice", w.id));
@@ -611,6 +620,8 @@ impl Supervisor {
             gone: state.gone.into_iter().collect(),
             sample_at: back(state.sample_at, now),
             sampling: None,
+            recheck_at: back(state.recheck_at, now),
+            deferred: state.deferred,
             reload_note: state.reload_note,
             told: state.told,
             upgrade: state.upgrade.map(|u| Upgrade {

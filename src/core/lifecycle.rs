@@ -34,6 +34,7 @@ impl Supervisor {
                 started: now,
                 status: None,
                 memory: MemoryState::default(),
+                not_serving: 0,
             },
         );
         out.push(Action::Spawn {
@@ -266,6 +267,9 @@ impl Supervisor {
         let Some(w) = self.workers.get(&id) else {
             return;
         };
+        if w.state.is_ready() {
+            return self.recheck_answered(id, missing);
+        }
         if !matches!(w.state, WorkerState::Checking { .. }) {
             return;
         }
@@ -462,6 +466,37 @@ impl Supervisor {
             // Draining, its exit does not count as a failure a second time.
             self.drain(id, now, false, out);
             self.worker_failed(w, format!("{why}{hint}"), now, out);
+        }
+    }
+
+    /// A ready worker's periodic socket check came back: after
+    /// [`NOT_SERVING_AFTER`] checks in a row without its listeners it is
+    /// replaced, start-before-stop (the others serve the queue meanwhile).
+    fn recheck_answered(&mut self, id: WorkerId, missing: Vec<String>) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        if missing.is_empty() {
+            if w.not_serving > 0 {
+                info!(slot = %w.slot, pid = w.pid.map_or(0, |p| p.0), "worker {} holds its listeners again", w.slot);
+            }
+            w.not_serving = 0;
+            return;
+        }
+        w.not_serving = w.not_serving.saturating_add(1);
+        let (slot, pid, n) = (w.slot, w.pid.map_or(0, |p| p.0), w.not_serving);
+        let held = missing.join(", ");
+        if n < super::NOT_SERVING_AFTER {
+            warn!(%slot, pid, missing = ?missing, "worker {slot} (pid {pid}) is ready but no process of its tree holds {held} any more ({n} of {} checks)", super::NOT_SERVING_AFTER);
+            return;
+        }
+        if n == super::NOT_SERVING_AFTER {
+            error!(%slot, pid, missing = ?missing, "worker {slot} (pid {pid}) stopped holding {held}: it serves no new connection there (its accept loop died, or it closed them); replacing it");
+            self.queue_replacement(
+                id,
+                super::Reason::NotServing,
+                format!("holds {held} no more"),
+            );
         }
     }
 }

@@ -59,6 +59,11 @@ pub(crate) const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// A memory sampling round that has not come back after this long is lost
 /// (its thread died): the next one may start.
 pub(crate) const SAMPLE_LOST_AFTER: Duration = Duration::from_secs(60);
+/// How often the listeners a ready worker must hold are checked again.
+pub(crate) const RECHECK_EVERY: Duration = Duration::from_secs(2);
+/// Checks in a row without its listeners before a ready worker is replaced
+/// (one could be a moment of a server re-arranging its fds).
+pub(crate) const NOT_SERVING_AFTER: u32 = 2;
 
 /// `now + d`, saturating a hundred years ahead: a deadline can never
 /// overflow, whatever a config says (the config refuses such durations too).
@@ -100,6 +105,11 @@ pub(crate) struct Supervisor {
     sample_at: Option<Instant>,
     /// When the running sampling round started.
     sampling: Option<Instant>,
+    /// When ready workers' listeners are checked next.
+    recheck_at: Option<Instant>,
+    /// A reload of the same spec as the rollout under way: it runs once that
+    /// one ends (so every worker starts after it), with these waiters.
+    deferred: Option<(Spec, Vec<ReplyTo>)>,
     /// Why the last reload was rejected, until the next accepted one.
     reload_note: Option<String>,
     /// What the service manager was last told.
@@ -135,11 +145,21 @@ impl Supervisor {
             gone: VecDeque::new(),
             sample_at: None,
             sampling: None,
+            recheck_at: None,
+            deferred: None,
             reload_note: None,
             told: None,
             upgrade: None,
             counters: Counters::default(),
         }
+    }
+
+    /// Numbers new workers from `first` on (ids below it are never used):
+    /// a holdfast restarted by systemd while the previous one's workers
+    /// still drain (`KillMode=process`) continues after their serials, so
+    /// no worker id, `HOLDFAST_WORKER_SERIAL` or `worker-N` cgroup is reused.
+    pub(crate) fn number_workers_from(&mut self, first: u64) {
+        self.next_id = self.next_id.max(first);
     }
 
     /// The spec of `generation`, while something uses it.
@@ -253,7 +273,8 @@ impl Supervisor {
         let sampling = self
             .sample_at
             .into_iter()
-            .chain(self.sampling.map(|t| later(t, SAMPLE_LOST_AFTER)));
+            .chain(self.sampling.map(|t| later(t, SAMPLE_LOST_AFTER)))
+            .chain(self.recheck_at);
         workers
             .chain(restarts)
             .chain(self.age_deadlines())
@@ -296,6 +317,7 @@ impl Supervisor {
         }
         self.advance(now, &mut out);
         self.sample_if_due(now, &mut out);
+        self.recheck_if_due(now, &mut out);
         self.retire(&mut out);
         self.tell(&mut out);
         out
@@ -399,3 +421,36 @@ fn round(d: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests;
+
+impl Supervisor {
+    /// Every [`RECHECK_EVERY`], the listeners each ready worker must hold
+    /// are checked again: ready means serving for as long as it runs, not
+    /// only at READY=1.
+    fn recheck_if_due(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let due: Vec<(WorkerId, Pid, Generation)> = self
+            .workers
+            .values()
+            .filter(|w| w.state.is_ready())
+            .filter(|w| self.spec_of(w).required_listeners().next().is_some())
+            .filter_map(|w| Some((w.id, w.pid?, w.generation)))
+            .collect();
+        if due.is_empty() || self.is_stopping() {
+            self.recheck_at = None;
+            return;
+        }
+        let at = *self
+            .recheck_at
+            .get_or_insert_with(|| later(now, RECHECK_EVERY));
+        if now < at {
+            return;
+        }
+        self.recheck_at = Some(later(now, RECHECK_EVERY));
+        for (id, pid, generation) in due {
+            out.push(Action::CheckSockets {
+                id,
+                pid,
+                generation,
+            });
+        }
+    }
+}

@@ -27,7 +27,26 @@ impl Supervisor {
                     warn!("rollout refused: holdfast is stopping");
                     return Self::reply(out, reply, Err("holdfast is stopping".into()));
                 }
-                self.start_rollout(*spec, reply, now, out);
+                // The same config as the rollout under way: superseding it
+                // would restart workers that already start after it; one more
+                // rollout once it ends makes every worker start after this
+                // request (a new deploy's code), and folds a storm of reloads.
+                if let Some(r) = &self.rollout {
+                    if !r.rollback && self.specs.get(&r.generation) == Some(&*spec) {
+                        let generation = r.generation;
+                        let (_, waiters) = self.deferred.get_or_insert_with(|| (*spec, Vec::new()));
+                        waiters.extend(reply);
+                        info!(%generation, "a rollout of the same config is under way (generation {generation}); one more follows it");
+                        return;
+                    }
+                }
+                // A different config supersedes the rollout under way; who
+                // waited for a repeat of that one gets this one.
+                let mut waiters: Vec<ReplyTo> = reply.into_iter().collect();
+                if let Some((_, w)) = self.deferred.take() {
+                    waiters.extend(w);
+                }
+                self.start_rollout(*spec, waiters, now, out);
             }
             Request::Scale(scale) => self.on_scale(scale, reply, now, out),
             Request::Upgrade { binary } => self.on_upgrade(binary, reply, now, out),
@@ -70,13 +89,13 @@ impl Supervisor {
                 self.phase = Phase::Stopping {
                     waiters: reply.into_iter().collect(),
                 };
-                if let Some(r) = self.rollout.take() {
-                    for to in r.waiters {
-                        out.push(Action::Reply {
-                            to,
-                            outcome: Err("holdfast is stopping".into()),
-                        });
-                    }
+                let deferred = self.deferred.take().map(|(_, w)| w);
+                let waiters = self.rollout.take().map(|r| r.waiters);
+                for to in waiters.into_iter().chain(deferred).flatten() {
+                    out.push(Action::Reply {
+                        to,
+                        outcome: Err("holdfast is stopping".into()),
+                    });
                 }
                 if let Some(u) = self.upgrade.take() {
                     // Not exec'd yet: the edge sees it is off and drops it.
@@ -101,7 +120,7 @@ impl Supervisor {
     pub(super) fn start_rollout(
         &mut self,
         spec: Spec,
-        reply: Option<ReplyTo>,
+        waiters: Vec<ReplyTo>,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
@@ -130,7 +149,7 @@ impl Supervisor {
             rollback: false,
             started: now,
             workers_before,
-            waiters: reply.into_iter().collect(),
+            waiters,
         });
         self.scale(workers, now, out);
         self.queue_rollout(Reason::Rollout);
@@ -415,6 +434,14 @@ impl Supervisor {
         if self.phase == Phase::Starting && all_slots_ready {
             info!(workers = self.slots.len(), generation = %self.stable, "all workers ready");
             self.phase = Phase::Running;
+        }
+        // A reload of the same config waited for the rollout that just ended.
+        if self.rollout.is_none() {
+            if let Some((spec, waiters)) = self.deferred.take() {
+                info!("the rollout under way ended; starting the one asked for meanwhile");
+                self.start_rollout(spec, waiters, now, out);
+                self.advance(now, out);
+            }
         }
     }
 

@@ -14,13 +14,15 @@ use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub(crate) enum Reason {
     Rollout,
     Rollback,
     Memory,
     Age,
     Crash,
+    /// Ready, but its tree stopped holding the listeners it must serve.
+    NotServing,
 }
 
 impl fmt::Display for Reason {
@@ -31,6 +33,7 @@ impl fmt::Display for Reason {
             Reason::Memory => "memory",
             Reason::Age => "age",
             Reason::Crash => "crash",
+            Reason::NotServing => "not-serving",
         })
     }
 }
@@ -105,6 +108,9 @@ pub struct Worker {
     pub status: Option<String>,
     /// Memory and age recycling state.
     pub memory: MemoryState,
+    /// Ready, but the last checks in a row found its tree without the
+    /// listeners it must hold.
+    pub not_serving: u32,
 }
 
 #[derive(Debug, Clone)]

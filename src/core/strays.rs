@@ -142,10 +142,7 @@ impl Supervisor {
         }
         self.counters.strays_stopped += 1;
         s.kill_at = Some(later(now, timeout));
-        out.push(Action::Signal {
-            pid: s.pid,
-            signal: Signal::SIGTERM,
-        });
+        out.push(Action::Terminate { pid: s.pid });
     }
 
     fn kill_stray(&mut self, s: &mut Stray, now: Instant, out: &mut Vec<Action>) {

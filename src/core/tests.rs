@@ -179,6 +179,28 @@ fn rollout_starts_new_before_stopping_old() {
 }
 
 #[test]
+fn workers_are_numbered_after_those_a_previous_holdfast_left() {
+    // Its cgroups worker-1..worker-7 still drain: the first id is 8.
+    let mut sv = new(policy(2, 1));
+    sv.number_workers_from(8);
+    assert_eq!(
+        step(&mut sv, 0, Event::Tick),
+        vec![spawn(8, 0, 1), spawn(9, 1, 1)]
+    );
+    // Never backwards.
+    sv.number_workers_from(3);
+    play(
+        &mut sv,
+        vec![
+            (1, spawned(8, 100), vec![]),
+            (1, exited_with(100, ExitReason::Code(1)), vec![]),
+        ],
+    );
+    let respawn = step(&mut sv, 60_000, Event::Tick);
+    assert_eq!(respawn, vec![spawn(10, 0, 1)]);
+}
+
+#[test]
 fn max_surge_two_replaces_two_at_a_time() {
     let mut sv = running(4, 2);
     play(
@@ -487,6 +509,12 @@ fn ready_delay_mode_uses_the_timer() {
     assert_eq!(sv.ready_count(), 1);
 }
 
+/// `p` with one thing changed (an env var): another config.
+fn changed(mut p: Spec, v: &str) -> Spec {
+    p.app.env.insert("DEPLOY".into(), v.into());
+    p
+}
+
 #[test]
 fn second_rollout_supersedes_the_first() {
     let mut sv = running(1, 1);
@@ -497,7 +525,7 @@ fn second_rollout_supersedes_the_first() {
             (11, spawned(2, 200), vec![]),
         ],
     );
-    let out = step(&mut sv, 12, rollout(policy(1, 1)));
+    let out = step(&mut sv, 12, rollout(changed(policy(1, 1), "b")));
     assert!(
         matches!(&out[..], [Action::Reply { outcome: Err(e), .. }] if e.contains("superseded")),
         "{out:?}"
@@ -509,6 +537,51 @@ fn second_rollout_supersedes_the_first() {
             (30, exited(100), vec![spawn(3, 0, 3)]),
         ],
     );
+}
+
+#[test]
+fn a_reload_of_the_same_config_during_a_rollout_runs_once_it_ends() {
+    let mut sv = running(1, 1);
+    let again = |to| Event::Request {
+        request: Request::Rollout {
+            spec: Box::new(policy(1, 1)),
+        },
+        reply: Some(ReplyTo(to)),
+    };
+    play(
+        &mut sv,
+        vec![
+            (10, rollout(policy(1, 1)), vec![spawn(2, 0, 2)]),
+            (11, spawned(2, 200), vec![]),
+            // A storm of the same reload: nothing superseded, nothing spawned.
+            (12, again(20), vec![]),
+            (13, again(21), vec![]),
+            (14, again(22), vec![]),
+            (20, ready(2), vec![term(1, 100)]),
+        ],
+    );
+    // The first rollout ends; the folded ones are one more, from now.
+    let out = step(&mut sv, 30, exited(100));
+    assert!(reply_ok(&out[0]), "{out:?}");
+    assert_eq!(out[1..], [spawn(3, 0, 3), retire(1)], "{out:?}");
+    play(
+        &mut sv,
+        vec![
+            (31, spawned(3, 300), vec![]),
+            (40, ready(3), vec![term(2, 200)]),
+        ],
+    );
+    // Its end answers every folded request.
+    let out = step(&mut sv, 50, exited(200));
+    let answered: Vec<ReplyTo> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply { to, outcome: Ok(_) } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answered, [ReplyTo(20), ReplyTo(21), ReplyTo(22)], "{out:?}");
+    assert_eq!(sv.stable(), Generation(3));
 }
 
 mod recycle;

@@ -231,9 +231,12 @@ impl Runtime {
         // Fallible steps first; what removes files on drop comes last.
         let logs =
             Logs::resume(LogsHandover::adopt(edge.logs, bank)?).map_err(|e| e.to_string())?;
-        let notify =
-            NotifySocket::adopt(bank.dup(edge.notify_fd, "notify socket")?, edge.notify_path)
-                .map_err(io("notify socket"))?;
+        let notify = NotifySocket::adopt(
+            bank.dup(edge.notify_fd, "notify socket")?,
+            edge.notify_path,
+            edge.notify_inode,
+        )
+        .map_err(io("notify socket"))?;
         let inherited = Inherited::from_records(edge.inherited, bank)?;
         let devnull = std::fs::File::open("/dev/null")
             .map_err(io("/dev/null"))?
@@ -316,6 +319,7 @@ impl Runtime {
                 .into_iter()
                 .map(|(id, r)| (id, WorkerCgroup::adopt(r)))
                 .collect(),
+            previous: super::previous::Previous::adopt(edge.previous, now),
             notify,
             rundir: RunDir(edge.rundir),
             devnull,
@@ -416,7 +420,14 @@ impl Runtime {
                     if let Ok(f) = bank.claim(fd, "control socket") {
                         let inode = std::fs::metadata(&path)
                             .map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
-                        let r = ControlRecord { path, inode, fd };
+                        // The keeper link beside it, as `ControlSocket::bind` makes it.
+                        let keeper = crate::control::keeper_of(&path).filter(|k| k.exists());
+                        let r = ControlRecord {
+                            path,
+                            inode,
+                            fd,
+                            keeper,
+                        };
                         left.control = ControlSocket::adopt(r, f).ok();
                     }
                 }
@@ -500,6 +511,11 @@ impl Runtime {
 }
 
 impl Leftovers {
+    /// The serials of the previous image's workers taken on.
+    pub(super) fn serials(&self) -> Vec<u64> {
+        self.workers.iter().map(|(id, _)| id.0).collect()
+    }
+
     /// The core of a fallback: the previous image's workers as generation 1
     /// (see [`Supervisor::inherit`]), their pids, their cgroups, and their
     /// log pipes attached to `logs`.

@@ -106,6 +106,10 @@ pub struct EdgeRecord {
     pub started: At,
     /// `ListenOverflows`, `ListenDrops` when holdfast first started.
     pub baseline: Option<(u64, u64)>,
+    /// The workers a crashed holdfast before this one left, still waited for.
+    pub previous: super::previous::PreviousRecord,
+    /// The notify socket file's inode (to tell when its path is removed).
+    pub notify_inode: u64,
 }
 
 /// One fd of the manifest and what it is.

@@ -26,6 +26,7 @@ mod adopt;
 mod handover;
 mod input;
 pub mod notify;
+mod previous;
 pub mod probe;
 mod reload;
 mod upgrade;
@@ -221,6 +222,8 @@ pub struct Runtime {
     /// holdfast's delegated cgroup, when it has one: a cgroup per worker.
     cgroups: Option<crate::os::proc::Cgroups>,
     worker_cgroups: HashMap<WorkerId, crate::os::proc::WorkerCgroup>,
+    /// What the previous holdfast of this unit left running.
+    previous: previous::Previous,
     notify: NotifySocket,
     rundir: RunDir,
     devnull: OwnedFd,
@@ -271,11 +274,19 @@ pub struct Runtime {
     adopted: Option<adopt::Adopted>,
 }
 
+/// Where holdfast's run directory goes: systemd's `RuntimeDirectory=`
+/// (`$RUNTIME_DIRECTORY`, the first of its list), else `$XDG_RUNTIME_DIR`,
+/// else the temp dir. /tmp is the last resort: tmp cleaners age it.
 fn runtime_base() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() && Path::new(&d).is_dir() => PathBuf::from(d),
-        _ => std::env::temp_dir(),
-    }
+    let first = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .and_then(|v| v.to_str()?.split(':').next().map(PathBuf::from))
+            .filter(|d| !d.as_os_str().is_empty() && d.is_dir())
+    };
+    first("RUNTIME_DIRECTORY")
+        .or_else(|| first("XDG_RUNTIME_DIR"))
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 impl Runtime {
@@ -370,7 +381,17 @@ impl Runtime {
             reopen_signal: config.logs.reopen_signal.map(|s| s.0),
         };
         let now = Instant::now();
-        let (sv, pids, worker_cgroups) = match &mut fallback {
+        // The previous holdfast's workers (a crash, KillMode=process), and in
+        // a fallback, the previous image's own workers: those are not left
+        // over, they are inherited.
+        let inherited_serials: Vec<u64> =
+            fallback.as_ref().map(|f| f.serials()).unwrap_or_default();
+        let previous = previous::Previous::find(
+            cgroups.as_ref(),
+            config.app.drain_timeout,
+            &inherited_serials,
+        );
+        let (mut sv, pids, worker_cgroups) = match &mut fallback {
             None => (
                 Supervisor::new(spec, settings),
                 HashMap::new(),
@@ -378,6 +399,9 @@ impl Runtime {
             ),
             Some(f) => f.inherit(spec, settings, &logs, cgroups.as_ref(), now),
         };
+        if let Some(first) = previous.next_serial() {
+            sv.number_workers_from(first);
+        }
         let mut rt = Runtime {
             sv,
             config,
@@ -389,6 +413,7 @@ impl Runtime {
             probes: HashMap::new(),
             cgroups,
             worker_cgroups,
+            previous,
             notify,
             rundir,
             devnull,
@@ -502,17 +527,38 @@ impl Runtime {
                     self.upgrade_timers();
                     self.feed(Event::Tick);
                 }
-                _ = housekeeping.tick() => self.housekeeping(false),
+                _ = housekeeping.tick() => {
+                    self.housekeeping(false);
+                    match self.control_server.as_ref().map(control::Server::repair_path) {
+                        Some(Ok(true)) => warn!("the control socket's path was removed or replaced; restored it (holdfast status and the other commands find holdfast again)"),
+                        Some(Err(e)) => error!(error = %e, "cannot restore the control socket's path"),
+                        _ => {}
+                    }
+                }
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
             }
             // The one place an upgrade execs: between two turns of the loop,
             // once nothing is under way whose answer the exec would lose.
             self.upgrade_if_quiet();
         }
+        // systemd (KillMode=process) leaves what the previous holdfast
+        // left to us: a stop ends once it is gone.
+        let abandon = self.previous.kill_at.max(Instant::now()) + previous::PREVIOUS_ABANDON_AFTER;
+        while !self.previous.cgroups.is_empty() && Instant::now() < abandon {
+            self.previous.check(Instant::now());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if self.systemd.uses_fd_store() {
             // The sockets live on in systemd's fd store: the next holdfast
-            // adopts them by these paths.
-            for l in &self.held {
+            // adopts them by these paths. (A final stop closes the store
+            // and removes RuntimeDirectory=, paths and keepers with it.) A
+            // socket-activated path is systemd's and stays anyway; its
+            // keeper link is holdfast's and goes.
+            for l in self
+                .held
+                .iter()
+                .filter(|l| !matches!(l.origin, crate::os::listener::Origin::Activated { .. }))
+            {
                 l.keep_path();
             }
         }
@@ -676,6 +722,16 @@ impl Runtime {
             Action::Drain { id, pid, signal } => {
                 debug!(worker = %id, %pid, %signal, "drain signal to the process group");
                 signal_group(pid, signal);
+                signal_group(pid, Signal::SIGCONT);
+            }
+            Action::Terminate { pid } => {
+                debug!(%pid, "SIGTERM and SIGCONT to an adopted descendant");
+                let p = nix::unistd::Pid::from_raw(pid.0);
+                for signal in [Signal::SIGTERM, Signal::SIGCONT] {
+                    if let Err(e) = nix::sys::signal::kill(p, signal) {
+                        debug!(%pid, %signal, error = %e, "signal failed");
+                    }
+                }
             }
             Action::Signal { pid, signal } => {
                 debug!(%pid, %signal, "signal");
@@ -753,8 +809,18 @@ impl Runtime {
             }
             Action::Reply { to, outcome } => {
                 self.early.remove(&to);
-                for r in self.replies.remove(&to).into_iter().flatten() {
-                    let _ = r.send(outcome.clone());
+                let replies = self.replies.remove(&to).unwrap_or_default();
+                if !replies.is_empty() {
+                    // Counted as on its way out from now (an upgrade waits for
+                    // it), though sent only after what systemd was told before
+                    // it (READY=1 at a rollout's end): see `Notifier::then`.
+                    let answering = control::Answering::new();
+                    self.systemd.then(Box::new(move || {
+                        for r in replies {
+                            let _ = r.send(outcome.clone());
+                        }
+                        drop(answering);
+                    }));
                 }
             }
             Action::Exit { code } => self.exit = Some(code),

@@ -28,6 +28,8 @@ impl Message {}
 pub struct NotifySocket {
     sock: UnixDatagram,
     path: PathBuf,
+    /// The socket file's inode: tells whether the path still leads here.
+    inode: u64,
 }
 
 /// Parses the sd_notify(3) payload: newline-separated `KEY=VALUE` assignments.
@@ -52,9 +54,11 @@ impl NotifySocket {
         setsockopt(&fd, sockopt::PassCred, &true)?;
         // Workers may run as another user (e.g. after dropping privileges).
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(path)?);
         Ok(NotifySocket {
             sock: UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?,
             path: path.to_path_buf(),
+            inode,
         })
     }
 
@@ -62,17 +66,32 @@ impl NotifySocket {
         &self.path
     }
 
+    /// Whether the path still leads to this socket (a tmp cleaner or an
+    /// `rm -r` of the run directory may have removed it: then every READY=1
+    /// sent to it is lost).
+    pub fn is_in_place(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.inode)
+    }
+
     /// The socket's fd (an upgrade keeps it open across the exec).
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.sock.as_fd()
     }
 
+    /// The socket file's inode (an upgrade hands it over with the socket).
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
     /// The socket a previous image bound at `path` (non-blocking and with
-    /// SO_PASSCRED already: both live on the socket, not the fd).
-    pub fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf) -> io::Result<NotifySocket> {
+    /// SO_PASSCRED already: both live on the socket, not the fd); `inode`:
+    /// its socket file's, as that image saw it.
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf, inode: u64) -> io::Result<NotifySocket> {
         Ok(NotifySocket {
             sock: UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?,
             path,
+            inode,
         })
     }
 

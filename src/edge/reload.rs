@@ -64,6 +64,9 @@ impl Runtime {
             waiters.into_iter().map(|w| (w.reply, w.started)).unzip();
         let reply = self.hold_replies(replies.into_iter().flatten().collect());
         let started: Vec<Reply> = started.into_iter().flatten().collect();
+        // Each reload must be answered RELOADING=1 … READY=1 (see
+        // `Notifier::reload_began`), also one that lands during a rollout.
+        let during_rollout = self.systemd.told() == crate::core::ServiceState::Reloading;
         let answer = match p.result {
             Err(error) => {
                 let answer = Err(format!("reload rejected: {error}"));
@@ -103,6 +106,9 @@ impl Runtime {
                 }
             }
         };
+        if during_rollout {
+            self.systemd.reload_began();
+        }
         for s in started {
             let _ = s.send(answer.clone());
         }

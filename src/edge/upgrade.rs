@@ -594,6 +594,8 @@ impl Runtime {
                 ignored_senders: self.ignored_senders.iter().copied().collect(),
                 started: At::of(self.started, now),
                 baseline: self.baseline,
+                previous: self.previous.record(now),
+                notify_inode: self.notify.inode(),
             },
         }
     }

@@ -169,9 +169,34 @@ impl Runtime {
     /// Every second and after exits (`after_exit`): settle exec reports,
     /// list adopted descendants, restore unlinked unix paths.
     pub(super) fn housekeeping(&mut self, after_exit: bool) {
+        self.previous.check(Instant::now());
         self.execs
             .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
         self.repair_paths();
+        if !self.notify.is_in_place() {
+            // Workers were given this path: a socket bound there again gets
+            // their READY=1 (the run directory is made again if it is gone).
+            let path = self.notify.path().to_path_buf();
+            let rebound = path
+                .parent()
+                .map_or(Ok(()), |d| {
+                    std::os::unix::fs::DirBuilderExt::mode(
+                        std::fs::DirBuilder::new().recursive(true),
+                        0o700,
+                    )
+                    .create(d)
+                })
+                .and_then(|()| crate::edge::notify::NotifySocket::bind(&path));
+            match rebound {
+                Ok(s) => {
+                    warn!(path = %path.display(), "the workers' notify socket was removed (its run directory cleaned?); bound it again");
+                    self.notify = s;
+                }
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "the workers' notify socket was removed and cannot be bound again; workers' READY=1 are lost until it can")
+                }
+            }
+        }
         let pids = &self.pids;
         // An upgrade's trial run is holdfast's own child, not a stray.
         let trial = self.trial_pid();

@@ -265,7 +265,12 @@ impl Sink {
         if out.buf.is_empty() {
             return;
         }
-        let (written, result) = self.write_out(&out.buf);
+        let (mut written, result) = self.write_out(&out.buf);
+        if result.is_err() {
+            // A short write (a full disk) may have cut a line: take its
+            // head back, so the next line written does not glue onto it.
+            written = self.unwrite_partial(&out.buf[..written]);
+        }
         let lost = match &result {
             Ok(()) => 0,
             Err(_) => out.buf[written..].iter().filter(|&&b| b == b'\n').count() as u64,
@@ -298,6 +303,33 @@ impl Sink {
         out.buf.clear();
         out.lines = 0;
         out.split = 0;
+    }
+
+    /// `written` went out and ends inside a line: truncates a regular file
+    /// back to the end of its last whole line (holdfast is its only writer;
+    /// it appends); returns how much of `written` stays. Anything else (a
+    /// pipe, a tty) cannot be taken back: it gets the line's end now.
+    pub(super) fn unwrite_partial(&mut self, written: &[u8]) -> usize {
+        let whole = memchr::memrchr(b'\n', written).map_or(0, |i| i + 1);
+        let partial = (written.len() - whole) as u64;
+        if partial == 0 {
+            return written.len();
+        }
+        let truncated = self
+            .file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| {
+                let len = m.len().checked_sub(partial)?;
+                self.file.set_len(len).ok()
+            });
+        if truncated.is_some() {
+            return whole;
+        }
+        // The head stays; end it so the next line starts on its own.
+        let _ = self.file.write(b"\n");
+        written.len()
     }
 
     /// Writes `buf` (whole lines) in pieces of at most `self.piece` bytes cut

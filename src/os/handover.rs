@@ -31,7 +31,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{SigSet, Signal};
 
 /// The signals holdfast handles: blocked across the exec.
@@ -316,28 +316,6 @@ impl FdBank {
     pub fn peek(&self, number: RawFd) -> Option<BorrowedFd<'_>> {
         self.fds.get(&number).map(|f| f.as_fd())
     }
-
-    /// Whether nothing is left.
-    pub fn is_empty(&self) -> bool {
-        self.fds.is_empty()
-    }
-
-    /// The numbers not claimed yet.
-    pub fn unclaimed(&self) -> Vec<RawFd> {
-        self.fds.keys().copied().collect()
-    }
-}
-
-/// Makes `fd` (a dup, owned by the caller) non-blocking or blocking.
-pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    let flags = if on {
-        flags | OFlag::O_NONBLOCK
-    } else {
-        flags - OFlag::O_NONBLOCK
-    };
-    fcntl(fd, FcntlArg::F_SETFL(flags))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -129,7 +129,11 @@ pub fn start(
         cwd: spec.app.cwd.as_deref(),
         stdio: start.stdio,
         fds: &fds,
-        parent_death_signal: nix::sys::signal::Signal::SIGTERM,
+        // If holdfast dies (a crash, the watchdog), the worker drains as it
+        // would in a rollout: systemd restarts holdfast with the same
+        // sockets (fd store, KillMode=process) while the old workers
+        // finish their requests. SIGTERM would drop them in Unicorn.
+        parent_death_signal: spec.app.drain_signal.0,
         cgroup_procs: start.cgroup_procs,
     };
     let spawned = sys::spawn(&plan, &spec.program)?;

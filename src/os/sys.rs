@@ -290,10 +290,22 @@ pub fn spawn(plan: &ExecPlan<'_>, path: &Path) -> Result<Spawned, SpawnError> {
     let parent = nix::unistd::getpid();
     let pdeath = plan.parent_death_signal as libc::c_int;
 
+    // Every signal blocked across the fork: the child starts with
+    // holdfast's handlers installed, and a signal it got before it reset them
+    // (a drain signal sent right after the spawn) would run holdfast's
+    // handler in the child and be lost. Blocked, it stays pending until the
+    // child has reset every disposition to the default (as exec would).
+    let mask = nix::sys::signal::SigSet::all()
+        .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_SETMASK)
+        .map_err(|e| child_err("sigprocmask", e.into()))?;
     // SAFETY: the child branch only calls async-signal-safe functions on
     // memory prepared above (no allocation, no locks, no logging) and ends in
     // execve or _exit; the parent branch is ordinary code.
     let fork = unsafe { nix::unistd::fork() };
+    if !matches!(fork, Ok(nix::unistd::ForkResult::Child)) {
+        // Back to the parent's own mask (the child sets its own).
+        let _ = mask.thread_set_mask();
+    }
     match fork {
         Ok(nix::unistd::ForkResult::Child) => {
             // SAFETY: see `child_after_fork`: async-signal-safe only; every
@@ -322,6 +334,11 @@ pub fn spawn(plan: &ExecPlan<'_>, path: &Path) -> Result<Spawned, SpawnError> {
             }
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
+            // Its own process group at once, from this side too: a drain
+            // signal to the group right after the spawn must reach it even
+            // before the child's own setpgid ran (EACCES once it exec'd:
+            // then it did).
+            let _ = nix::unistd::setpgid(child, child);
             drop(err_w);
             // The child has its own copy of all of it (see the doc above).
             drop((argv, envs, pid_buf, scratch));
@@ -389,12 +406,21 @@ unsafe fn child_after_fork(a: ChildArgs) -> ! {
         libc::_exit(127)
     };
 
-    // A fresh signal state: empty mask; SIGPIPE back to default (Rust ignores it,
-    // and an ignored disposition survives exec).
+    // A fresh signal state, as a new program expects: every disposition back
+    // to the default (holdfast's handlers, and SIGPIPE, which Rust ignores
+    // and an ignored disposition would survive exec), then an empty mask.
+    // The parent blocked everything across the fork, so a signal sent to us
+    // meanwhile is still pending and now gets its default action.
+    let mut sig = 1;
+    while sig < 65 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        sig += 1;
+    }
     let mut set: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut set);
     libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
     if libc::setpgid(0, 0) != 0 {
         fail(err_fd, 0);

@@ -25,6 +25,7 @@ pub fn enrich(s: &mut Snapshot, baseline: Option<(u64, u64)>) {
             tree.extend(proc::descendants_in(p, &parents));
         }
         w.descendants = Some(tree.len().saturating_sub(1) as u64);
+        w.process_state = proc::stat(pid).and_then(|s| unusual_state(s.state));
         let inodes: HashSet<u64> = tree
             .iter()
             .flat_map(|p| proc::process_socket_inodes(*p))
@@ -121,6 +122,20 @@ fn memory(tree: &[i32], sampling: Sampling) -> Option<Memory> {
         bytes,
         rss_bytes,
     })
+}
+
+/// A process state letter of /proc/PID/stat worth showing: anything but
+/// running (R), sleeping (S) and idle (I).
+fn unusual_state(letter: char) -> Option<String> {
+    match letter {
+        'T' => Some("stopped"),
+        't' => Some("traced"),
+        'D' => Some("disk sleep"),
+        'Z' => Some("zombie"),
+        'X' => Some("dead"),
+        _ => None,
+    }
+    .map(str::to_string)
 }
 
 #[cfg(test)]

@@ -125,6 +125,11 @@ pub struct WorkerStatus {
     /// holdfast's listeners; `None` when /proc could not be read.
     pub connections: Option<u64>,
     pub memory: Option<Memory>,
+    /// The kernel's view of the worker's own process when it is not simply
+    /// running or sleeping: "stopped" (SIGSTOP: hung, accepting nothing),
+    /// "traced", "disk sleep" (uninterruptible I/O), "zombie".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_state: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

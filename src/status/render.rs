@@ -141,9 +141,10 @@ pub fn render(s: &Snapshot) -> String {
     .map(String::from)
     .to_vec()];
     for w in &s.workers {
-        let state = match w.restart_in_secs {
-            Some(secs) => format!("{} (start in {})", w.state, short_duration(secs)),
-            None => w.state.clone(),
+        let state = match (w.restart_in_secs, &w.process_state) {
+            (Some(secs), _) => format!("{} (start in {})", w.state, short_duration(secs)),
+            (None, Some(p)) => format!("{} ({p})", w.state),
+            (None, None) => w.state.clone(),
         };
         let desc = match (w.descendants, w.escaped) {
             (Some(n), 0) => n.to_string(),

@@ -76,6 +76,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
                 restart_in_secs: None,
                 connections: None,
                 memory: None,
+                process_state: None,
                 descendants: None,
                 escaped: u32::try_from(escaped.len()).unwrap_or(u32::MAX),
                 escaped_pids: escaped,
@@ -102,6 +103,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             ),
             connections: None,
             memory: None,
+            process_state: None,
             descendants: None,
             escaped: 0,
             escaped_pids: Vec::new(),
@@ -137,6 +139,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
         Reason::Memory,
         Reason::Age,
         Reason::Crash,
+        Reason::NotServing,
     ]
     .iter()
     .map(|r| (r.to_string(), 0))

@@ -65,8 +65,7 @@ impl Notifier {
         Notifier::new(Target::Off, None, false, Instant::now())
     }
 
-    #[cfg(test)]
-    pub(super) fn told(&self) -> Told {
+    pub(crate) fn told(&self) -> Told {
         self.told
     }
 
@@ -212,6 +211,41 @@ impl Notifier {
         }
         debug!(from = ?self.told, to = ?state, "told systemd");
         self.told = state;
+    }
+
+    /// A reload began (accepted or rejected) while systemd is told a rollout
+    /// is under way: RELOADING=1 again, with a fresh MONOTONIC_USEC. systemd
+    /// ≥ 253 (`Type=notify-reload`) ends a reload it signalled only on a
+    /// RELOADING=1 stamped after its signal, then READY=1; without this, a
+    /// SIGHUP that lands during a rollout waits for TimeoutStartSec= and
+    /// fails. READY=1 still comes when the (newest) rollout ends. systemd 252
+    /// only keeps the unit "reloading", as it already is.
+    pub fn reload_began(&mut self) {
+        if !self.is_on() || self.told != Told::Reloading {
+            return;
+        }
+        let status = self.status.clone();
+        let st = NotifyState::Status(&status);
+        match NotifyState::monotonic_usec_now() {
+            Ok(mono) => self.send(&[NotifyState::Reloading, mono, st], &[]),
+            Err(e) => {
+                warn!(error = %e, "CLOCK_MONOTONIC unreadable; RELOADING=1 without MONOTONIC_USEC");
+                self.send(&[NotifyState::Reloading, st], &[]);
+            }
+        }
+        debug!("told systemd: reloading again");
+    }
+
+    /// Runs `f` once every message queued so far has been sent (at once
+    /// when nothing is sent to systemd). The edge sends its replies through
+    /// here, so that `holdfast restart --wait` run as `ExecReload=` exits
+    /// only after READY=1 is in systemd's queue: systemd reads notifications
+    /// before SIGCHLD, so it sees the reload end before its command's exit.
+    pub fn then(&self, f: Box<dyn FnOnce() + Send>) {
+        match &self.target {
+            Target::Socket(s) => s.then(f),
+            _ => f(),
+        }
     }
 
     /// When [`Notifier::due`] must run next: the next watchdog ping or
@@ -362,8 +396,8 @@ pub struct NotifierRecord {
 pub(super) struct Datagram {
     text: String,
     fds: Vec<OwnedFd>,
-    /// Answered once every datagram queued before it was sent (flush).
-    done: Option<std::sync::mpsc::Sender<()>>,
+    /// Run once every datagram queued before it was sent (flush, replies).
+    then: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The thread that writes to NOTIFY_SOCKET, in order, with a 2 s send
@@ -381,8 +415,8 @@ impl Sender {
             .spawn(move || {
                 let mut failed = false;
                 for d in rx {
-                    if let Some(done) = d.done {
-                        let _ = done.send(());
+                    if let Some(then) = d.then {
+                        then();
                         continue;
                     }
                     let raw: Vec<RawFd> = d.fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -417,7 +451,7 @@ impl Sender {
         let d = Datagram {
             text,
             fds: owned,
-            done: None,
+            then: None,
         };
         if let Err(e) = self.queue.try_send(d) {
             warn!(error = %e, "the queue to systemd is full or gone; dropping a notification");
@@ -426,13 +460,27 @@ impl Sender {
 
     pub(super) fn flush(&self, within: Duration) {
         let (tx, rx) = std::sync::mpsc::channel();
+        self.then(Box::new(move || {
+            let _ = tx.send(());
+        }));
+        let _ = rx.recv_timeout(within);
+    }
+
+    /// Queues `f` behind the datagrams; runs it now if the queue is full or
+    /// the thread is gone (nothing before it can be sent then anyway).
+    pub(super) fn then(&self, f: Box<dyn FnOnce() + Send>) {
         let d = Datagram {
             text: String::new(),
             fds: Vec::new(),
-            done: Some(tx),
+            then: Some(f),
         };
-        if self.queue.try_send(d).is_ok() {
-            let _ = rx.recv_timeout(within);
+        if let Err(
+            std::sync::mpsc::TrySendError::Full(d) | std::sync::mpsc::TrySendError::Disconnected(d),
+        ) = self.queue.try_send(d)
+        {
+            if let Some(f) = d.then {
+                f();
+            }
         }
     }
 }

@@ -178,6 +178,10 @@ pub struct LoadSpec {
     pub request_timeout: Duration,
     /// Send `POST` with this body instead of `GET`.
     pub post_body: Option<Vec<u8>>,
+    /// A network namespace (`/proc/PID/ns/net`) each client thread joins
+    /// before it connects: the loopback of a systemd sandbox
+    /// (`sandbox::Sandbox::netns`). `None`: the test's own.
+    pub netns: Option<PathBuf>,
 }
 
 impl LoadSpec {
@@ -192,6 +196,7 @@ impl LoadSpec {
             max_requests: 1_000_000,
             request_timeout: Duration::from_secs(10),
             post_body: None,
+            netns: None,
         }
     }
 }
@@ -218,6 +223,8 @@ struct Shared {
     claimed: AtomicU64,
     /// Requests finished, OK or failed.
     done: AtomicU64,
+    /// Connections opened (connect succeeded).
+    connections: AtomicU64,
     tally: Mutex<Tally>,
 }
 
@@ -286,6 +293,7 @@ impl Load {
             stop: AtomicBool::new(false),
             claimed: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             tally: Mutex::new(Tally::default()),
         });
         let threads = (0..shared.spec.connections)
@@ -337,6 +345,7 @@ impl Load {
             per_pid: t.per_pid,
             latencies_ms: t.latencies_ms,
             elapsed,
+            connections: self.shared.connections.load(Ordering::SeqCst),
         }
     }
 }
@@ -379,6 +388,9 @@ pub struct LoadReport {
     /// Latency of each OK request in ms, connect included when it opened a connection.
     pub latencies_ms: Vec<f64>,
     pub elapsed: Duration,
+    /// Connections the clients opened (each successful connect), so a test
+    /// can tell its own connections from a proxy's in kernel counters.
+    pub connections: u64,
 }
 
 impl LoadReport {
@@ -473,6 +485,9 @@ fn build_request(path: &str, keepalive: bool, post_body: Option<&[u8]>) -> Vec<u
 
 fn client_loop(shared: &Shared, conn_no: usize) {
     let spec = &shared.spec;
+    if let Some(ns) = &spec.netns {
+        join_netns(ns);
+    }
     let req = build_request(&spec.path, spec.keepalive, spec.post_body.as_deref());
     let mut conn: Option<Conn> = None;
     while !shared.should_stop() && shared.claim() {
@@ -480,7 +495,10 @@ fn client_loop(shared: &Shared, conn_no: usize) {
         let mut c = match conn.take() {
             Some(c) => c,
             None => match Conn::open(&spec.target, spec.request_timeout) {
-                Ok(c) => c,
+                Ok(c) => {
+                    shared.connections.fetch_add(1, Ordering::SeqCst);
+                    c
+                }
                 Err(f) => {
                     shared.record_failure(conn_no, f);
                     continue;
@@ -513,6 +531,14 @@ fn client_loop(shared: &Shared, conn_no: usize) {
             Err(f) => shared.record_failure(conn_no, f),
         }
     }
+}
+
+/// Moves the calling thread (only it: setns(2) on a network namespace is
+/// per thread) into the network namespace at `ns`. Panics if it cannot.
+pub fn join_netns(ns: &std::path::Path) {
+    let f = std::fs::File::open(ns).unwrap_or_else(|e| panic!("open {}: {e}", ns.display()));
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {}: {e}", ns.display()));
 }
 
 fn snippet(body: &[u8]) -> String {

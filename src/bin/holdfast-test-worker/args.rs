@@ -60,6 +60,16 @@ pub(crate) struct Args {
     /// the others (repeatable). READY=1 is sent as usual.
     #[arg(long, value_name = "NAME", conflicts_with = "close_inherited")]
     pub(crate) close_listener: Vec<String>,
+    /// After this long serving, close every listener (the accept loops
+    /// end) but keep serving the connections already accepted and stay
+    /// alive: a server whose accept loop died after it was ready.
+    #[arg(long, value_name = "MS", conflicts_with = "close_inherited")]
+    pub(crate) close_listeners_after_ms: Option<u64>,
+    /// After this long, point fds 1 and 2 at /dev/null (closing this
+    /// process's ends of holdfast's pipes) and keep serving, as a server
+    /// that daemonises its stdio does. Helpers spawned before keep theirs.
+    #[arg(long, value_name = "MS")]
+    pub(crate) close_stdio_after_ms: Option<u64>,
     /// At start, spawn a daemon: a child that calls setsid(2) (leaving this
     /// worker's process group and session), holds a copy of every inherited
     /// listener, does not die with this worker, has /dev/null as stdio, and
@@ -160,19 +170,24 @@ mod tests {
             "--close-listener",
             "sock",
             "--exit-on-usr2=3",
+            "--close-listeners-after-ms=500",
+            "--close-stdio-after-ms=0",
         ])
         .map_err(|e| e.to_string());
         assert!(
             args.as_ref().is_ok_and(|a| a.daemon
                 && a.quick_term
                 && a.close_listener == ["admin", "sock"]
-                && a.exit_on_usr2 == Some(3)),
+                && a.exit_on_usr2 == Some(3)
+                && a.close_listeners_after_ms == Some(500)
+                && a.close_stdio_after_ms == Some(0)),
             "{args:?}"
         );
         for conflict in [
             ["x", "--quick-term", "--ignore-term"],
             ["x", "--daemon", "--close-inherited"],
             ["x", "--close-listener=a", "--close-inherited"],
+            ["x", "--close-listeners-after-ms=1", "--close-inherited"],
         ] {
             assert!(Args::try_parse_from(conflict).is_err(), "{conflict:?}");
         }

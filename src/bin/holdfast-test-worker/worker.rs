@@ -164,6 +164,32 @@ impl Worker {
         if self.args.grow_mb_per_sec > 0 {
             tokio::spawn(Arc::clone(self).grow_forever(self.args.grow_mb_per_sec));
         }
+        if let Some(ms) = self.args.close_listeners_after_ms {
+            let accepting: Vec<_> = acceptors.iter().map(|a| a.abort_handle()).collect();
+            let pid = self.pid;
+            tokio::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                // Each accept loop owns its listener: ending it closes the fd.
+                for a in accepting {
+                    a.abort();
+                }
+                say(&format!(
+                    "test-worker {pid}: closed its listeners on purpose after {ms} ms (--close-listeners-after-ms)"
+                ));
+            });
+        }
+        if let Some(ms) = self.args.close_stdio_after_ms {
+            let pid = self.pid;
+            tokio::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                say(&format!(
+                    "test-worker {pid}: closing stdout and stderr on purpose (--close-stdio-after-ms)"
+                ));
+                if let Err(e) = close_stdio() {
+                    say(&format!("test-worker {pid}: --close-stdio-after-ms: {e}"));
+                }
+            });
+        }
         let log = LogThread::start(self);
 
         // Serving: wait for the drain signal or `/exit`.
@@ -467,4 +493,14 @@ impl Worker {
             }
         }
     }
+}
+
+/// Points fds 1 and 2 at /dev/null: the pipes to holdfast are closed for
+/// this process, and later writes go nowhere instead of failing (or, were
+/// the fds merely closed, landing in whatever opens as fd 1 next).
+fn close_stdio() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
+    Ok(())
 }

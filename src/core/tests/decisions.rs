@@ -342,3 +342,51 @@ fn an_exec_failure_of_a_draining_worker_is_no_crash() {
     );
     assert_eq!(sv.slot_info(Slot(0)).map(|s| s.crashes), Some(0));
 }
+
+#[test]
+fn a_ready_worker_that_stops_holding_its_sockets_is_replaced() {
+    let mut sv = new(serving(1));
+    play(
+        &mut sv,
+        vec![
+            (0, Event::Tick, vec![spawn(1, 0, 1)]),
+            (1, spawned(1, 100), vec![]),
+            (2, ready(1), vec![check(1, 100, 1)]),
+            (3, checked(1, &[]), vec![]),
+            // Checked again every RECHECK_EVERY from when it is ready.
+            (2_003, Event::Tick, vec![check(1, 100, 1)]),
+            (2_004, checked(1, &[]), vec![]),
+            (4_003, Event::Tick, vec![check(1, 100, 1)]),
+            // Once without them is not enough (a moment of fd shuffling)...
+            (4_004, checked(1, &["127.0.0.1:8080"]), vec![]),
+            (6_003, Event::Tick, vec![check(1, 100, 1)]),
+            // ...twice in a row is: replaced, start-before-stop.
+            (6_004, checked(1, &["127.0.0.1:8080"]), vec![spawn(2, 0, 1)]),
+            (6_005, spawned(2, 200), vec![]),
+            (6_010, ready(2), vec![check(2, 200, 1)]),
+            (6_011, checked(2, &[]), vec![term(1, 100)]),
+        ],
+    );
+    assert_eq!(sv.counters.replacements.get(&Reason::NotServing), Some(&1));
+}
+
+#[test]
+fn a_worker_holding_its_sockets_again_starts_the_count_afresh() {
+    let mut sv = new(serving(1));
+    play(
+        &mut sv,
+        vec![
+            (0, Event::Tick, vec![spawn(1, 0, 1)]),
+            (1, spawned(1, 100), vec![]),
+            (2, ready(1), vec![check(1, 100, 1)]),
+            (3, checked(1, &[]), vec![]),
+            (2_003, Event::Tick, vec![check(1, 100, 1)]),
+            (2_004, checked(1, &["127.0.0.1:8080"]), vec![]),
+            (4_003, Event::Tick, vec![check(1, 100, 1)]),
+            (4_004, checked(1, &[]), vec![]),
+            (6_003, Event::Tick, vec![check(1, 100, 1)]),
+            (6_004, checked(1, &["127.0.0.1:8080"]), vec![]),
+        ],
+    );
+    assert_eq!(sv.counters.replacements.get(&Reason::NotServing), None);
+}

@@ -27,6 +27,10 @@ pub(super) fn probe_ready(id: u64) -> Event {
     }
 }
 
+pub(super) fn terminate(pid: i32) -> Action {
+    Action::Terminate { pid: Pid(pid) }
+}
+
 pub(super) fn signal(pid: i32, signal: Signal) -> Action {
     Action::Signal {
         pid: Pid(pid),
@@ -314,8 +318,10 @@ fn a_generation_is_retired_once_nothing_uses_it() {
             (11, spawned(2, 200), vec![]),
         ],
     );
-    // A second rollout supersedes the first before it ends.
-    let out = step(&mut sv, 12, rollout(policy(1, 1)));
+    // A second rollout, of another config, supersedes the first before it ends.
+    let mut other = policy(1, 1);
+    other.app.env.insert("DEPLOY".into(), "b".into());
+    let out = step(&mut sv, 12, rollout(other));
     assert!(
         matches!(&out[..], [Action::Reply { outcome: Err(e), .. }] if e.contains("superseded")),
         "{out:?}"
@@ -358,7 +364,7 @@ fn a_daemon_of_a_live_worker_is_left_alone_and_ends_with_it() {
     assert_eq!(sv.strays().count(), 1);
     // The worker's own process is gone: its daemon gets SIGTERM now...
     let out = step_all(&mut sv, 50, exited(100));
-    assert!(out.contains(&signal(500, Signal::SIGTERM)), "{out:?}");
+    assert!(out.contains(&terminate(500)), "{out:?}");
     // ...the worker is not released while its daemon lives...
     assert!(!out.contains(&released(1)), "{out:?}");
     // ...and SIGKILL after generation 1's drain_timeout.
@@ -408,7 +414,7 @@ fn a_stop_waits_for_every_descendant() {
             (10, adopted(&[(500, 500, Some(1))]), vec![]),
             (20, stop(), vec![term(1, 100)]),
             // The worker drains in time; its daemon is told to go.
-            (1_000, exited(100), vec![signal(500, Signal::SIGTERM)]),
+            (1_000, exited(100), vec![terminate(500)]),
             (1_001, adopted(&[(500, 500, Some(1))]), vec![]),
             (1_500, exited(500), vec![Action::Exit { code: 0 }]),
         ],
@@ -424,11 +430,7 @@ fn a_stop_ends_only_after_the_listing_that_follows_the_last_exit() {
             (20, stop(), vec![term(1, 100)]),
             // The daemon was the worker's child until now: not known yet.
             (1_000, exited(100), vec![]),
-            (
-                1_001,
-                adopted(&[(700, 700, Some(1))]),
-                vec![signal(700, Signal::SIGTERM)],
-            ),
+            (1_001, adopted(&[(700, 700, Some(1))]), vec![terminate(700)]),
             (1_002, exited(700), vec![Action::Exit { code: 0 }]),
         ],
     );
@@ -441,11 +443,7 @@ fn a_descendant_of_no_live_worker_is_stopped() {
     play(
         &mut sv,
         vec![
-            (
-                10,
-                adopted(&[(600, 600, None)]),
-                vec![signal(600, Signal::SIGTERM)],
-            ),
+            (10, adopted(&[(600, 600, None)]), vec![terminate(600)]),
             // Listed again: not signalled twice.
             (20, adopted(&[(600, 600, None)]), vec![]),
             (30_010, Event::Tick, vec![signal(600, Signal::SIGKILL)]),
@@ -478,7 +476,7 @@ fn a_crash_looping_worker_leaves_no_daemons_behind() {
         );
         now += 10;
         let out = step(&mut sv, now, exited_with(pid, ExitReason::Code(3)));
-        assert_eq!(out, vec![signal(daemon, Signal::SIGTERM)], "round {round}");
+        assert_eq!(out, vec![terminate(daemon)], "round {round}");
         now += 1;
         step(&mut sv, now, exited(daemon));
         now = sv
@@ -500,11 +498,7 @@ fn a_stop_gives_up_on_a_process_sigkill_cannot_end() {
     play(
         &mut sv,
         vec![
-            (
-                10,
-                adopted(&[(600, 600, None)]),
-                vec![signal(600, Signal::SIGTERM)],
-            ),
+            (10, adopted(&[(600, 600, None)]), vec![terminate(600)]),
             (20, stop(), vec![term(1, 100)]),
             (30, exited(100), vec![]),
             (31, adopted(&[(600, 600, None)]), vec![]),

@@ -316,6 +316,56 @@ impl Cgroups {
         })
     }
 
+    /// The `worker-N` cgroups already here when holdfast starts, left by an
+    /// earlier holdfast of the same unit: under systemd with
+    /// `KillMode=process`, a crashed or watchdog-killed holdfast's workers
+    /// drain on after it (their parent-death signal is their drain signal).
+    /// Empty ones are removed now; those with members are returned, in
+    /// serial order, for the new holdfast to wait for and kill at a deadline.
+    /// Nothing else below the directory is touched (systemd's `.control`,
+    /// where ExecReload= runs, is not holdfast's).
+    pub fn previous_workers(&self) -> Vec<WorkerCgroup> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(serial) = name
+                .strip_prefix(WORKER_PREFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let dir = e.path();
+            let Ok(procs) = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(dir.join("cgroup.procs"))
+            else {
+                continue;
+            };
+            let cg = WorkerCgroup {
+                path: format!("{}/{name}", self.path.trim_end_matches('/')),
+                dir,
+                serial,
+                procs: Some(procs),
+                removed: false,
+            };
+            match cg.pids() {
+                Ok(p) if p.is_empty() => {
+                    let _ = cg.remove();
+                }
+                _ => found.push(cg),
+            }
+        }
+        found.sort_by_key(|c| c.serial);
+        found
+    }
+
     /// The serial of the worker cgroup `pid` is in, if it is in one of ours.
     pub(crate) fn serial_of(&self, pid: i32) -> Option<u64> {
         worker_serial_in(&self.path, &cgroup_v2_path(pid)?)
