@@ -128,7 +128,7 @@ fn busy() -> Supervisor {
             (
                 22,
                 adopted(&[(300, 300, Some(2)), (301, 301, None)]),
-                vec![model::signal(301, Signal::SIGTERM)],
+                vec![model::terminate(301)],
             ),
             (23, upgrade(7), vec![upgrade_action()]),
         ],
