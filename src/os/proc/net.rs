@@ -105,7 +105,7 @@ pub(crate) fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
         .collect()
 }
 
-/// `ListenOverflows` and `ListenDrops` from /proc/net/netstat (system-wide).
+/// `ListenOverflows` and `ListenDrops` from /proc/net/netstat (for every socket of holdfast's network namespace).
 pub(crate) fn listen_counters() -> Option<(u64, u64)> {
     parse_netstat(&std::fs::read_to_string("/proc/net/netstat").ok()?)
 }
