@@ -15,6 +15,7 @@
 pub mod cgroup;
 pub mod load;
 pub mod netns;
+pub mod observe;
 pub mod proxy;
 pub mod sandbox;
 

@@ -17,7 +17,7 @@
 //! worker (same pid, so `LISTEN_PID` holds) with extra flags when
 //! `HOLDFAST_WORKER_ID` (and, if set, `HOLDFAST_GENERATION`) match.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub use crate::common::observe::{established_on, poll, socket_inodes, Problems, POLL};
 use crate::common::{
     pid_alive, tagged_pids, Holdfast, Launch, Load, LoadReport, LoadSpec, Swept, Target, DEADLINE,
 };
 
 /// The control socket of every test here (next to the config).
 pub const SOCK: &str = "{dir}/holdfast.sock";
-pub const POLL: Duration = Duration::from_millis(20);
 
 /// Every test here runs real workers under load: two at once on a 2-core
 /// box starve each other and the timings they check.
@@ -40,56 +40,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 pub fn serial() -> MutexGuard<'static, ()> {
     // A failed test must not fail the others.
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Everything wrong a test saw, reported together at the end.
-#[derive(Default)]
-pub struct Problems(pub Vec<String>);
-
-impl Problems {
-    /// Records `what()` unless `ok`; returns `ok`.
-    pub fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
-        if !ok {
-            self.0.push(what());
-        }
-        ok
-    }
-
-    pub fn push(&mut self, what: String) {
-        self.0.push(what);
-    }
-
-    /// The value, or `None` with the error recorded.
-    pub fn note<T>(&mut self, r: Result<T, String>) -> Option<T> {
-        r.map_err(|e| self.0.push(e)).ok()
-    }
-
-    pub fn assert_none(&self) {
-        assert!(
-            self.0.is_empty(),
-            "{} problem(s):\n- {}",
-            self.0.len(),
-            self.0.join("\n- ")
-        );
-    }
-}
-
-/// Calls `cond` every 20 ms until it returns `Ok`; after `deadline`, the
-/// last `Err` (prefixed with the time waited).
-pub fn poll<T>(
-    deadline: Duration,
-    mut cond: impl FnMut() -> Result<T, String>,
-) -> Result<T, String> {
-    let start = Instant::now();
-    loop {
-        match cond() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= deadline => {
-                return Err(format!("after {deadline:?}: {e}"))
-            }
-            Err(_) => std::thread::sleep(POLL),
-        }
-    }
 }
 
 /// A config: listeners `http` (`{port}`) and `side` (`{port2}`), the test
@@ -503,24 +453,6 @@ pub fn proc_state(pid: u32) -> Option<char> {
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
-/// Socket inodes `pid` holds open.
-pub fn socket_inodes(pid: u32) -> BTreeSet<u64> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let link = fs::read_link(e.path()).ok()?;
-                    link.to_str()?
-                        .strip_prefix("socket:[")?
-                        .strip_suffix(']')?
-                        .parse()
-                        .ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The inode of listener `name` from status.
 pub fn listener_inode(s: &Value, name: &str) -> Option<u64> {
     s["listeners"]
@@ -614,27 +546,6 @@ pub fn hold_connections_until(
     })
     .unwrap_or_else(|e| panic!("precondition: {e}"));
     held
-}
-
-/// Established TCP connections to local `port` that `pid` holds (from
-/// /proc/net/tcp and the pid's `socket:[INODE]` links).
-pub fn established_on(pid: u32, port: u16) -> usize {
-    let local = format!(":{port:04X}");
-    let established: BTreeSet<u64> = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| fs::read_to_string(f).ok())
-        .flat_map(|t| {
-            t.lines()
-                .skip(1)
-                .filter_map(|l| {
-                    let c: Vec<&str> = l.split_whitespace().collect();
-                    (c.len() > 9 && c[1].ends_with(&local) && c[3] == "01")
-                        .then(|| c[9].parse().ok())?
-                })
-                .collect::<Vec<u64>>()
-        })
-        .collect();
-    socket_inodes(pid).intersection(&established).count()
 }
 
 /// A counter of `status --json` (`counters.NAME`, or `counters.replacements.NAME`
