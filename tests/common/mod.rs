@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod cgroup;
+pub mod examples;
 pub mod load;
 pub mod netns;
 pub mod observe;
