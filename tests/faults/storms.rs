@@ -595,6 +595,7 @@ fn term_while_an_upgrade_checks_its_binary_cancels_it_and_leaves_nothing() {
     let log = h.log();
     for (want, what) in [
         (true, "upgrade of holdfast cancelled: holdfast is stopping"),
+        (true, "upgrade cancelled: killing its trial run"),
         (false, "did not finish within"),
         (false, "handing over to the new holdfast"),
     ] {
