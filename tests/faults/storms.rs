@@ -684,79 +684,92 @@ fn term_in_the_middle_of_an_upgrade_exec_is_the_new_images_which_adopts_then_sto
     p.assert_none();
 }
 
-/// 20 SIGUSR2 in a second under load. Each one handled asks for an
-/// upgrade to the same binary; one under way refuses the next ("another
-/// upgrade of holdfast is under way"); signals that come during an exec
-/// wait, blocked, for the new image. Every upgrade asked for is adopted
-/// and counted, none fails, and nothing else moves: the same holdfast pid,
-/// the same two workers and generation, no worker spawned, no request
-/// failed, and holdfast stops clean.
+/// 20 SIGUSR2 in a second under load, then 20 in 40 ms, then 20 back to
+/// back. Each one
+/// handled asks for an upgrade to the same binary; one under way refuses
+/// the next ("another upgrade of holdfast is under way"); signals that
+/// come during an exec wait, blocked, for the new image (and coalesce).
+/// After each storm: every SIGUSR2 handled was either an upgrade or a
+/// refusal as busy, every upgrade asked for was adopted and counted, none
+/// failed, and nothing else moved: the same holdfast pid, the same two
+/// workers, generation 1, no worker spawned, no request failed; then
+/// holdfast stops clean.
 #[test]
-fn twenty_sigusr2_in_a_second_upgrade_in_place_and_move_nothing_else() {
+fn sigusr2_storms_upgrade_in_place_and_move_nothing_else() {
     let _serial = serial();
     let mut h = upgrade_cfg().start();
     let first = wait_consistent(&h, 2);
     let traffic = Traffic::start(&h, false);
     let mut p = Problems::default();
-    storm(&h, &[Signal::SIGUSR2; 20], Duration::from_millis(50));
-    // Over once nothing is upgrading and every upgrade asked for is adopted.
-    let end = poll(DEADLINE, || {
-        let s = status(&h)?;
-        let requested = log_lines(&h, &["upgrade of holdfast requested"]).len();
-        let upgraded = log_lines(&h, &["upgraded from"]).len();
-        (s["holdfast"]["upgrading"] == false && requested == upgraded)
-            .then_some(s)
-            .ok_or(format!(
-                "{requested} upgrades asked for, {upgraded} adopted"
-            ))
-    });
-    let handled = log_lines(&h, &["SIGUSR2: upgrading holdfast in place"]).len();
-    let requested = log_lines(&h, &["upgrade of holdfast requested"]).len();
-    let busy = log_lines(
-        &h,
-        &["upgrade refused: another upgrade of holdfast is under way"],
-    )
-    .len();
-    let upgraded = log_lines(&h, &["upgraded from"]).len();
-    p.check(handled >= 2 && requested >= 1, || {
-        format!("{handled} SIGUSR2 handled, {requested} upgrades: the storm did not happen")
-    });
-    p.check(requested + busy == handled, || {
-        format!(
-            "{handled} SIGUSR2 handled: {requested} upgrades asked for + {busy} refused as busy"
-        )
-    });
-    if let Some(s) = p.note(end) {
-        p.check(
-            counter(&s, "upgrades") == upgraded as u64 && counter(&s, "failed_upgrades") == 0,
-            || {
-                format!(
-                    "want upgrades {upgraded}, failed_upgrades 0: {}",
-                    s["counters"]
-                )
-            },
-        );
-        p.check(
-            s["holdfast"]["pid"].as_u64() == Some(u64::from(h.pid())),
-            || format!("holdfast's pid {} became {}", h.pid(), s["holdfast"]["pid"]),
-        );
-        p.check(s["holdfast"]["generation"].as_u64() == Some(1), || {
-            format!("generation {}", s["holdfast"]["generation"])
+    for (shape, gap) in [
+        ("20 in a second", Duration::from_millis(50)),
+        ("20 in 40 ms", Duration::from_millis(2)),
+        ("20 back to back", Duration::ZERO),
+    ] {
+        storm(&h, &[Signal::SIGUSR2; 20], gap);
+        // Over once nothing is upgrading and every upgrade asked for is adopted.
+        let end = poll(DEADLINE, || {
+            let s = status(&h)?;
+            let requested = log_lines(&h, &["upgrade of holdfast requested"]).len();
+            let upgraded = log_lines(&h, &["upgraded from"]).len();
+            (s["holdfast"]["upgrading"] == false && requested == upgraded)
+                .then_some(s)
+                .ok_or(format!(
+                    "{shape}: {requested} upgrades asked for, {upgraded} adopted"
+                ))
         });
+        let handled = log_lines(&h, &["SIGUSR2: upgrading holdfast in place"]).len();
+        let requested = log_lines(&h, &["upgrade of holdfast requested"]).len();
+        let busy = log_lines(
+            &h,
+            &["upgrade refused: another upgrade of holdfast is under way"],
+        )
+        .len();
+        let upgraded = log_lines(&h, &["upgraded from"]).len();
+        p.check(handled >= 2 && requested >= 1, || {
+            format!("{shape}: {handled} SIGUSR2 handled, {requested} upgrades: the storm did not happen")
+        });
+        p.check(requested + busy == handled, || {
+            format!("{shape}: {handled} SIGUSR2 handled: {requested} upgrades asked for + {busy} refused as busy")
+        });
+        if let Some(s) = p.note(end) {
+            p.check(
+                counter(&s, "upgrades") == upgraded as u64 && counter(&s, "failed_upgrades") == 0,
+                || {
+                    format!(
+                        "{shape}: want upgrades {upgraded}, failed_upgrades 0: {}",
+                        s["counters"]
+                    )
+                },
+            );
+            p.check(
+                s["holdfast"]["pid"].as_u64() == Some(u64::from(h.pid())),
+                || {
+                    format!(
+                        "{shape}: holdfast's pid {} became {}",
+                        h.pid(),
+                        s["holdfast"]["pid"]
+                    )
+                },
+            );
+            p.check(s["holdfast"]["generation"].as_u64() == Some(1), || {
+                format!("{shape}: generation {}", s["holdfast"]["generation"])
+            });
+        }
+        let now = p.note(consistent(&h, 2));
+        p.check(now.as_ref() == Some(&first), || {
+            format!("{shape}: workers {first:?} became {now:?}")
+        });
+        eprintln!(
+            "SIGUSR2 storms so far ({shape}): {handled} handled, {upgraded} upgrades, {busy} refused as busy"
+        );
     }
-    let now = p.note(consistent(&h, 2));
-    p.check(now.as_ref() == Some(&first), || {
-        format!("workers {first:?} became {now:?}")
-    });
     p.check(h.worker_pids().len() == 2, || {
         format!(
             "workers spawned: {:?}, want only the first 2",
             h.worker_pids()
         )
     });
-    eprintln!(
-        "SIGUSR2 storm: {handled} of 20 handled, {upgraded} upgrades, {busy} refused as busy"
-    );
     traffic.stop(&mut p, 100);
     stop_and_check_nothing_left(&mut h, &mut p);
     p.assert_none();
