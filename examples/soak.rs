@@ -22,26 +22,34 @@
 //! done), a quiet phase (load, no events: the latency baseline, ending with
 //! the "start" figures of holdfast's RSS, fds and threads), the event
 //! phase, and a settle phase (load, no events, then the "end" figures).
-//! Both measurements come at least 12 s after the last event, once tokio's
-//! idle blocking threads (10 s keep-alive) are gone.
+//! Both measurements come at least 12 s after the last event, past tokio's
+//! 10 s keep-alive of blocking threads that got no work.
 //!
 //! **Figures across upgrades.** An upgrade execs a new image in the same
 //! pid: its heap and threads are made anew, only the fds and the state
 //! cross. So the start and end figures are both taken in an image that an
 //! upgrade started (the warm-up ends with one) and that has run under load
-//! for at least 12 s since its last event: like for like. A leak that an
-//! exec would wipe (the heap) shows within one image's life; one that
-//! crosses the exec (fds, a state that grows) shows in the end figures and
-//! in holdfast's RSS sampled right before each exec, which the report
-//! prints (first, largest, last) and checks like the RSS.
+//! for at least 12 s since its last event. fds compare as they are (the
+//! exec hands over exactly the open ones). RSS compares with a margin, and
+//! is also sampled right before each exec (the report prints the first,
+//! largest and last, and checks the last against the first): a leak that
+//! an exec wipes shows within one image's life, one that crosses it (a
+//! state that grows) in both. Threads: holdfast's own (the event loop, the
+//! log and notify threads) must not grow; tokio's blocking pool is counted
+//! apart, since an exec starts it empty and it then keeps as many threads
+//! as blocking tasks ran at once lately (the 1 s memory round keeps them
+//! warm), so its size says what the image did, not whether it leaks.
+//! Instead every pool thread must be idle, waiting for work, at the end.
 //!
 //! It prints total requests, failed requests by kind, log lines written by
 //! the workers against lines found in the files, holdfast's RSS, fd count
 //! and thread count at start and end, and the p99 latency of the event
 //! phase divided by the quiet phase's. It exits 1 if any request failed,
-//! any log line is missing, torn or counted lost, holdfast's fds or
-//! threads grew, its RSS grew by more than max(4 MiB, 25 %), an event
-//! failed or never happened, or any process it started is left behind.
+//! any log line is missing, torn or counted lost, holdfast's fds or own
+//! threads grew, a pool thread stayed busy, its RSS (at the end, or right
+//! before the last exec) grew by more than max(4 MiB, 25 %), an event or
+//! an upgrade failed or never happened, or any process it started is left
+//! behind.
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
@@ -237,19 +245,40 @@ stderr = "{dir}/app.log"
 struct Figures {
     rss_kib: u64,
     fds: usize,
+    /// Every thread, tokio's blocking pool included.
     threads: u64,
+    /// Of those, tokio's blocking pool (`tokio-rt-worker`): as many as
+    /// blocking tasks (memory rounds, socket checks, status answers) ran at
+    /// once lately. An idle one exits after 10 s without work, but the 1 s
+    /// memory round keeps the warm ones busy, and an exec starts the pool
+    /// empty: its size depends on the image's recent history, not on a leak.
+    pool: u64,
+    /// Pool threads not waiting for work (in a futex wait): a blocking task
+    /// that never ends would hold one.
+    pool_busy: u64,
 }
 
-/// [`Figures`] of `pid`: the fewest fds and threads over 10 samples 100 ms
-/// apart (a status request's socket or /proc read of the moment is not
-/// holdfast's to keep), the RSS of the last.
+impl Figures {
+    /// holdfast's own threads: the event loop and the log, notify and
+    /// trial threads, which must not grow.
+    fn own_threads(&self) -> u64 {
+        self.threads.saturating_sub(self.pool)
+    }
+}
+
+/// [`Figures`] of `pid`: the fewest fds, threads and busy pool threads over
+/// 10 samples 100 ms apart (a status request's socket or /proc read of the
+/// moment, a memory round, is not holdfast's to keep), the RSS of the last.
 fn figures(pid: u32) -> Figures {
     let mut least = one_sample(pid);
     for _ in 0..9 {
         std::thread::sleep(Duration::from_millis(100));
         let f = one_sample(pid);
         least.fds = least.fds.min(f.fds);
-        least.threads = least.threads.min(f.threads);
+        if f.threads < least.threads {
+            (least.threads, least.pool) = (f.threads, f.pool);
+        }
+        least.pool_busy = least.pool_busy.min(f.pool_busy);
         least.rss_kib = f.rss_kib;
     }
     least
@@ -264,9 +293,25 @@ fn one_sample(pid: u32) -> Figures {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     };
+    let (mut pool, mut pool_busy) = (0, 0);
+    for task in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |f: &str| fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        if read("comm").trim() == "tokio-rt-worker" {
+            pool += 1;
+            if !read("wchan").contains("futex") {
+                pool_busy += 1;
+            }
+        }
+    }
     Figures {
         rss_kib: field("VmRSS:"),
         threads: field("Threads:"),
+        pool,
+        pool_busy,
         fds: fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| d.count())
             .unwrap_or(0),
@@ -1039,8 +1084,18 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
             o.pids_reused
         );
         println!(
-            "holdfast: RSS {} -> {} KiB, fds {} -> {}, threads {} -> {}",
-            o.start.rss_kib, o.end.rss_kib, o.start.fds, o.end.fds, o.start.threads, o.end.threads
+            "holdfast: RSS {} -> {} KiB, fds {} -> {}, threads {} -> {} (its own {} -> {}, tokio's blocking pool {} -> {}, busy at the end {})",
+            o.start.rss_kib,
+            o.end.rss_kib,
+            o.start.fds,
+            o.end.fds,
+            o.start.threads,
+            o.end.threads,
+            o.start.own_threads(),
+            o.end.own_threads(),
+            o.start.pool,
+            o.end.pool,
+            o.end.pool_busy,
         );
         let rss: Vec<u64> = o.pre_exec.iter().map(|f| f.rss_kib).collect();
         let (first, last) = (
@@ -1103,10 +1158,17 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
                 o.start.fds, o.end.fds
             ));
         }
-        if o.end.threads > o.start.threads {
+        if o.end.own_threads() > o.start.own_threads() {
             problems.push(format!(
-                "{name}: holdfast's threads grew {} -> {}",
-                o.start.threads, o.end.threads
+                "{name}: holdfast's own threads grew {} -> {}",
+                o.start.own_threads(),
+                o.end.own_threads()
+            ));
+        }
+        if o.end.pool_busy > 0 {
+            problems.push(format!(
+                "{name}: {} of tokio's blocking pool threads busy for a whole second at the end: a blocking task that does not end",
+                o.end.pool_busy
             ));
         }
         let allowed = o.start.rss_kib + (o.start.rss_kib / 4).max(4 * MIB / 1024);
