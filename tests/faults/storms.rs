@@ -454,24 +454,16 @@ fn stand_in(h: &crate::common::Holdfast, name: &str) -> std::path::PathBuf {
     dst
 }
 
-/// `upgrade --wait --binary BINARY` on a thread of its own.
+/// `upgrade --wait --binary BINARY` on a thread of its own (bounded:
+/// the harness kills it after its deadline).
 fn upgrade_client(
     h: &crate::common::Holdfast,
     binary: &std::path::Path,
 ) -> std::thread::JoinHandle<std::process::Output> {
-    let program = env!("CARGO_BIN_EXE_holdfast");
     let sock = h.fill(SOCK);
-    let binary = binary.to_path_buf();
+    let binary = binary.to_string_lossy().into_owned();
     std::thread::spawn(move || {
-        std::process::Command::new(program)
-            .arg("upgrade")
-            .arg("--wait")
-            .arg("--binary")
-            .arg(binary)
-            .args(["--control", &sock])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run holdfast upgrade")
+        crate::common::run_holdfast(&["upgrade", "--wait", "--binary", &binary, "--control", &sock])
     })
 }
 
