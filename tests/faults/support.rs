@@ -125,6 +125,24 @@ env = {{ FAULT_SLOT = "{slot}", FAULT_GEN = "{generation}", FAULT_FLAGS = '{flag
     pub fn start(&self) -> Swept {
         start_config(&self.render())
     }
+
+    /// [`Cfg::start`] with `env` added to holdfast's environment
+    /// (placeholders filled).
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Swept {
+        let env: Vec<(&str, &str)> = [("XDG_RUNTIME_DIR", "{dir}")]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        Swept::new(Holdfast::launch(
+            Launch {
+                program: "{holdfast}",
+                args: &["run", "--config", "{config}"],
+                env: &env,
+                stdin: None,
+            },
+            Some(&self.render()),
+        ))
+    }
 }
 
 /// `holdfast run --config` on `config`, its run directory inside the
