@@ -24,7 +24,8 @@ const DELEGATE_XATTRS: [&str; 2] = ["trusted.delegate", "user.delegate"];
 
 /// The cgroup v2 path (`0::PATH`) in a `/proc/PID/cgroup` text, relative to
 /// the reader's cgroup namespace. `None` on a cgroup-v1-only host.
-pub(crate) fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
+#[doc(hidden)]
+pub fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -94,7 +95,8 @@ fn unescape_octal(s: &str) -> String {
 /// The directory of cgroup `path` (as /proc/PID/cgroup shows it) under the
 /// cgroup2 mount that contains it: of the mounts whose root is an ancestor
 /// of `path`, the one with the longest root, the first listed on a tie.
-pub(crate) fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf> {
+#[doc(hidden)]
+pub fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf> {
     let under = |root: &str| -> Option<String> {
         let root = root.trim_end_matches('/');
         let rest = path.strip_prefix(root)?;
@@ -122,7 +124,8 @@ pub(crate) fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf>
 
 /// The serial of the worker cgroup that `path` (a process's cgroup path) is
 /// in, when it is at or below `own/worker-N`.
-pub(crate) fn worker_serial_in(own: &str, path: &str) -> Option<u64> {
+#[doc(hidden)]
+pub fn worker_serial_in(own: &str, path: &str) -> Option<u64> {
     let rest = if own == "/" {
         path.strip_prefix('/')?
     } else {

@@ -90,11 +90,7 @@ fn children_of(pid: i32) -> Vec<i32> {
     };
     tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect::<Vec<i32>>()
-        })
+        .flat_map(|list| crate::os::proc::parse_children(&list).collect::<Vec<i32>>())
         .collect()
 }
 
@@ -118,7 +114,8 @@ pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
 
 /// Rss, Pss and Private_Clean + Private_Dirty of an `smaps_rollup` text.
 /// A kernel thread or a zombie has an empty one: `None`.
-pub(crate) fn parse_smaps_rollup(text: &str) -> Option<Usage> {
+#[doc(hidden)]
+pub fn parse_smaps_rollup(text: &str) -> Option<Usage> {
     let rss = kib_field(text, "Rss:")?;
     let pss = kib_field(text, "Pss:")?;
     let private = kib_field(text, "Private_Clean:")? + kib_field(text, "Private_Dirty:")?;

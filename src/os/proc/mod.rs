@@ -73,7 +73,8 @@ pub fn stat(pid: i32) -> Option<Stat> {
 
 /// Parses a `/proc/PID/stat` line. The command name may contain spaces and
 /// `)`, so the fields are read after the *last* `)`.
-pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
+#[doc(hidden)]
+pub fn parse_stat(text: &str) -> Option<Stat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let pid = text[..open].trim().parse().ok()?;
@@ -110,12 +111,17 @@ pub fn children(pid: i32) -> Option<Vec<i32>> {
             continue;
         };
         found = true;
-        out.extend(
-            list.split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok()),
-        );
+        out.extend(parse_children(&list));
     }
     found.then(|| out.into_iter().collect())
+}
+
+/// The pids of a `/proc/PID/task/TID/children` file (space-separated);
+/// anything that is not a pid is skipped.
+#[doc(hidden)]
+pub fn parse_children(list: &str) -> impl Iterator<Item = i32> + '_ {
+    list.split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
 }
 
 /// The children of `pid` found by one pass over every `/proc/*/stat`: the
@@ -135,7 +141,8 @@ pub fn children_by_scan(pid: i32) -> Vec<i32> {
 
 /// The value of `name` in an environment block (`/proc/PID/environ`: entries
 /// separated by NUL), the first if it occurs twice, as getenv(3) would.
-pub(crate) fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
+#[doc(hidden)]
+pub fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
     environ.split(|&b| b == 0).find_map(|entry| {
         entry
             .strip_prefix(name.as_bytes())?
@@ -144,7 +151,8 @@ pub(crate) fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
 }
 
 /// [`SERIAL_VAR`] in an environment block, if present and a `u64`.
-pub(crate) fn parse_serial(environ: &[u8]) -> Option<u64> {
+#[doc(hidden)]
+pub fn parse_serial(environ: &[u8]) -> Option<u64> {
     std::str::from_utf8(env_value(environ, SERIAL_VAR)?)
         .ok()?
         .parse()

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// A TCP socket from /proc/net/tcp{,6}: local address and state.
-pub(crate) type TcpTable = HashMap<u64, (SocketAddr, u8)>;
+pub type TcpTable = HashMap<u64, (SocketAddr, u8)>;
 /// A unix socket from /proc/net/unix: bound path and state.
-pub(crate) type UnixTable = HashMap<u64, (String, u8)>;
+pub type UnixTable = HashMap<u64, (String, u8)>;
 
 pub(crate) const TCP_LISTEN: u8 = 0x0A;
 /// `SS_CONNECTED` in /proc/net/unix's `St` column.
@@ -37,7 +37,8 @@ pub(crate) fn tcp_sockets() -> TcpTable {
 }
 
 /// Parses /proc/net/tcp or tcp6 (proc_net_tcp(5)); inode 0 (TIME_WAIT) is skipped.
-pub(crate) fn parse_proc_net_tcp(text: &str) -> Vec<(u64, (SocketAddr, u8))> {
+#[doc(hidden)]
+pub fn parse_proc_net_tcp(text: &str) -> Vec<(u64, (SocketAddr, u8))> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -83,7 +84,8 @@ pub(crate) fn unix_sockets() -> UnixTable {
 }
 
 /// Parses /proc/net/unix (unix(7)): sockets with a path, by inode.
-pub(crate) fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
+#[doc(hidden)]
+pub fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -110,7 +112,8 @@ pub(crate) fn listen_counters() -> Option<(u64, u64)> {
     parse_netstat(&std::fs::read_to_string("/proc/net/netstat").ok()?)
 }
 
-pub(crate) fn parse_netstat(text: &str) -> Option<(u64, u64)> {
+#[doc(hidden)]
+pub fn parse_netstat(text: &str) -> Option<(u64, u64)> {
     let mut lines = text.lines();
     while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
         if !names.starts_with("TcpExt:") {
