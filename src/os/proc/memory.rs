@@ -118,7 +118,8 @@ pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
 pub fn parse_smaps_rollup(text: &str) -> Option<Usage> {
     let rss = kib_field(text, "Rss:")?;
     let pss = kib_field(text, "Pss:")?;
-    let private = kib_field(text, "Private_Clean:")? + kib_field(text, "Private_Dirty:")?;
+    let private =
+        kib_field(text, "Private_Clean:")?.checked_add(kib_field(text, "Private_Dirty:")?)?;
     Some(Usage {
         rss,
         pss: Some(pss),
@@ -126,12 +127,14 @@ pub fn parse_smaps_rollup(text: &str) -> Option<Usage> {
     })
 }
 
-/// The `NAME:   123 kB` line of a /proc text, in bytes.
+/// The `NAME:   123 kB` line of a /proc text, in bytes; `None` when it is
+/// missing, not a number, or more bytes than a u64 holds (a figure wrapped
+/// around to a small one is a wrong one).
 fn kib_field(text: &str, name: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(name))?;
     let mut words = line[name.len()..].split_whitespace();
     let kib: u64 = words.next()?.parse().ok()?;
-    Some(kib * 1024)
+    kib.checked_mul(1024)
 }
 
 /// Whether `pid` descends from `ancestor` right now (its parent chain reaches
@@ -218,6 +221,25 @@ Swap:                  0 kB
     #[test]
     fn empty_rollup_is_none() {
         assert_eq!(parse_smaps_rollup(""), None);
+    }
+
+    /// Found by tests/fuzz (proc_smaps_rollup): 2^54 kB is more bytes than a
+    /// u64 holds; `kib * 1024` wrapped to 0 in release (and panicked in
+    /// debug), so the figure read as 0 bytes.
+    #[test]
+    fn a_figure_past_u64_bytes_is_no_figure() {
+        let huge =
+            "Rss: 0 kB\nPss: 0 kB\nPrivate_Clean: 0 kB\nPrivate_Dirty: 18014398509481984 kB\n";
+        assert_eq!(parse_smaps_rollup(huge), None);
+        let sum = format!(
+            "Rss: 1 kB\nPss: 1 kB\nPrivate_Clean: {0} kB\nPrivate_Dirty: {0} kB\n",
+            u64::MAX / 1024
+        );
+        assert_eq!(parse_smaps_rollup(&sum), None);
+        assert_eq!(
+            kib_field("VmRSS: 18014398509481983 kB", "VmRSS:"),
+            Some(u64::MAX - 1023)
+        );
     }
 
     #[test]
