@@ -120,8 +120,11 @@ pub fn children(pid: i32) -> Option<Vec<i32>> {
 /// anything that is not a pid is skipped.
 #[doc(hidden)]
 pub fn parse_children(list: &str) -> impl Iterator<Item = i32> + '_ {
+    // Only pids: 0 or a negative number ("-0", "-1") given to kill(2) would
+    // signal a process group or every process.
     list.split_whitespace()
         .filter_map(|c| c.parse::<i32>().ok())
+        .filter(|&p| p > 0)
 }
 
 /// The children of `pid` found by one pass over every `/proc/*/stat`: the
@@ -349,6 +352,14 @@ mod tests {
         assert_eq!(parse_stat(""), None);
         assert_eq!(parse_stat("12 (x) S 1 2"), None);
         assert_eq!(parse_stat("12 x S 1 2 3"), None);
+    }
+
+    /// Found by tests/fuzz (proc_children_list): "-0" (and "0", "-1")
+    /// parsed as pids.
+    #[test]
+    fn a_children_list_gives_only_pids() {
+        let got: Vec<i32> = parse_children("-0\t12 0 -1 +7 x 2147483648 3\n").collect();
+        assert_eq!(got, vec![12, 7, 3]);
     }
 
     #[test]
