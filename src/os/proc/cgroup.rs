@@ -34,7 +34,7 @@ pub fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
 
 /// The cgroup v2 path of `pid` (see [`parse_cgroup_v2_path`]).
 pub fn cgroup_v2_path(pid: i32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let text = super::read_text(format!("/proc/{pid}/cgroup")).ok()?;
     parse_cgroup_v2_path(&text).map(str::to_string)
 }
 
@@ -197,8 +197,8 @@ impl Cgroups {
     /// info log line; holdfast then accounts for escaped processes through
     /// [`adopted`] only.
     pub fn detect() -> Result<Cgroups, String> {
-        let own = fs::read_to_string("/proc/self/cgroup")
-            .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+        let own =
+            super::read_text("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
         let path = parse_cgroup_v2_path(&own)
             .ok_or("no cgroup v2 entry in /proc/self/cgroup (a cgroup v1 only host)")?;
         if path.ends_with(" (deleted)") {
@@ -211,7 +211,7 @@ impl Cgroups {
                     .into(),
             );
         }
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        let mountinfo = super::read_text("/proc/self/mountinfo")
             .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
         let mounts = parse_cgroup2_mounts(&mountinfo);
         if mounts.is_empty() {

@@ -98,7 +98,7 @@ fn children_of(pid: i32) -> Vec<i32> {
 pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
     match metric {
         Metric::Rss => {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let status = crate::os::proc::read_text(format!("/proc/{pid}/status")).ok()?;
             Some(Usage {
                 rss: kib_field(&status, "VmRSS:")?,
                 pss: None,
@@ -106,7 +106,7 @@ pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
             })
         }
         Metric::Pss | Metric::Uss => {
-            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            let rollup = crate::os::proc::read_text(format!("/proc/{pid}/smaps_rollup")).ok()?;
             parse_smaps_rollup(&rollup)
         }
     }

@@ -77,8 +77,10 @@ fn parse_hex_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-pub(crate) fn unix_sockets() -> UnixTable {
-    std::fs::read_to_string("/proc/net/unix")
+/// Sockets with a path from /proc/net/unix, by inode; empty when unreadable.
+#[doc(hidden)]
+pub fn unix_sockets() -> UnixTable {
+    crate::os::proc::read_text("/proc/net/unix")
         .map(|t| parse_proc_net_unix(&t).into_iter().collect())
         .unwrap_or_default()
 }
@@ -154,6 +156,31 @@ mod tests {
                 (62296, ("/run/app.sock".to_string(), 3)),
                 (62298, ("/tmp/a b.sock".to_string(), 3)),
             ]
+        );
+    }
+
+    /// One unix socket anywhere on the host bound to a path that is not
+    /// UTF-8 made /proc/net/unix unreadable as a whole, and every unix
+    /// listener's connection count vanished from `holdfast status`.
+    #[test]
+    fn a_socket_path_that_is_not_utf8_hides_no_other_socket() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"\xff.sock"));
+        let plain = dir.path().join("plain.sock");
+        let _odd = std::os::unix::net::UnixListener::bind(&odd).expect("bind odd");
+        let plain_listener = std::os::unix::net::UnixListener::bind(&plain).expect("bind");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&plain_listener);
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .expect("fd")
+            .ino();
+        let table = unix_sockets();
+        assert_eq!(
+            table.get(&inode).map(|(p, _)| p.as_str()),
+            plain.to_str(),
+            "{} sockets",
+            table.len()
         );
     }
 
