@@ -10,4 +10,5 @@
 //! command, the regression files and the time bounds.
 
 mod procfs;
+mod sock_diag;
 mod support;
