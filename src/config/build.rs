@@ -20,11 +20,11 @@ impl Config {
         let path = absolute_path.as_deref();
         let file = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                let bytes = std::fs::read(p).map_err(|source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                Some(parse(p, &text)?)
+                Some(parse(p, &utf8(p, bytes)?)?)
             }
             None => None,
         };
@@ -386,6 +386,31 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
         path,
         text,
         base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    })
+}
+
+/// The file's text; bytes that are not UTF-8 (TOML files are UTF-8) are an
+/// error at their line and column, like any other.
+pub(super) fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, ConfigError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let text = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
+        let (line, column) = line_col(text, valid);
+        let bad: Vec<String> = bytes[valid..]
+            .iter()
+            .take(e.utf8_error().error_len().unwrap_or(bytes.len() - valid).min(4))
+            .map(|b| format!("0x{b:02x}"))
+            .collect();
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: format!(
+                "byte {} is not UTF-8; a TOML file is UTF-8 text (was it saved in another encoding?)",
+                bad.join(" ")
+            ),
+        }
     })
 }
 

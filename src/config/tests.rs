@@ -105,3 +105,32 @@ fn defaults_and_names() {
     assert_eq!(c.app.ready, ReadyMode::Notify);
     assert_eq!(c.app.max_surge, 1);
 }
+
+/// Found by tests/fuzz (config_arbitrary): a file that is not UTF-8 (here
+/// the single byte 0x80) was "config PATH: stream did not contain valid
+/// UTF-8", with no line or column to find it by.
+#[test]
+fn bytes_that_are_not_utf8_are_positioned() {
+    let p = Path::new("/etc/h.toml");
+    let e = utf8(p, vec![0x80]).expect_err("not UTF-8").to_string();
+    assert_eq!(
+        e,
+        "config /etc/h.toml:1:1: byte 0x80 is not UTF-8; a TOML file is UTF-8 text (was it saved in another encoding?)"
+    );
+    let e = utf8(p, b"[app]\ncommand = [\"caf\xe9\"]\n".to_vec())
+        .expect_err("Latin-1")
+        .to_string();
+    assert!(
+        e.starts_with("config /etc/h.toml:2:16: byte 0xe9 is"),
+        "{e}"
+    );
+    let ok = utf8(p, "é\n".as_bytes().to_vec()).map(|t| t.len());
+    assert_eq!(ok.ok(), Some(3), "valid text passes");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("h.toml");
+    std::fs::write(&file, b"# caf\xe9\n").expect("write");
+    let e = Config::load(Some(&file), &Overrides::default())
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("h.toml:1:6: byte 0xe9"), "{e}");
+}
