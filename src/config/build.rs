@@ -75,6 +75,9 @@ impl Config {
                 )))
             }
         };
+        if let (false, Some(p)) = (o.command.is_empty(), argv_problem(&o.command)) {
+            return Err(refuse(Refusal::cli(format!("the command after `--` {p}"))));
+        }
         set_workers(&mut app, o.workers, &places).map_err(refuse)?;
         let listeners = if o.listen.is_empty() {
             Listeners {

@@ -24,7 +24,8 @@ use nix::unistd::Pid;
 /// Why a spawn failed, naming the program and the step.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("exec {program}: {reason}")]
+    /// The program of `command` (the file's, or the one after `--`).
+    #[error("exec {program}: {reason} (the program of `command`)")]
     NotFound { program: String, reason: String },
     #[error("{stage} for {program}: {source}")]
     Child {
