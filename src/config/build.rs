@@ -48,11 +48,11 @@ impl Config {
                 path: p.to_path_buf(),
                 line,
                 column,
-                message,
+                message: one_line(message),
             },
             _ => ConfigError::Invalid {
                 origin: origin.clone(),
-                message,
+                message: one_line(message),
             },
         };
         let base = path
@@ -382,7 +382,7 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             path: path.to_path_buf(),
             line,
             column,
-            message,
+            message: one_line(message),
         }
     })?;
     raw.check(&Source {
@@ -444,6 +444,26 @@ pub(super) fn place(text: &str, offset: usize, message: &str) -> Option<String> 
         (None, Some(t)) => Some(format!("in {t}")),
         (None, None) => None,
     }
+}
+
+/// `message` on one line: control characters (a `"\n"` in a TOML string is
+/// a newline in the value a message quotes) and line separators written as
+/// Rust escapes, so an error is one line in a terminal, a log and journald.
+pub(super) fn one_line(message: String) -> String {
+    if !message.chars().any(breaks_line) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| match breaks_line(c) {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
+fn breaks_line(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{85}')
 }
 
 pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -188,3 +188,23 @@ fn bytes_that_are_not_utf8_are_positioned() {
         .to_string();
     assert!(e.contains("h.toml:1:6: byte 0xe9"), "{e}");
 }
+
+/// Found by tests/fuzz (config_mutated): a value or key with a newline in it
+/// (`address = "systemd:\n"`, TOML's `\n` escape) was quoted as is, so the
+/// error came out on two lines ("`systemd:` then "`: a FileDescriptorName
+/// ..."), which a log or journald splits into two records. Control
+/// characters are now written as escapes.
+#[test]
+fn an_error_quoting_a_newline_is_one_line() {
+    let base = "[app]\ncommand = [\"x\"]\n[[listen]]\n";
+    let e = err(&format!("{base}address = \"systemd:\\n\"\n"));
+    assert_eq!(
+        e,
+        "config h.toml:4:11: `systemd:\\n`: a FileDescriptorName must not contain a control character (key `address` in [[listen]])"
+    );
+    let e = err(&format!(
+        "{base}address = \"127.0.0.1:1\"\n\"a\\nb\u{2028}\" = 1\n"
+    ));
+    assert!(!e.contains('\n') && !e.contains('\u{2028}'), "{e}");
+    assert!(e.contains("unknown field `a\\nb\\u{2028}`"), "{e}");
+}
