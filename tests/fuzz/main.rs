@@ -9,6 +9,7 @@
 //! makes it the long one. See `support.rs` for the seeds, the replay
 //! command, the regression files and the time bounds.
 
+mod config;
 mod notify;
 mod probe;
 mod procfs;
