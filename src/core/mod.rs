@@ -30,6 +30,7 @@ use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 
 mod actions;
 mod events;
+mod handover;
 mod lifecycle;
 mod recycle;
 mod rollout;
@@ -41,12 +42,13 @@ pub(crate) use actions::{Action, ServiceState};
 pub use events::{Event, Usage};
 pub use events::{ExitReason, ReadyVia, Request, TreeSample};
 pub use events::{ProcessSample, Scale};
+pub(crate) use handover::{At, CoreState};
 pub use recycle::MemoryState;
 pub(crate) use spec::Spec;
 pub use state::Worker;
 pub use state::WorkerState;
 pub(crate) use state::{Counters, Reason, Rollout, Settings, SlotInfo};
-use state::{Phase, Replacement};
+use state::{Phase, Replacement, Upgrade};
 pub use strays::AdoptedProc;
 pub(crate) use strays::Stray;
 
@@ -112,6 +114,8 @@ pub(crate) struct Supervisor {
     reload_note: Option<String>,
     /// What the service manager was last told.
     told: Option<(ServiceState, String)>,
+    /// An in-place upgrade of holdfast itself under way.
+    upgrade: Option<Upgrade>,
     pub counters: Counters,
 }
 
@@ -145,6 +149,7 @@ impl Supervisor {
             deferred: None,
             reload_note: None,
             told: None,
+            upgrade: None,
             counters: Counters::default(),
         }
     }
@@ -216,6 +221,11 @@ impl Supervisor {
     }
     pub(crate) fn is_stopping(&self) -> bool {
         matches!(self.phase, Phase::Stopping { .. } | Phase::Exited)
+    }
+    /// Whether an in-place upgrade of holdfast is under way (requested, not
+    /// yet failed or adopted).
+    pub(crate) fn is_upgrading(&self) -> bool {
+        self.upgrade.is_some()
     }
     /// Adopted descendants holdfast knows of.
     pub(crate) fn strays(&self) -> impl Iterator<Item = &Stray> {
@@ -302,6 +312,8 @@ impl Supervisor {
                 self.on_reload_rejected(error, reply, &mut out)
             }
             Event::Request { request, reply } => self.on_request(request, reply, now, &mut out),
+            Event::UpgradeFailed { error } => self.upgrade_failed(error, &mut out),
+            Event::Upgraded { message } => self.upgraded(message, now, &mut out),
         }
         self.advance(now, &mut out);
         self.sample_if_due(now, &mut out);
@@ -337,7 +349,9 @@ impl Supervisor {
         match self.phase {
             Phase::Stopping { .. } | Phase::Exited => ServiceState::Stopping,
             Phase::Starting => ServiceState::Starting,
-            Phase::Running if self.rollout.is_some() => ServiceState::Reloading,
+            Phase::Running if self.rollout.is_some() || self.upgrade.is_some() => {
+                ServiceState::Reloading
+            }
             Phase::Running => ServiceState::Ready,
         }
     }
@@ -393,6 +407,9 @@ impl Supervisor {
         }
         if let Some(note) = &self.reload_note {
             line.push_str(&format!("; {note}"));
+        }
+        if self.upgrade.is_some() {
+            line.push_str("; upgrading holdfast");
         }
         line
     }

@@ -27,6 +27,8 @@ pub enum Input {
     NotifyStranger {
         sender: i32,
     },
+    /// What an upgrade's trial run of the new binary printed.
+    Trial(super::upgrade::TrialOutput),
 }
 
 /// What a reload read and bound on its blocking thread.

@@ -539,6 +539,83 @@ pub fn signal_ours(h: &Holdfast, pid: u32, sig: nix::sys::signal::Signal) -> Res
         .map_err(|e| format!("{sig:?} to {pid}: {e}"))
 }
 
+/// The accept queue of the TCP listener on local `port` (a LISTEN row's
+/// rx_queue in /proc/net/tcp is its count of connections not yet accepted).
+pub fn accept_queue(port: u16) -> Option<u64> {
+    let local = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| fs::read_to_string(f).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .find_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            (c.len() > 4 && c[1].ends_with(&local) && c[3] == "0A")
+                .then(|| u64::from_str_radix(c[4].split(':').nth(1)?, 16).ok())?
+        })
+}
+
+/// Opens idle connections to local `port`, one at a time, each until it
+/// was accepted, until `done` holds (a precondition: panics after 64
+/// connections or 10 s), with the workers `others` stopped (SIGSTOP, then
+/// SIGCONT) meanwhile, so that the connections go to the rest. Which of
+/// the workers sharing a listener wins an accept is not for a test to
+/// leave to chance: all are woken, and the one first in the listener's
+/// wait queue (the oldest) wins nearly every race while it is idle.
+/// A connection no worker can take (EMFILE) is left for `others` once
+/// they run again. The connections stay open, idle (the test worker keeps
+/// them for minutes), until the returned streams are dropped.
+pub fn hold_connections_until(
+    h: &Holdfast,
+    port: u16,
+    others: &[u32],
+    mut done: impl FnMut() -> Result<(), String>,
+) -> Vec<std::net::TcpStream> {
+    use nix::sys::signal::Signal;
+    for &pid in others {
+        signal_ours(h, pid, Signal::SIGSTOP).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let started = Instant::now();
+    let mut held = Vec::new();
+    let outcome = loop {
+        let why = match done() {
+            Ok(()) => break Ok(()),
+            Err(why) => why,
+        };
+        if held.len() >= 64 || started.elapsed() > Duration::from_secs(10) {
+            break Err(format!(
+                "{} idle connections to port {port}: {why}",
+                held.len()
+            ));
+        }
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => held.push(c),
+            Err(e) => break Err(format!("connect to 127.0.0.1:{port}: {e}")),
+        }
+        let accepted = poll(Duration::from_secs(2), || {
+            if accept_queue(port) == Some(0) || done().is_ok() {
+                return Ok(());
+            }
+            Err(format!(
+                "accept queue of port {port}: {:?}",
+                accept_queue(port)
+            ))
+        });
+        if let Err(e) = accepted {
+            break Err(e);
+        }
+    };
+    for &pid in others {
+        signal_ours(h, pid, Signal::SIGCONT).unwrap_or_else(|e| panic!("{e}"));
+    }
+    outcome.unwrap_or_else(|e| panic!("precondition: {e}"));
+    poll(Duration::from_secs(5), || match accept_queue(port) {
+        Some(0) => Ok(()),
+        q => Err(format!("accept queue of port {port} after SIGCONT: {q:?}")),
+    })
+    .unwrap_or_else(|e| panic!("precondition: {e}"));
+    held
+}
+
 /// Established TCP connections to local `port` that `pid` holds (from
 /// /proc/net/tcp and the pid's `socket:[INODE]` links).
 pub fn established_on(pid: u32, port: u16) -> usize {
