@@ -63,6 +63,83 @@ pub struct Handover {
     pub edge: EdgeRecord,
 }
 
+impl Envelope {
+    /// Reads the version fields of a state and checks them: a format this
+    /// image reads, written by `pid` (this process). Any error makes the
+    /// new image fall back to a rolling restart.
+    pub fn read(bytes: &[u8], pid: u32) -> Result<Envelope, String> {
+        let env: Envelope = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the handover state is not readable: {e}"))?;
+        if !READS.contains(&env.format) {
+            return Err(format!(
+                "the handover state is in format {} (written by holdfast {}); this holdfast ({}) reads format(s) {READS:?}",
+                env.format,
+                env.from_version,
+                super::upgrade::VERSION
+            ));
+        }
+        if env.pid != pid {
+            return Err(format!(
+                "the handover state was written by pid {}, not by this process ({pid})",
+                env.pid
+            ));
+        }
+        Ok(env)
+    }
+
+    /// The whole state of the format [`Envelope::read`] accepted.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Handover, String> {
+        serde_json::from_slice::<Handover>(bytes).map_err(|e| {
+            format!(
+                "the handover state of holdfast {} (format {}) cannot be read: {e}",
+                self.from_version, self.format
+            )
+        })
+    }
+}
+
+/// For `tests/fuzz` (through `holdfast::fuzzing`): what an image exec'd by
+/// an upgrade makes of the handover state `bytes` before it touches an fd:
+/// the envelope checked (format, and written by `pid`), the state decoded,
+/// the supervisor restored from it
+/// (`Supervisor::restore`) and run through the steps that follow an
+/// adoption (the upgrade's answer, the timers now and an hour on, every
+/// worker's exit, a scale and a stop). `Ok`: how many workers it
+/// adopted; `Err`: why the image falls back to a rolling restart.
+#[doc(hidden)]
+pub fn adopt_state(bytes: &[u8], pid: u32) -> Result<usize, String> {
+    use crate::core::{Event, ExitReason, Request, Scale, Supervisor};
+    let h = Envelope::read(bytes, pid)?.decode(bytes)?;
+    let now = std::time::Instant::now();
+    let mut sv = Supervisor::restore(h.core, now)?;
+    let pids: Vec<_> = sv.workers().filter_map(|w| w.pid).collect();
+    let _ = sv.step(
+        now,
+        Event::Upgraded {
+            message: "upgraded".into(),
+        },
+    );
+    let _ = sv.step(now, Event::Tick);
+    let _ = sv.status_line();
+    if let Some(at) = sv.next_deadline() {
+        let _ = sv.step(at, Event::Tick);
+    }
+    let later = now + std::time::Duration::from_secs(3600);
+    let _ = sv.step(later, Event::Tick);
+    for pid in &pids {
+        let reason = ExitReason::Code(1);
+        let _ = sv.step(later, Event::Exited { pid: *pid, reason });
+    }
+    let request = |request| Event::Request {
+        request,
+        reply: None,
+    };
+    let _ = sv.step(later, request(Request::Scale(Scale::Up)));
+    let _ = sv.step(later, request(Request::Stop));
+    let _ = sv.step(later + std::time::Duration::from_secs(3600), Event::Tick);
+    Ok(pids.len())
+}
+
 /// The edge's state: every fd by the number it has in the new image.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct EdgeRecord {
