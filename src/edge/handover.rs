@@ -258,10 +258,11 @@ impl Manifest {
     }
 
     /// Reads what [`Manifest::render`] wrote; a line it does not understand
-    /// (a role of a newer image) is skipped, its fd kept as `other`.
+    /// (a role of a newer image) is skipped, its fd kept as `other`. Lines
+    /// end at `\n` only, as written: a `\r` is part of a name or path.
     pub fn parse(text: &str) -> Manifest {
         let mut out = Vec::new();
-        for line in text.lines() {
+        for line in text.split('\n') {
             let mut words = line.splitn(3, ' ');
             let role = words.next().unwrap_or_default();
             let Some(fd) = words.next().and_then(|w| w.parse::<i32>().ok()) else {
@@ -366,5 +367,35 @@ mod tests {
         let parsed = Manifest::parse(&newer);
         assert_eq!(parsed.0.last(), Some(&Entry::Other { fd: 13 }));
         assert_eq!(parsed.0.len(), 10);
+    }
+
+    /// Found by tests/fuzz (handover_manifest_round_trips): a control
+    /// socket or run directory path ending in `\r` (a legal file name) was
+    /// written as `control 7 /run/x\r\n` and read back as `/run/x`, since
+    /// `str::lines` also ends a line at `\r\n`: the new image would have
+    /// guarded, repaired and finally removed another path than its socket's.
+    #[test]
+    fn a_carriage_return_in_a_path_or_name_is_kept() {
+        let m = Manifest(vec![
+            Entry::Control {
+                fd: 7,
+                path: "/run/x\r".into(),
+            },
+            Entry::Rundir {
+                path: "/run/y\r".into(),
+            },
+            Entry::Listen {
+                fd: 5,
+                name: "a\r".into(),
+            },
+        ]);
+        assert_eq!(Manifest::parse(&m.render()), m);
+        assert_eq!(
+            Manifest::parse("control 7 /run/x\r"),
+            Manifest(vec![Entry::Control {
+                fd: 7,
+                path: "/run/x\r".into()
+            }])
+        );
     }
 }
