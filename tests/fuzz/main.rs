@@ -11,6 +11,7 @@
 //! command, the regression files and the time bounds.
 
 mod config;
+mod control;
 mod handover;
 mod notify;
 mod probe;
