@@ -135,31 +135,6 @@ fn the_command_lines_argv_meets_the_files_rules() {
     assert!(e.contains("h.toml:4:11: command is empty;"), "{e}");
 }
 
-/// Found by tests/fuzz (config_mutated): `check` of a config whose program
-/// is missing said "exec holdfast-no-such-program: not found in PATH (...)",
-/// naming no key; with the program after `--` a reader could not tell which
-/// `command` was meant. It now names the key.
-#[test]
-fn a_missing_program_names_the_command_key() {
-    let text =
-        "[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"holdfast-no-such-program\"]\n";
-    let f = parse(Path::new("/etc/h.toml"), text).expect("parses");
-    let c = Config::build(
-        Some(Path::new("/etc/h.toml")),
-        Some(f),
-        &Overrides::default(),
-    )
-    .expect("builds");
-    let e = crate::edge::spec_of(&c)
-        .expect_err("no such program")
-        .to_string();
-    assert!(
-        e.starts_with("exec holdfast-no-such-program: not found in PATH (")
-            && e.ends_with(") (the program of `command`)"),
-        "{e}"
-    );
-}
-
 /// Found by tests/fuzz (config_arbitrary): a file that is not UTF-8 (here
 /// the single byte 0x80) was "config PATH: stream did not contain valid
 /// UTF-8", with no line or column to find it by.
