@@ -569,6 +569,7 @@ async fn run_session(dir: &std::path::Path, s: Session) -> Result<(), TestCaseEr
         if let (Some((k, how)), false) = (pause_at, paused) {
             if got.len() == k {
                 paused = true;
+                PAUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 pause.send_replace(true);
                 let sv = server.as_ref().expect("server");
                 until("the server settles", || sv.settled()).await?;
@@ -653,6 +654,9 @@ async fn run_session(dir: &std::path::Path, s: Session) -> Result<(), TestCaseEr
     })
 }
 
+/// Sessions paused midway (a check that the pauses happen).
+static PAUSED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 #[test]
 fn control_sessions() {
     let dir = tempfile::Builder::new()
@@ -667,4 +671,8 @@ fn control_sessions() {
             .expect("runtime");
         rt.block_on(run_session(dir.path(), s))
     });
+    eprintln!(
+        "fuzz control_sessions: {} sessions paused midway",
+        PAUSED.load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
