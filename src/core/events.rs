@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 
 use super::{AdoptedProc, Spec};
 use crate::config::Metric;
-use crate::ids::{Pid, ReplyTo, WorkerId};
+use crate::ids::{Pid, ReplyTo, Slot, WorkerId};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,10 @@ pub enum Request {
     ReopenLogs,
     /// Graceful stop; a second one kills at once.
     Stop,
+    /// Replace the ready worker of this slot, start-before-stop, with its
+    /// own generation (`holdfast restart --slot N`); answered once the new
+    /// worker is ready, or with why it failed.
+    ReplaceSlot(Slot),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,9 +97,16 @@ pub enum Event {
         missing: Vec<String>,
     },
     /// A child of holdfast was reaped: a worker, or an adopted descendant.
+    /// `output`: a worker's last lines of stdout and stderr (bounded, see
+    /// `crate::logs::Tail`), read once its pipes were drained when the
+    /// supervisor asked for them ([`Supervisor::exit_would_fail`]); empty
+    /// otherwise.
+    ///
+    /// [`Supervisor::exit_would_fail`]: super::Supervisor::exit_would_fail
     Exited {
         pid: Pid,
         reason: ExitReason,
+        output: Vec<String>,
     },
     /// Every process holdfast adopted as subreaper that is no worker's own
     /// process, as found now (a full listing, not a change).

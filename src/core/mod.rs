@@ -112,6 +112,12 @@ pub(crate) struct Supervisor {
     reload_note: Option<String>,
     /// What the service manager was last told.
     told: Option<(ServiceState, String)>,
+    /// `restart --slot` waiters, by the worker to replace: answered when
+    /// its replacement is ready, or with why it failed.
+    manual: BTreeMap<WorkerId, Vec<ReplyTo>>,
+    /// As PID 1: orphans of the namespace that are no worker's, reaped but
+    /// left alone (logged once each).
+    foreign: std::collections::BTreeSet<Pid>,
     pub counters: Counters,
 }
 
@@ -145,6 +151,8 @@ impl Supervisor {
             deferred: None,
             reload_note: None,
             told: None,
+            manual: BTreeMap::new(),
+            foreign: std::collections::BTreeSet::new(),
             counters: Counters::default(),
         }
     }
@@ -292,7 +300,11 @@ impl Supervisor {
             Event::SocketsChecked { id, missing } => {
                 self.on_sockets_checked(id, missing, now, &mut out)
             }
-            Event::Exited { pid, reason } => self.on_exit(pid, reason, now, &mut out),
+            Event::Exited {
+                pid,
+                reason,
+                output,
+            } => self.on_exit(pid, reason, output, now, &mut out),
             Event::Adopted { procs } => self.on_adopted(procs, now, &mut out),
             Event::MemorySample { samples } => {
                 self.sampling = None;
@@ -304,11 +316,21 @@ impl Supervisor {
             Event::Request { request, reply } => self.on_request(request, reply, now, &mut out),
         }
         self.advance(now, &mut out);
+        self.answer_lost_manual(&mut out);
         self.sample_if_due(now, &mut out);
         self.recheck_if_due(now, &mut out);
         self.retire(&mut out);
         self.tell(&mut out);
         out
+    }
+
+    /// Whether the exit of `pid` would be a failure that reports the
+    /// worker's last lines (it is a worker not yet ready): the edge then
+    /// drains its output pipes before it reports [`Event::Exited`].
+    pub(crate) fn exit_would_fail(&self, pid: Pid) -> bool {
+        self.worker_by_pid(pid)
+            .and_then(|id| self.workers.get(&id))
+            .is_some_and(|w| w.state.is_starting())
     }
 
     fn worker_by_pid(&self, pid: Pid) -> Option<WorkerId> {

@@ -27,6 +27,9 @@ pub enum Input {
     NotifyStranger {
         sender: i32,
     },
+    /// A worker reaped before it was ready, reported once the log threads
+    /// read its last lines (see `Runtime::reaped`).
+    Exited(Event),
 }
 
 /// What a reload read and bound on its blocking thread.

@@ -140,6 +140,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
         Reason::Age,
         Reason::Crash,
         Reason::NotServing,
+        Reason::Manual,
     ]
     .iter()
     .map(|r| (r.to_string(), 0))
