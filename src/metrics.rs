@@ -1,5 +1,8 @@
 //! `metrics_listen`: the status figures in the Prometheus text format
-//! (OpenMetrics 1.0, encoded by the `prometheus-client` crate) at `/metrics`.
+//! (OpenMetrics 1.0, encoded by the `prometheus-client` crate) at `/metrics`,
+//! and an orchestrator's HTTP probes: `/livez` (200 once the event loop
+//! answers) and `/readyz` (200 when every slot has a ready worker of the
+//! current generation and holdfast is not stopping; 503 with the reason).
 //!
 //! A scrape is a status request like `holdfast status`: the loop builds the
 //! cheap half of a [`Snapshot`], the /proc half runs on a blocking thread,
@@ -122,10 +125,24 @@ async fn serve(
                 format!("{}\n", r.error.unwrap_or_default()),
             ),
         },
+        ("GET" | "HEAD", "/livez" | "/readyz") => {
+            let r = if path == "/livez" {
+                crate::control::live(tx).await
+            } else {
+                crate::control::ready(tx).await
+            };
+            let status = if r.ok {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            let text = r.message.or(r.error).unwrap_or_default();
+            (status, "text/plain; charset=utf-8", format!("{text}\n"))
+        }
         ("GET" | "HEAD", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "metrics are at /metrics\n".to_string(),
+            "metrics are at /metrics; probes at /livez and /readyz\n".to_string(),
         ),
         _ => (
             "405 Method Not Allowed",

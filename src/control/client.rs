@@ -162,7 +162,9 @@ fn exited(pid: u32) -> bool {
 pub fn run_client(path: &Path, command: Command, json: bool) -> i32 {
     let waits = matches!(
         command,
-        Command::Restart { wait: true } | Command::Stop { wait: true }
+        Command::Restart { wait: true, .. }
+            | Command::Restart { slot: Some(_), .. }
+            | Command::Stop { wait: true }
     );
     let stop_wait = matches!(command, Command::Stop { wait: true });
     let is_status = matches!(command, Command::Status);

@@ -413,6 +413,40 @@ async fn loop_status(tx: &Calls) -> Result<Snapshot, Response> {
     }
 }
 
+/// The liveness probe: the event loop answered (the cheap half of a
+/// status request, no walk of /proc).
+pub async fn live(tx: &Calls) -> Response {
+    let start = std::time::Instant::now();
+    match loop_status(tx).await {
+        Ok(s) => Response::ok(format!(
+            "live: holdfast {} (pid {}) answered in {} ms",
+            s.holdfast.version,
+            s.holdfast.pid,
+            start.elapsed().as_millis()
+        )),
+        Err(r) => r,
+    }
+}
+
+/// The readiness probe, from the cheap half of a status request: `ok`, or
+/// `failed` with the one-line reason.
+pub async fn ready(tx: &Calls) -> Response {
+    match loop_status(tx).await {
+        Ok(s) if s.holdfast.ready => Response::ok(format!(
+            "ready: {} worker(s) of generation {}",
+            s.holdfast.workers_wanted, s.holdfast.generation
+        )),
+        Ok(s) => Response::err(
+            ErrorKind::Failed,
+            format!(
+                "not ready: {}",
+                s.holdfast.not_ready.as_deref().unwrap_or("unknown")
+            ),
+        ),
+        Err(r) => r,
+    }
+}
+
 fn outcome(r: Result<Result<String, String>, oneshot::error::RecvError>) -> Response {
     match r {
         Ok(Ok(m)) => Response::ok(m),
@@ -454,7 +488,22 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
             }
             Err(r) => (r, After::Next),
         },
-        Command::Restart { wait } => {
+        Command::Restart {
+            slot: Some(slot), ..
+        } => {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(Call::ReplaceSlot { slot, reply }).is_err() {
+                return (gone(), After::Close);
+            }
+            info!(
+                slot,
+                "replacement of one slot requested over the control socket"
+            );
+            (outcome(rx.await), After::Next)
+        }
+        Command::Live => (live(tx).await, After::Next),
+        Command::Ready => (ready(tx).await, After::Next),
+        Command::Restart { wait, slot: None } => {
             // --wait: answered when the rollout ends; else once it started
             // (the config read and its sockets bound) or was refused.
             let (reply, rx) = oneshot::channel();

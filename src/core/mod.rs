@@ -240,12 +240,44 @@ impl Supervisor {
     /// Whether every slot has a ready worker of the current generation and
     /// holdfast is not stopping (what an orchestrator's readiness probe asks).
     pub(crate) fn all_current_ready(&self) -> bool {
-        !self.is_stopping()
-            && (0..self.slots.len() as u32).all(|s| {
-                self.workers
-                    .values()
-                    .any(|w| w.slot == Slot(s) && w.state.is_ready() && w.generation == self.stable)
+        self.readiness().is_ok()
+    }
+
+    /// What a readiness probe answers: `Ok` when every slot has a ready
+    /// worker of the current generation — the last good one, or the one a
+    /// rollout under way brings (start-before-stop keeps a ready worker of
+    /// one or the other in every slot, so a healthy rollout never makes
+    /// holdfast unready) — and holdfast is not stopping; else the reason, in
+    /// one line. A stop makes it unready at once, before any worker drains,
+    /// so an orchestrator stops sending traffic first.
+    pub(crate) fn readiness(&self) -> Result<String, String> {
+        if self.is_stopping() {
+            return Err("holdfast is stopping".into());
+        }
+        let current = [self.stable, self.target()];
+        let total = self.slots.len();
+        let ready = (0..total as u32)
+            .filter(|&s| {
+                self.workers.values().any(|w| {
+                    w.slot == Slot(s) && w.state.is_ready() && current.contains(&w.generation)
+                })
             })
+            .count();
+        let generation = match &self.rollout {
+            Some(r) if r.generation != self.stable => {
+                format!("generation {} (rollout to {})", self.stable, r.generation)
+            }
+            _ => format!("generation {}", self.stable),
+        };
+        if ready == total {
+            Ok(format!(
+                "ready: {ready}/{total} slots have a ready worker, {generation}"
+            ))
+        } else {
+            Err(format!(
+                "{ready}/{total} slots have a ready worker of {generation}"
+            ))
+        }
     }
     fn target(&self) -> Generation {
         self.rollout.as_ref().map_or(self.stable, |r| r.generation)

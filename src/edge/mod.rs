@@ -474,6 +474,10 @@ impl Runtime {
                 let reply = Some(self.hold_reply(reply));
                 self.feed(request(Request::Scale(Scale::To(workers)), reply));
             }
+            Call::ReplaceSlot { slot, reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::ReplaceSlot(Slot(slot)), reply));
+            }
             Call::Stop { reply } => {
                 let reply = Some(self.hold_reply(reply));
                 self.feed(request(Request::Stop, reply));

@@ -162,6 +162,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             last_rollout,
             reload_rejected: sv.reload_note().map(str::to_string),
             ready: sv.all_current_ready(),
+            not_ready: sv.readiness().err(),
         },
         workers,
         listeners,

@@ -321,3 +321,39 @@ fn as_pid_1_an_orphan_holding_a_listener_is_stopped_and_outside_a_namespace_ever
     assert_eq!(step(&mut sv, 10, adopted(&[(600, 600, Some(1))])), vec![]);
     assert_eq!(step(&mut sv, 20, exited(100)), vec![terminate(600)]);
 }
+
+#[test]
+fn readiness_holds_through_a_healthy_rollout_and_goes_at_once_on_stop() {
+    let mut sv = running(2, 1);
+    assert_eq!(
+        sv.readiness(),
+        Ok("ready: 2/2 slots have a ready worker, generation 1".into())
+    );
+    play(
+        &mut sv,
+        vec![
+            (10, rollout(policy(2, 1)), vec![spawn(3, 0, 2)]),
+            (11, spawned(3, 200), vec![]),
+            (20, ready(3), vec![term(1, 100)]),
+            (30, exited(100), vec![spawn(4, 1, 2)]),
+        ],
+    );
+    // Slot 0 runs generation 2, slot 1 still 1: both count.
+    assert_eq!(
+        sv.readiness(),
+        Ok("ready: 2/2 slots have a ready worker, generation 1 (rollout to 2)".into())
+    );
+    // A crash empties a slot: unready, with the count.
+    play(
+        &mut sv,
+        vec![(31, exited_with(101, ExitReason::Code(1)), vec![])],
+    );
+    assert_eq!(
+        sv.readiness(),
+        Err("1/2 slots have a ready worker of generation 1 (rollout to 2)".into())
+    );
+    // A stop: unready before any worker has drained.
+    let _ = step(&mut sv, 40, stop());
+    assert_eq!(sv.readiness(), Err("holdfast is stopping".into()));
+    assert!(!sv.all_current_ready());
+}
