@@ -4,9 +4,9 @@
 //! Exit codes follow sysexits.h: 0 ok, 64 usage, 69 an address cannot be
 //! bound (unavailable), 70 internal error, 71 an OS resource failed, 78 the
 //! config (or its command) is wrong. The control commands (status, restart,
-//! reopen-logs, scale, stop): 0 ok, 1 the request failed (`status --ready`:
-//! not ready), 69 holdfast is not running, 77 permission denied, 78 the
-//! --config file is unreadable.
+//! reopen-logs, scale, stop, upgrade): 0 ok, 1 the request failed
+//! (`status --ready`: not ready), 69 holdfast is not running, 77 permission
+//! denied, 78 the --config file is unreadable.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Address, Config, Overrides};
-use crate::edge::Runtime;
+use crate::edge::{Fallback, Incoming, Invocation, Runtime};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -92,6 +92,26 @@ pub enum Command {
     },
     /// Print the shell completion script for SHELL (bash, zsh, fish, ...).
     Completions { shell: clap_complete::Shell },
+    /// Upgrade holdfast in place (as SIGUSR2): exec the new binary in the
+    /// same pid, workers untouched. Refused, with nothing changed, when the
+    /// binary cannot adopt holdfast's state.
+    Upgrade {
+        /// Return when the new image has adopted everything (exit 0 with its
+        /// message), or the upgrade failed (exit 1 with the reason).
+        #[arg(long)]
+        wait: bool,
+        /// The new binary; default: the path holdfast was started from.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Print holdfast's version; --json adds the handover formats this
+    /// binary reads (what `upgrade` checks before it execs a binary).
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -180,7 +200,12 @@ pub fn init_logging(own_log: Option<&Path>) -> Result<(), crate::logs::LogsError
     if let Some(path) = own_log {
         crate::logs::own_log().open(path)?;
     }
-    let ansi = own_log.is_none() && std::io::stderr().is_terminal();
+    subscriber(own_log.is_none() && std::io::stderr().is_terminal());
+    Ok(())
+}
+
+/// The tracing subscriber, writing to [`crate::logs::own_log`].
+fn subscriber(ansi: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOLDFAST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -188,7 +213,6 @@ pub fn init_logging(own_log: Option<&Path>) -> Result<(), crate::logs::LogsError
         .with_writer(|| crate::logs::own_log().writer())
         .with_ansi(ansi)
         .try_init();
-    Ok(())
 }
 
 fn code(c: i32) -> ExitCode {
@@ -196,6 +220,12 @@ fn code(c: i32) -> ExitCode {
 }
 
 pub fn main() -> ExitCode {
+    // First, before any thread or fd: an image exec'd by an in-place
+    // upgrade takes what the previous one handed over (as LISTEN_FDS below).
+    if let Some(incoming) = Incoming::from_env() {
+        return code(upgraded(incoming, Invocation::current()));
+    }
+    let invocation = Invocation::current();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -252,6 +282,29 @@ pub fn main() -> ExitCode {
             control(&a, C::Scale { workers })
         }
         Command::Stop { wait, control: a } => control(&a, C::Stop { wait }),
+        Command::Upgrade {
+            wait,
+            binary,
+            control: a,
+        } => {
+            // holdfast runs elsewhere: a relative path means ours.
+            let binary = match binary.map(std::path::absolute).transpose() {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("holdfast: upgrade: --binary: {e}");
+                    return code(exitcode::USAGE);
+                }
+            };
+            control(&a, C::Upgrade { wait, binary })
+        }
+        Command::Version { json } => {
+            if json {
+                println!("{}", crate::edge::version_json());
+            } else {
+                println!("holdfast {}", env!("CARGO_PKG_VERSION"));
+            }
+            ExitCode::SUCCESS
+        }
         Command::Check { config } => match Config::load(Some(&config), &Overrides::default())
             .map_err(|e| e.to_string())
             .and_then(|c| {
@@ -282,7 +335,7 @@ pub fn main() -> ExitCode {
             };
             match Config::load(args.config.as_deref(), &overrides) {
                 Ok(config) => match init_logging(config.logs.holdfast_log.as_deref()) {
-                    Ok(()) => code(run(config, overrides)),
+                    Ok(()) => code(run_as(config, overrides, invocation)),
                     Err(e) => {
                         eprintln!("holdfast: {e}");
                         code(exitcode::CANTCREAT)
@@ -296,7 +349,7 @@ pub fn main() -> ExitCode {
         }
         Command::Demo { port } => {
             let _ = init_logging(None);
-            code(demo(port))
+            code(demo(port, invocation))
         }
     }
 }
@@ -337,8 +390,108 @@ fn man(page: &str, dir: Option<&Path>) -> ExitCode {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("holdfast: tokio runtime: {e}");
+            exitcode::OSERR
+        })
+}
+
+/// An image exec'd by an in-place upgrade: adopt what the previous one
+/// handed over and run on; if that cannot be done, fall back (see
+/// `edge::adopt`). The runtime is current-thread: the main thread that
+/// forks the workers is the one that may exec the next upgrade.
+fn upgraded(incoming: Incoming, invocation: Invocation) -> i32 {
+    let incoming = match incoming.unreadable() {
+        Ok(i) => i,
+        Err(fb) => return fall_back(fb, invocation, None),
+    };
+    let own = incoming.own_log();
+    let ansi = own.is_none() && std::io::stderr().is_terminal();
+    if let Some((path, file)) = own {
+        crate::logs::own_log().adopt(&path, file);
+    }
+    subscriber(ansi);
+    crate::logs::own_log().start_writer();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
+    let adopted = rt.block_on(async { Runtime::adopt(incoming) });
+    let code = match adopted {
+        Ok(r) => rt.block_on(r.run()),
+        Err(fb) => fall_back(fb, invocation, Some(rt)),
+    };
+    crate::logs::own_log().flush(std::time::Duration::from_secs(5));
+    code
+}
+
+/// The state could not be adopted: start from the command line the
+/// previous image ran with (the exec kept it), keeping the sockets and
+/// workers it handed over. `rt`: logging and the runtime are set up already.
+fn fall_back(fb: Fallback, invocation: Invocation, rt: Option<tokio::runtime::Runtime>) -> i32 {
+    let args = match Cli::try_parse_from(&invocation.argv).map(|c| c.command) {
+        Ok(Command::Run(args)) => args,
+        _ => {
+            eprintln!(
+                "holdfast: the upgrade's new image could not adopt the state ({}) and its command line {:?} is not `holdfast run`: cannot fall back; exiting",
+                fb.error(),
+                invocation.argv
+            );
+            return exitcode::SOFTWARE;
+        }
+    };
+    let overrides = Overrides {
+        listen: args.listen,
+        workers: args.workers,
+        command: args.command,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "holdfast: the upgrade's new image could not adopt the state ({}), and its config cannot be loaded for a fresh start: {e}",
+                fb.error()
+            );
+            return exitcode::CONFIG;
+        }
+    };
+    let rt = match rt {
+        Some(rt) => rt,
+        None => {
+            if let Err(e) = init_logging(config.logs.holdfast_log.as_deref()) {
+                eprintln!("holdfast: {e}");
+            }
+            crate::logs::own_log().start_writer();
+            match runtime() {
+                Ok(rt) => rt,
+                Err(c) => return c,
+            }
+        }
+    };
+    let code = rt.block_on(async move {
+        match Runtime::fallback(config, overrides, fb, invocation) {
+            Ok(r) => r.run().await,
+            Err(e) => {
+                eprintln!("holdfast: {e}");
+                e.exit_code()
+            }
+        }
+    });
+    crate::logs::own_log().flush(std::time::Duration::from_secs(5));
+    code
+}
+
 /// Runs holdfast with `config` until it is stopped; returns the exit code.
 pub fn run(config: Config, overrides: Overrides) -> i32 {
+    run_as(config, overrides, Invocation::current())
+}
+
+/// [`run`], started as `invocation` (read at the very start of `main`).
+fn run_as(config: Config, overrides: Overrides, invocation: Invocation) -> i32 {
     // First, before any thread or fd of holdfast's own exists: the sockets
     // systemd passed, with LISTEN_* taken out of the environment.
     let inherited = match crate::systemd::Inherited::from_env() {
@@ -350,18 +503,12 @@ pub fn run(config: Config, overrides: Overrides) -> i32 {
     };
     // The first thread of holdfast's own, now that the environment is settled.
     crate::logs::own_log().start_writer();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("holdfast: tokio runtime: {e}");
-            return exitcode::OSERR;
-        }
+        Err(c) => return c,
     };
     let code = rt.block_on(async move {
-        match Runtime::with_inherited(config, overrides, inherited) {
+        match Runtime::with_inherited(config, overrides, inherited, invocation) {
             Ok(runtime) => runtime.run().await,
             Err(e) => {
                 // One report: stderr is the journal under systemd.
@@ -406,7 +553,7 @@ fn demo_worker(exe: &Path) -> Result<PathBuf, String> {
     }
 }
 
-fn demo(port: u16) -> i32 {
+fn demo(port: u16, invocation: Invocation) -> i32 {
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
@@ -467,7 +614,7 @@ Try, in another terminal:
         sock = dir.path().join("holdfast.sock").display(),
     );
     match Config::load(Some(&config_path), &Overrides::default()) {
-        Ok(config) => run(config, Overrides::default()),
+        Ok(config) => run_as(config, Overrides::default(), invocation),
         Err(e) => {
             eprintln!("holdfast demo: {e}");
             exitcode::SOFTWARE

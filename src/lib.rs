@@ -15,8 +15,9 @@
 //!   and returns actions; no syscalls, no clock, table tests.
 //! - `edge`: the one event loop: receive (signals, child exits, notify
 //!   datagrams, probes, timers, control calls) → step → perform the actions →
-//!   feed their results back as events. Reloads, readiness probes and the
-//!   workers' NOTIFY_SOCKET live here.
+//!   feed their results back as events. Reloads, readiness probes, the
+//!   workers' NOTIFY_SOCKET and the in-place upgrade (exec of a new holdfast
+//!   in the same pid, and its adoption of the state) live here.
 //! - [`os`]: fork/exec and fds ([`os::sys`], the only `unsafe`), the spawn
 //!   plan, the listening sockets, the one /proc reader ([`os::proc`]) and
 //!   sock_diag.

@@ -104,6 +104,7 @@ pub fn start(
     listener: std::net::TcpListener,
     tx: Calls,
     baseline: Option<(u64, u64)>,
+    mut pause: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     if let Ok(a) = listener.local_addr() {
@@ -112,7 +113,18 @@ pub fn start(
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
     Ok(tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
+            // Paused for an upgrade: scrapes wait in the listen queue.
+            if *pause.borrow_and_update() {
+                if pause.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = crate::control::paused(&mut pause) => continue,
+            };
+            let stream = match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     warn!(error = %e, "metrics accept failed");
@@ -124,7 +136,10 @@ pub fn start(
                 continue; // dropped: closed
             };
             let tx = tx.clone();
+            // Counted from the accept: an upgrade waits for it.
+            let answering = crate::control::Answering::new();
             tokio::spawn(async move {
+                let _answering = answering;
                 if let Err(e) = serve(stream, &tx, baseline).await {
                     debug!(error = %e, "metrics connection");
                 }
@@ -409,6 +424,16 @@ pub fn render(s: &Snapshot) -> String {
             "child_signals",
             "Worker children signalled for memory",
             c.child_signals,
+        ),
+        (
+            "upgrades",
+            "In-place upgrades of holdfast adopted by the new image",
+            c.upgrades,
+        ),
+        (
+            "failed_upgrades",
+            "In-place upgrades of holdfast refused or failed before the exec",
+            c.failed_upgrades,
         ),
     ] {
         r.register(name, help, ConstCounter::new(v));

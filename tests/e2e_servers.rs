@@ -1,5 +1,5 @@
 //! End-to-end proof with the real app servers of Debian 12: Puma 5.6 (with
-//! ruby-sd-notify), Unicorn 6 and Gunicorn 20 under holdfast, each rolled
+//! ruby-sd-notify), Unicorn 6, Gunicorn 20 and uWSGI 2.0 under holdfast, each rolled
 //! [`ROLLOUTS`] times by SIGHUP under a bounded load that must see no failed
 //! request; the two traps of real servers that holdfast must catch and
 //! explain (a wrapper that closes the inherited fds, Puma unlinking a unix
@@ -19,20 +19,19 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::proxy::{proxy_dir, require, Proxy};
 use common::{
     http_get, pid_alive, run_holdfast, wait_until, Holdfast, Load, LoadReport, LoadSpec, Target,
 };
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// Readiness deadline for a generation of a Ruby or Python server, and for
 /// any wait that includes one: generous, as CI is a busy 2-core box.
@@ -41,32 +40,16 @@ const READY: Duration = Duration::from_secs(90);
 /// SIGHUP rollouts per test.
 const ROLLOUTS: u32 = 5;
 
+/// SIGHUP rollouts of the tests with nginx or Apache in front, which run
+/// the proxies with their default retries: at least 20 (tests/proxies.rs).
+const PROXY_ROLLOUTS: u32 = 20;
+
 /// Requests the load must finish after each rollout before the next SIGHUP,
 /// so that every generation is seen serving.
 const BETWEEN: u64 = 150;
 
 // ---------------------------------------------------------------------------
 // Finding the servers and the example configs
-
-/// The absolute path of `cmd` on PATH or in the sbin directories (nginx and
-/// apache2 live in /usr/sbin, which a non-login PATH may lack). Panics naming
-/// the Debian package when it is missing: a missing server fails the test.
-fn require(cmd: &str, package: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let extra = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
-    std::env::split_paths(&path)
-        .chain(extra)
-        .map(|dir| dir.join(cmd))
-        .find(|p| {
-            fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "`{cmd}` is not installed (not in PATH or /usr/sbin): run `apt-get install {package}` \
-                 as root, or tests/run, which installs it. The end-to-end tests never skip a server."
-            )
-        })
-}
 
 /// Puma, and the gem without which it never sends READY=1.
 fn require_puma() {
@@ -236,6 +219,8 @@ struct Rolled {
     /// `took=` of each `rollout finished` line.
     rollouts: Vec<String>,
     took: Duration,
+    /// How many rollouts ran.
+    count: u32,
 }
 
 impl Rolled {
@@ -252,7 +237,7 @@ impl Rolled {
     fn assert_clean(&self, name: &str, min_ok: u64) {
         eprintln!(
             "e2e {name}: {} rollouts, requests ok={} failed={} in {:.1}s; rollouts took {}",
-            ROLLOUTS,
+            self.count,
             self.ok(),
             self.failed(),
             self.took.as_secs_f64(),
@@ -277,7 +262,17 @@ impl Rolled {
 /// [`BETWEEN`] requests. `after` runs after each rollout with the generation
 /// now serving (2, 3, ...). Generation 1 must already be ready; the config
 /// file is not changed.
-fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut(u32)) -> Rolled {
+fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, after: impl FnMut(u32)) -> Rolled {
+    rollouts_under_load_n(h, specs, ROLLOUTS, after)
+}
+
+/// [`rollouts_under_load`] with `count` rollouts.
+fn rollouts_under_load_n(
+    h: &Holdfast,
+    specs: Vec<LoadSpec>,
+    count: u32,
+    mut after: impl FnMut(u32),
+) -> Rolled {
     let started = Instant::now();
     let loads: Vec<Load> = specs.into_iter().map(Load::start).collect();
     let done = |loads: &[Load]| loads.iter().map(Load::requests_so_far).sum::<u64>();
@@ -296,7 +291,7 @@ fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut
         trees.insert(generation, tree);
     };
     serve(&loads, 1, &mut trees);
-    for generation in 2..=ROLLOUTS + 1 {
+    for generation in 2..=count + 1 {
         h.signal(Signal::SIGHUP);
         wait_rollout_finished(h, generation);
         after(generation);
@@ -314,6 +309,7 @@ fn rollouts_under_load(h: &Holdfast, specs: Vec<LoadSpec>, mut after: impl FnMut
         trees,
         rollouts,
         took: started.elapsed(),
+        count,
     }
 }
 
@@ -520,6 +516,17 @@ fn gunicorn_through_listen_fds_ready_by_probe() {
     finish(&mut h, "exit status 0");
 }
 
+#[test]
+fn uwsgi_hup_exit_on_reload_ready_by_probe() {
+    require("uwsgi", "uwsgi-core uwsgi-plugin-python3");
+    let mut h = Holdfast::start(&example_config("uwsgi.toml"));
+    wait_all_ready(&h);
+    let rolled = rollouts_under_load(&h, load_mix(h.tcp()), |_| {});
+    rolled.assert_clean("uwsgi", 100);
+    // HUP with --exit-on-reload: requests finished, then exit 0.
+    finish(&mut h, "exit status 0");
+}
+
 /// Every example config passes `holdfast check` (relative paths resolve
 /// against the file, so this works from any directory).
 #[test]
@@ -541,7 +548,7 @@ fn example_configs_pass_check() {
         }
     }
     checked.sort();
-    for name in ["gunicorn", "puma-cluster", "puma", "unicorn"] {
+    for name in ["gunicorn", "puma-cluster", "puma", "unicorn", "uwsgi"] {
         assert!(
             checked
                 .iter()
@@ -754,11 +761,11 @@ drain_timeout = "35s"
 #[test]
 fn nginx_in_front_of_puma_on_a_unix_socket() {
     require_puma();
-    let nginx = require("nginx", "nginx");
+    require("nginx", "nginx");
     let mut h = Holdfast::start(&puma_on_unix());
     wait_all_ready(&h);
-    let proxy = Proxy::nginx(&h, &nginx);
-    let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
+    let proxy = nginx_proxy(&h);
+    let rolled = rollouts_under_load_n(&h, load_mix(proxy.target()), PROXY_ROLLOUTS, |_| {});
     rolled.assert_clean("nginx -> puma", 100);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
@@ -770,197 +777,56 @@ fn nginx_in_front_of_puma_on_a_unix_socket() {
 #[test]
 fn apache_in_front_of_puma_on_a_unix_socket() {
     require_puma();
-    let apache = require("apache2", "apache2");
+    require("apache2", "apache2");
     let mut h = Holdfast::start(&puma_on_unix());
     wait_all_ready(&h);
-    let proxy = Proxy::apache(&h, &apache);
-    let rolled = rollouts_under_load(&h, load_mix(proxy.target()), |_| {});
+    let proxy = apache_proxy(&h);
+    let rolled = rollouts_under_load_n(&h, load_mix(proxy.target()), PROXY_ROLLOUTS, |_| {});
     rolled.assert_clean("apache -> puma", 100);
     drop(proxy);
     finish(&mut h, "killed by SIGTERM");
 }
 
 // ---------------------------------------------------------------------------
-// Front proxies
+// Front proxies: examples/nginx.conf and examples/apache.conf as they are,
+// with only the socket path and the port replaced, run by the shared
+// private-instance helper (tests/common/proxy.rs).
 
-/// nginx or Apache in front of holdfast's `{dir}/app.sock`, listening on
-/// 127.0.0.1:`{port2}`, with every file of its own in the test's temp dir.
-/// It runs in a process group of its own; `Drop` stops it (SIGTERM, then
-/// SIGKILL to the group) and prints its log if the test failed.
-struct Proxy {
-    name: &'static str,
-    child: Child,
-    /// The proxy's own directory (configs, logs, pid file, temp files).
-    dir: PathBuf,
-    port: u16,
+/// nginx with examples/nginx.conf in front of `{dir}/app.sock`, on
+/// 127.0.0.1:`{port2}`.
+fn nginx_proxy(h: &Holdfast) -> Proxy {
+    let dir = proxy_dir(h.dir.path(), "nginx");
+    let site = fs::read_to_string(examples_dir().join("nginx.conf")).expect("examples/nginx.conf");
+    let site = replace_once(&site, "listen 80;", "listen 127.0.0.1:{port};");
+    let sock = h.dir.path().join("app.sock");
+    let site = replace_once(
+        &site,
+        "server unix:/run/holdfast/app.sock;",
+        &format!("server unix:{};", sock.display()),
+    );
+    assert!(
+        !site.contains("/run/holdfast/app.sock"),
+        "nginx.conf: one upstream server, nginx's default retries (tests/proxies.rs)"
+    );
+    let proxy = Proxy::nginx(&dir, h.port2, &site);
+    proxy.wait_serving("/", READY);
+    proxy
 }
 
-impl Proxy {
-    /// examples/nginx.conf inside a minimal main config.
-    fn nginx(h: &Holdfast, bin: &Path) -> Proxy {
-        let dir = proxy_dir(h, "nginx");
-        let site =
-            fs::read_to_string(examples_dir().join("nginx.conf")).expect("examples/nginx.conf");
-        let site = replace_once(&site, "listen 80;", "listen 127.0.0.1:{port2};");
-        let site = site.replace("unix:/run/holdfast/app.sock", "unix:{dir}/app.sock");
-        assert_eq!(
-            site.matches("unix:{dir}/app.sock").count(),
-            2,
-            "nginx.conf: the upstream socket, twice"
-        );
-        fs::write(dir.join("nginx-site.conf"), h.fill(&site)).expect("write nginx-site.conf");
-        let main = r#"
-worker_processes 2;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path {dir}/nginx/body;
-    proxy_temp_path {dir}/nginx/proxy;
-    fastcgi_temp_path {dir}/nginx/fastcgi;
-    uwsgi_temp_path {dir}/nginx/uwsgi;
-    scgi_temp_path {dir}/nginx/scgi;
-    include {dir}/nginx/nginx-site.conf;
-}
-"#;
-        let conf = dir.join("nginx.conf");
-        fs::write(&conf, h.fill(main)).expect("write nginx.conf");
-        let mut cmd = Command::new(bin);
-        cmd.arg("-p")
-            .arg(&dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf)
-            .arg("-g")
-            .arg(format!(
-                "daemon off; pid {};",
-                dir.join("nginx.pid").display()
-            ));
-        Proxy::start("nginx", cmd, &dir, h)
-    }
-
-    /// examples/apache.conf inside a minimal main config (mpm_event,
-    /// mod_proxy, mod_proxy_http).
-    fn apache(h: &Holdfast, bin: &Path) -> Proxy {
-        let dir = proxy_dir(h, "apache");
-        let site =
-            fs::read_to_string(examples_dir().join("apache.conf")).expect("examples/apache.conf");
-        let site = replace_once(&site, "<VirtualHost *:80>", "<VirtualHost *:{port2}>");
-        let site = replace_once(
-            &site,
-            "\"unix:/run/holdfast/app.sock|http://holdfast/\"",
-            "\"unix:{dir}/app.sock|http://holdfast/\"",
-        );
-        fs::write(dir.join("apache-site.conf"), h.fill(&site)).expect("write apache-site.conf");
-        let modules = "/usr/lib/apache2/modules";
-        // Apache refuses to serve as root; its children run as www-data.
-        let user = if nix::unistd::geteuid().is_root() {
-            "User www-data\nGroup www-data\n"
-        } else {
-            ""
-        };
-        let main = format!(
-            r#"
-ServerRoot "{{dir}}/apache"
-ServerName 127.0.0.1
-DefaultRuntimeDir "{{dir}}/apache"
-PidFile "{{dir}}/apache/apache.pid"
-ErrorLog "{{dir}}/apache/error.log"
-LogLevel warn
-{user}Listen 127.0.0.1:{{port2}}
-LoadModule mpm_event_module {modules}/mod_mpm_event.so
-LoadModule authz_core_module {modules}/mod_authz_core.so
-LoadModule proxy_module {modules}/mod_proxy.so
-LoadModule proxy_http_module {modules}/mod_proxy_http.so
-StartServers 2
-ThreadsPerChild 25
-MaxRequestWorkers 100
-Include "{{dir}}/apache/apache-site.conf"
-"#
-        );
-        let conf = dir.join("apache.conf");
-        fs::write(&conf, h.fill(&main)).expect("write apache.conf");
-        let mut cmd = Command::new(bin);
-        cmd.arg("-f").arg(&conf).arg("-DFOREGROUND");
-        Proxy::start("apache", cmd, &dir, h)
-    }
-
-    /// Spawns `cmd` (output to `dir/output.log`) in its own process group and
-    /// waits until a GET through it answers 200.
-    fn start(name: &'static str, mut cmd: Command, dir: &Path, h: &Holdfast) -> Proxy {
-        let out = File::create(dir.join("output.log")).expect("create proxy output log");
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup log"))
-            .stderr(out)
-            .current_dir(dir)
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
-        let proxy = Proxy {
-            name,
-            child,
-            dir: dir.to_path_buf(),
-            port: h.port2,
-        };
-        let target = proxy.target();
-        wait_until(READY, &format!("{name} on {target} to answer 200"), || {
-            assert!(
-                pid_alive(proxy.child.id()),
-                "{name} exited at start:\n{}",
-                proxy.logs()
-            );
-            http_get(&target, "/").ok().filter(|r| r.status == 200)
-        });
-        proxy
-    }
-
-    fn target(&self) -> Target {
-        Target::local(self.port)
-    }
-
-    /// Every *.log in the proxy's directory.
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        paths.sort();
-        for p in paths
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        {
-            out.push_str(&format!("--- {}\n", p.display()));
-            out.push_str(&fs::read_to_string(p).unwrap_or_default());
-        }
-        out
-    }
-}
-
-/// `{dir}/NAME`, created, with the temp dir opened for traversal (0711) so
-/// the proxy's unprivileged workers can reach `{dir}/app.sock`.
-fn proxy_dir(h: &Holdfast, name: &str) -> PathBuf {
-    fs::set_permissions(h.dir.path(), fs::Permissions::from_mode(0o711))
-        .expect("chmod the temp dir 0711");
-    let dir = h.dir.path().join(name);
-    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-    dir
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits in i32"));
-        // Not reaped yet, so the pid and its group id are still ours.
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pid_alive(self.child.id()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Workers the master left behind are in its group.
-        let _ = killpg(pid, Signal::SIGKILL);
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("===== {} logs:\n{}", self.name, self.logs());
-        }
-    }
+/// Apache with examples/apache.conf in front of `{dir}/app.sock`, on
+/// 127.0.0.1:`{port2}`.
+fn apache_proxy(h: &Holdfast) -> Proxy {
+    let dir = proxy_dir(h.dir.path(), "apache");
+    let site =
+        fs::read_to_string(examples_dir().join("apache.conf")).expect("examples/apache.conf");
+    let site = replace_once(&site, "<VirtualHost *:80>", "<VirtualHost *:{port}>");
+    let sock = h.dir.path().join("app.sock");
+    let site = replace_once(
+        &site,
+        "\"unix:/run/holdfast/app.sock|http://holdfast/\"",
+        &format!("\"unix:{}|http://holdfast/\"", sock.display()),
+    );
+    let proxy = Proxy::apache(&dir, h.port2, &["proxy", "proxy_http"], &site);
+    proxy.wait_serving("/", READY);
+    proxy
 }

@@ -414,7 +414,7 @@ fn cgroup_create_spawn_kill_remove() {
     assert!(wc.pids().expect("pids").is_empty());
     let worker_args = args(&["-c", "setsid sleep 120 & exec sleep 120"]);
     let mut p = plan("sh", &worker_args, &[(SERIAL_VAR, "7")]);
-    p.cgroup_procs = Some(wc.procs_fd().as_raw_fd());
+    p.cgroup_procs = wc.procs_fd().map(|fd| fd.as_raw_fd());
     let Spawned {
         pid: worker,
         report,
@@ -458,7 +458,7 @@ fn cgroup_create_spawn_kill_remove() {
     let wc = cgroups.create(8).expect("create worker-8");
     let sleep_args = args(&["120"]);
     let mut p = plan("sleep", &sleep_args, &[]);
-    p.cgroup_procs = Some(wc.procs_fd().as_raw_fd());
+    p.cgroup_procs = wc.procs_fd().map(|fd| fd.as_raw_fd());
     let Spawned {
         pid: sleeper,
         report,
@@ -481,7 +481,7 @@ fn cgroup_create_spawn_kill_remove() {
     let wc = cgroups.create(9).expect("create worker-9");
     let tree_args = args(&["-c", "sleep 120 & sleep 120 & wait"]);
     let mut p = plan("sh", &tree_args, &[]);
-    p.cgroup_procs = Some(wc.procs_fd().as_raw_fd());
+    p.cgroup_procs = wc.procs_fd().map(|fd| fd.as_raw_fd());
     let Spawned { pid: tree, report } = sys::spawn(&p, Path::new("/bin/sh")).expect("fork");
     let tree = started.add(tree.as_raw());
     report.wait().expect("exec sh");

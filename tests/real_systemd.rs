@@ -889,3 +889,150 @@ workers = 2
     // READY=1 waited for the new workers (1 s each to READY=1).
     assert!(took >= Duration::from_secs(1), "{took:?}");
 }
+
+/// The in-place upgrade under systemd: a package renames a new binary over
+/// the installed one, its postinst runs `holdfast upgrade --wait`, then an
+/// operator sends SIGUSR2 with `systemctl kill --kill-whom=main`. MAINPID
+/// never changes, the main process runs the new file, every worker is the
+/// same process, no request fails, systemd sees the unit active with
+/// holdfast's STATUS= and a watchdog ping after each adoption, and never
+/// restarts it.
+#[test]
+fn an_in_place_upgrade_keeps_mainpid_and_every_worker() {
+    let sb = shared("upgrade");
+    let app = App::new(
+        &sb,
+        "upgrade",
+        8091,
+        r#"
+[app]
+command = ["{worker}", "--ready-delay-ms", "1000", "--lame-duck-ms", "100"]
+workers = 2
+"#,
+    );
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_holdfast"));
+    let installed = "/usr/local/lib/holdfast/holdfast";
+    sb.copy_in(built, installed);
+    app.run_binary(installed);
+    // A watchdog short enough to notice a missed ping across the upgrades.
+    app.dropin("watchdog", "[Service]\nWatchdogSec=2s\n");
+    app.must("start");
+    let pid = app.main_pid();
+    let exe = |pid: u32| {
+        sb.sh(&format!("readlink /proc/{pid}/exe"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(exe(pid), installed);
+    let workers = |s: &serde_json::Value| {
+        let mut v: Vec<u64> = s["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter_map(|w| w["pid"].as_u64())
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let before = workers(&app.status());
+    let mut spec = app.load_spec(app.tcp());
+    spec.path = "/?sleep=5".into();
+    spec.max_duration = Duration::from_secs(60);
+    let load = Load::start(spec);
+    wait_until(DEADLINE, "load", || {
+        (load.requests_so_far() >= 100).then_some(())
+    });
+    let pinged = |sb: &Sandbox| -> u64 {
+        sb.show(&app.unit(), "WatchdogTimestampMonotonic")
+            .parse()
+            .unwrap_or(0)
+    };
+    // systemd logs each notification at debug level: what it was told.
+    sb.run(&["systemd-analyze", "log-level", "debug"]);
+    // The package manager: a new file renamed over the old one; its postinst.
+    sb.copy_in(built, installed);
+    assert_eq!(exe(pid), format!("{installed} (deleted)"));
+    let ping_before = pinged(&sb);
+    let out = sb.exec(&[installed, "upgrade", "--wait", "--control", &app.control()]);
+    assert!(
+        out.status.success(),
+        "upgrade: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        app.messages()
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        format!("upgraded from 0.1.0 to 0.1.0 (pid {pid}, 2 workers adopted)")
+    );
+    assert_eq!(app.main_pid(), pid);
+    assert_eq!(
+        exe(pid),
+        installed,
+        "the main process does not run the new file"
+    );
+    assert!(
+        pinged(&sb) > ping_before,
+        "no watchdog ping since the upgrade"
+    );
+    // RELOADING=1 (with MONOTONIC_USEC) from holdfast's pid before the exec,
+    // READY=1 from the same pid after the adoption.
+    let from_pid = format!("Got notification message from PID {pid} (");
+    let notes = sb.wait_messages(&app.unit(), &format!("{from_pid}READY=1"), 1);
+    sb.run(&["systemd-analyze", "log-level", "info"]);
+    let told: Vec<&str> = notes
+        .lines()
+        .filter_map(|l| l.split_once(&from_pid).map(|(_, rest)| rest))
+        .collect();
+    // In order: RELOADING=1, the ping before the exec, the ping after the
+    // adoption, READY=1 (periodic pings may fall in between).
+    let reloading = told
+        .iter()
+        .position(|l| l.starts_with("RELOADING=1, MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no RELOADING=1: {told:#?}"));
+    let ready = told
+        .iter()
+        .position(|l| l.starts_with("READY=1, STATUS=2/2 workers ready, generation 1)"))
+        .unwrap_or_else(|| panic!("no READY=1: {told:#?}"));
+    assert!(
+        told[reloading].contains("STATUS=2/2 workers ready, generation 1; upgrading holdfast)"),
+        "{told:#?}"
+    );
+    let pings = told[reloading..ready]
+        .iter()
+        .filter(|l| l.starts_with("WATCHDOG=1"))
+        .count();
+    assert!(reloading < ready && pings >= 2, "{told:#?}");
+    // By signal, to the main process only.
+    let ping_before = pinged(&sb);
+    sb.run(&[
+        "systemctl",
+        "kill",
+        "--kill-whom=main",
+        "--signal=USR2",
+        &app.unit(),
+    ]);
+    sb.wait_messages(&app.unit(), "workers adopted) took=", 2);
+    wait_until(DEADLINE, "a ping after the second upgrade", || {
+        (pinged(&sb) > ping_before).then_some(())
+    });
+    let at = load.requests_so_far();
+    wait_until(DEADLINE, "load after the upgrades", || {
+        (load.requests_so_far() >= at + 100).then_some(())
+    });
+    let report = load.stop();
+    eprintln!("upgrade in place under systemd: {report}");
+    report.assert_clean(200);
+    let status = app.status();
+    assert_eq!(workers(&status), before, "the workers were replaced");
+    assert_eq!(status["counters"]["upgrades"], 2, "{status}");
+    assert_eq!(app.main_pid(), pid);
+    assert_eq!(app.show("ActiveState"), "active");
+    assert_eq!(app.show("NRestarts"), "0");
+    assert_eq!(app.show("StatusText"), "2/2 workers ready, generation 1");
+    let messages = app.messages();
+    assert!(!messages.contains("Watchdog timeout"), "{messages}");
+    // A stop still drains and leaves nothing.
+    app.must("stop");
+    assert_eq!(app.cgroup_pids(), Vec::<u32>::new());
+}

@@ -225,15 +225,17 @@ pub struct FileConfig {
 }
 
 /// What the command line may say instead of, or on top of, the file.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize)]
 pub struct Overrides {
     pub listen: Vec<Address>,
     pub workers: Option<u32>,
     pub command: Vec<String>,
 }
 
-/// The validated configuration holdfast runs with.
-#[derive(Debug, Clone)]
+/// The validated configuration holdfast runs with. It serializes: an
+/// in-place upgrade hands the running config over as it is (the file may
+/// have changed since it was read).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
 pub struct Config {
     /// The file it came from, if any; relative paths in it are relative to its directory.
     pub path: Option<PathBuf>,

@@ -165,6 +165,7 @@ pub fn run_client(path: &Path, command: Command, json: bool) -> i32 {
         Command::Restart { wait: true, .. }
             | Command::Restart { slot: Some(_), .. }
             | Command::Stop { wait: true }
+            | Command::Upgrade { wait: true, .. }
     );
     let stop_wait = matches!(command, Command::Stop { wait: true });
     let is_status = matches!(command, Command::Status);

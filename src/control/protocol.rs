@@ -44,6 +44,15 @@ pub enum Command {
         #[serde(default)]
         wait: bool,
     },
+    /// Upgrade holdfast in place: exec `binary` (absolute; default: the one
+    /// holdfast was started from) in the same pid, workers untouched.
+    /// `wait`: answer from the new image once it has adopted everything.
+    Upgrade {
+        #[serde(default)]
+        wait: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// Why a request failed.
@@ -136,7 +145,7 @@ pub fn parse_request(line: &[u8]) -> Result<Command, Response> {
         .map(|r| r.command)
         .map_err(|e| {
             bad(format!(
-                "bad request: {e} (commands: status, restart, reopen-logs, scale, stop, live, ready)"
+                "bad request: {e} (commands: status, restart, reopen-logs, scale, stop, upgrade, live, ready)"
             ))
         })
 }
@@ -180,6 +189,20 @@ mod tests {
             (
                 r#"{"cmd":"stop","v":1,"wait":true}"#,
                 Command::Stop { wait: true },
+            ),
+            (
+                r#"{"v":1,"cmd":"upgrade"}"#,
+                Command::Upgrade {
+                    wait: false,
+                    binary: None,
+                },
+            ),
+            (
+                r#"{"v":1,"cmd":"upgrade","wait":true,"binary":"/usr/bin/holdfast"}"#,
+                Command::Upgrade {
+                    wait: true,
+                    binary: Some("/usr/bin/holdfast".into()),
+                },
             ),
         ];
         for (line, want) in cases {

@@ -3,19 +3,20 @@
 //! event loop; concurrent status requests share one walk of /proc.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::{
-    parse_request, Call, Calls, Command, ErrorKind, Response, MAX_CLIENTS, MAX_REQUEST,
-    READ_TIMEOUT, WRITE_TIMEOUT,
+    parse_request, Answer, Answering, Call, Calls, Command, ErrorKind, Reply, Response,
+    MAX_CLIENTS, MAX_REQUEST, READ_TIMEOUT, WRITE_TIMEOUT,
 };
 use crate::status::Snapshot;
 
@@ -111,10 +112,7 @@ impl ControlSocket {
         let addr = socket2::SockAddr::unix(path).map_err(|e| fail("address", &e))?;
         s.bind(&addr).map_err(|e| fail("bind", &e))?;
         let inode = std::fs::metadata(path).map_err(|e| fail("stat", &e))?.ino();
-        let keeper = path
-            .file_name()
-            .map(|n| path.with_file_name(format!(".{}.holdfast", n.to_string_lossy())));
-        let keeper = keeper.filter(|k| {
+        let keeper = keeper_of(path).filter(|k| {
             let _ = std::fs::remove_file(k);
             std::fs::hard_link(path, k)
                 .map_err(|e| warn!(path = %k.display(), error = %e, "cannot keep a link to the control socket; a removed control socket path will not be restored"))
@@ -139,6 +137,38 @@ impl ControlSocket {
     pub fn path(&self) -> &Path {
         &self.guard.path
     }
+
+    /// The socket a previous image bound (an in-place upgrade): listening,
+    /// non-blocking, its path owned as long as it is still this inode.
+    pub fn adopt(r: ControlRecord, fd: OwnedFd) -> io::Result<ControlSocket> {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(ControlSocket {
+            listener,
+            guard: PathGuard {
+                path: r.path,
+                inode: r.inode,
+                keeper: r.keeper,
+            },
+        })
+    }
+}
+
+/// The hard link beside the control socket's path that restores it: `.NAME.holdfast`.
+pub(crate) fn keeper_of(path: &Path) -> Option<PathBuf> {
+    path.file_name()
+        .map(|n| path.with_file_name(format!(".{}.holdfast", n.to_string_lossy())))
+}
+
+/// The control socket as an upgrade hands it over.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ControlRecord {
+    pub path: PathBuf,
+    pub inode: u64,
+    pub fd: RawFd,
+    /// The hard link that restores the path (see `Server::repair_path`).
+    #[serde(default)]
+    pub keeper: Option<PathBuf>,
 }
 
 /// What connection tasks share.
@@ -149,6 +179,43 @@ struct Shared {
     uid: u32,
     slots: Arc<Semaphore>,
     busy: Arc<Busy>,
+    /// Set while an upgrade is about to exec (see [`super::Pause`]).
+    pause: watch::Receiver<bool>,
+    /// Connection tasks alive, and those of them awaiting an answer the
+    /// loop still owes (those are handed over by their [`Reply`]).
+    live: Arc<AtomicUsize>,
+    waiting: Arc<AtomicUsize>,
+    /// Connections parked by a pause: the stream and the bytes read from it
+    /// but not used yet.
+    parked: Mutex<Vec<(std::os::unix::net::UnixStream, Vec<u8>)>>,
+}
+
+/// Counts one task in `live` or `waiting` while it exists.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn enter(c: &Arc<AtomicUsize>) -> Counted {
+        c.fetch_add(1, Ordering::SeqCst);
+        Counted(c.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Returns once `pause` says paused (never, if its sender is gone).
+pub(crate) async fn paused(pause: &mut watch::Receiver<bool>) {
+    loop {
+        if *pause.borrow_and_update() {
+            return;
+        }
+        if pause.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Requests being answered; [`Server::finish`] waits until there are none.
@@ -185,6 +252,9 @@ pub struct Server {
     accept: tokio::task::JoinHandle<()>,
     guard: PathGuard,
     busy: Arc<Busy>,
+    shared: Arc<Shared>,
+    /// The listening socket's fd, owned by the accept task while it runs.
+    listener_fd: RawFd,
 }
 
 impl Server {
@@ -194,12 +264,16 @@ impl Server {
     }
 
     /// Starts accepting on `socket`; requests go to the loop through `tx`.
+    /// While `pause` says so, nothing new is accepted or read (see
+    /// [`super::Pause`]).
     pub fn start(
         socket: ControlSocket,
         tx: Calls,
         baseline: Option<(u64, u64)>,
+        pause: watch::Receiver<bool>,
     ) -> io::Result<Server> {
         let ControlSocket { listener, guard } = socket;
+        let listener_fd = listener.as_raw_fd();
         let listener = tokio::net::UnixListener::from_std(listener)?;
         let busy = Arc::new(Busy::default());
         let shared = Arc::new(Shared {
@@ -208,14 +282,122 @@ impl Server {
             uid: nix::unistd::geteuid().as_raw(),
             slots: Arc::new(Semaphore::new(MAX_CLIENTS)),
             busy: busy.clone(),
+            pause,
+            live: Arc::default(),
+            waiting: Arc::default(),
+            parked: Mutex::new(Vec::new()),
         });
         info!(path = %guard.path.display(), "control socket listening");
-        let accept = tokio::spawn(accept_loop(listener, shared));
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Server {
             accept,
             guard,
             busy,
+            shared,
+            listener_fd,
         })
+    }
+
+    /// Paused, every connection is parked or awaits an answer the loop
+    /// still owes: nothing the exec of an upgrade would lose.
+    pub fn settled(&self) -> bool {
+        let s = &self.shared;
+        *s.pause.borrow() && s.live.load(Ordering::SeqCst) == s.waiting.load(Ordering::SeqCst)
+    }
+
+    /// After a pause that did not end in an exec: the parked connections
+    /// are served again (accepting resumes with the pause's end).
+    pub fn resume_parked(&self) {
+        let parked = std::mem::take(&mut *lock(&self.shared.parked));
+        for (stream, bytes) in parked {
+            self.spawn_serve(stream, bytes);
+        }
+    }
+
+    /// For an upgrade: duplicates (close-on-exec until the exec inherits
+    /// them) of the parked connections, with the bytes read from each and
+    /// not used yet. The originals stay parked for [`Server::resume_parked`].
+    pub fn parked(&self) -> Vec<(OwnedFd, Vec<u8>)> {
+        lock(&self.shared.parked)
+            .iter()
+            .filter_map(|(s, bytes)| {
+                Some((crate::os::sys::dup(s.as_raw_fd()).ok()?, bytes.clone()))
+            })
+            .collect()
+    }
+
+    /// An idle connection a previous image handed over, with the bytes it
+    /// had read from it: served from those bytes on.
+    pub fn adopt_idle(&self, fd: OwnedFd, bytes: Vec<u8>) {
+        self.spawn_serve(std::os::unix::net::UnixStream::from(fd), bytes);
+    }
+
+    fn spawn_serve(&self, stream: std::os::unix::net::UnixStream, bytes: Vec<u8>) {
+        let shared = self.shared.clone();
+        let live = Counted::enter(&shared.live);
+        tokio::spawn(async move {
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(stream))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot serve a control connection again");
+                    return;
+                }
+            };
+            serve(stream, &shared, bytes, live).await;
+        });
+    }
+
+    /// For an upgrade: a duplicate of the listening socket (close-on-exec
+    /// until the exec inherits it) and what the new image needs to know.
+    pub fn handover(&self) -> io::Result<(ControlRecord, OwnedFd)> {
+        let fd = crate::os::sys::dup(self.listener_fd)?;
+        let record = ControlRecord {
+            path: self.guard.path.clone(),
+            inode: self.guard.inode,
+            fd: fd.as_raw_fd(),
+            keeper: self.guard.keeper.clone(),
+        };
+        Ok((record, fd))
+    }
+
+    /// A connection a previous image handed over while it waited for an
+    /// answer: the answer is written when the returned reply is sent, then
+    /// the connection is served like any other.
+    pub fn adopt_waiting(&self, fd: OwnedFd) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        let conn = fd.as_raw_fd();
+        let shared = self.shared.clone();
+        let live = Counted::enter(&shared.live);
+        let waiting = Counted::enter(&shared.waiting);
+        tokio::spawn(async move {
+            let std = std::os::unix::net::UnixStream::from(fd);
+            let stream = match std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(std))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot serve a control connection handed over by the previous image");
+                    return;
+                }
+            };
+            let answer = rx.await;
+            drop(waiting);
+            let Ok(answer) = answer else { return };
+            let token = shared.busy.enter();
+            let (response, answering) = outcome(Ok(answer));
+            let mut stream = stream;
+            let written =
+                tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&response.line())).await;
+            drop((token, answering));
+            if matches!(written, Ok(Ok(()))) {
+                serve(stream, &shared, Vec::new(), live).await;
+            }
+        });
+        Reply::new(tx, Some(conn))
     }
 
     /// After the loop ended: stop accepting, remove the socket path, and give
@@ -235,8 +417,20 @@ impl Server {
 }
 
 async fn accept_loop(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    let mut pause = shared.pause.clone();
     loop {
-        let stream = match listener.accept().await {
+        // Paused: connections wait in the listen queue (for the new image).
+        if *pause.borrow_and_update() {
+            if pause.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = paused(&mut pause) => continue,
+        };
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -255,11 +449,35 @@ async fn accept_loop(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
             continue;
         };
         let shared = shared.clone();
+        let live = Counted::enter(&shared.live);
         tokio::spawn(async move {
-            serve(stream, &shared).await;
+            serve(stream, &shared, Vec::new(), live).await;
             drop(permit);
         });
     }
+}
+
+/// Parks a connection (a pause): the stream, and what was read from it and
+/// not used yet, in order: the partial request `line`, the reader's buffer,
+/// the rest of the bytes it started with.
+fn park(shared: &Shared, rd: Reader, wr: tokio::net::unix::OwnedWriteHalf, line: Vec<u8>) {
+    let mut bytes = line;
+    bytes.extend_from_slice(rd.buffer());
+    let (start, rd) = rd.into_inner().into_inner();
+    let at = usize::try_from(start.position()).unwrap_or(usize::MAX);
+    bytes.extend_from_slice(start.get_ref().get(at..).unwrap_or_default());
+    match rd.reunite(wr).map(|s| s.into_std()) {
+        Ok(Ok(stream)) => lock(&shared.parked).push((stream, bytes)),
+        _ => debug!("a parked control connection could not be kept"),
+    }
+}
+
+type Reader = tokio::io::BufReader<
+    tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::unix::OwnedReadHalf>,
+>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What happens to a connection after a response is written.
@@ -270,22 +488,34 @@ enum After {
     HoldUntilExit,
 }
 
-async fn serve(stream: tokio::net::UnixStream, shared: &Shared) {
+/// Serves one connection, starting with the bytes `start` (read from it
+/// by a previous image or before a pause). `_live` counts the task. A pause
+/// parks the connection at the next request boundary, or in the middle of a
+/// request line still coming in; a request being answered is answered first.
+async fn serve(stream: tokio::net::UnixStream, shared: &Shared, start: Vec<u8>, _live: Counted) {
+    let conn = stream.as_raw_fd();
     let (rd, mut wr) = stream.into_split();
     if let Err(response) = check_peer(&rd, shared.uid) {
         let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&response.line())).await;
         return;
     }
-    let mut rd = tokio::io::BufReader::new(rd);
+    let mut rd: Reader = tokio::io::BufReader::new(std::io::Cursor::new(start).chain(rd));
+    let mut pause = shared.pause.clone();
     let mut served = 0u64;
     loop {
         let mut line = Vec::new();
         let limit = (MAX_REQUEST + 1) as u64;
-        let read = tokio::time::timeout(
-            READ_TIMEOUT,
-            (&mut rd).take(limit).read_until(b'\n', &mut line),
-        )
-        .await;
+        let read = {
+            let mut take = (&mut rd).take(limit);
+            let read = tokio::time::timeout(READ_TIMEOUT, take.read_until(b'\n', &mut line));
+            tokio::select! {
+                r = read => Some(r),
+                _ = paused(&mut pause) => None,
+            }
+        };
+        let Some(read) = read else {
+            return park(shared, rd, wr, line);
+        };
         let error = match read {
             Ok(Ok(0)) => return,
             Ok(Ok(_)) if line.len() > MAX_REQUEST => Some(format!(
@@ -309,12 +539,12 @@ async fn serve(stream: tokio::net::UnixStream, shared: &Shared) {
         }
         served += 1;
         let token = shared.busy.enter();
-        let (response, after) = match parse_request(&line) {
-            Ok(cmd) => handle(cmd, shared).await,
-            Err(r) => (r, After::Next),
+        let (response, after, answering) = match parse_request(&line) {
+            Ok(cmd) => handle(cmd, shared, conn).await,
+            Err(r) => (r, After::Next, None),
         };
         let written = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&response.line())).await;
-        drop(token);
+        drop((token, answering));
         if !matches!(written, Ok(Ok(()))) {
             return;
         }
@@ -447,11 +677,29 @@ pub async fn ready(tx: &Calls) -> Response {
     }
 }
 
-fn outcome(r: Result<Result<String, String>, oneshot::error::RecvError>) -> Response {
+/// Awaits an answer the loop owes, counted as waiting meanwhile (an upgrade
+/// hands such a connection over rather than wait for it).
+async fn owed(
+    shared: &Shared,
+    rx: oneshot::Receiver<Answer>,
+) -> Result<Answer, oneshot::error::RecvError> {
+    let _waiting = Counted::enter(&shared.waiting);
+    rx.await
+}
+
+/// The response to an answer from the loop, and the answer's token (kept
+/// until the response is written).
+fn outcome(r: Result<Answer, oneshot::error::RecvError>) -> (Response, Option<Answering>) {
     match r {
-        Ok(Ok(m)) => Response::ok(m),
-        Ok(Err(e)) => Response::err(ErrorKind::Failed, e),
-        Err(_) => gone(),
+        Ok(Answer {
+            outcome: Ok(m),
+            token,
+        }) => (Response::ok(m), Some(token)),
+        Ok(Answer {
+            outcome: Err(e),
+            token,
+        }) => (Response::err(ErrorKind::Failed, e), Some(token)),
+        Err(_) => (gone(), None),
     }
 }
 
@@ -460,94 +708,124 @@ fn outcome(r: Result<Result<String, String>, oneshot::error::RecvError>) -> Resp
 /// taken (or already refused).
 async fn accepted(
     tx: &Calls,
-    mut rx: oneshot::Receiver<Result<String, String>>,
+    mut rx: oneshot::Receiver<Answer>,
     started: impl FnOnce(&Snapshot) -> String,
-) -> Response {
+) -> (Response, Option<Answering>) {
     let snap = match loop_status(tx).await {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return (r, None),
     };
     match rx.try_recv() {
-        Ok(Ok(m)) => Response::ok(m),
-        Ok(Err(e)) => Response::err(ErrorKind::Failed, e),
-        Err(oneshot::error::TryRecvError::Empty) => Response::ok(started(&snap)),
-        Err(oneshot::error::TryRecvError::Closed) => gone(),
+        Ok(a) => outcome(Ok(a)),
+        Err(oneshot::error::TryRecvError::Empty) => {
+            (Response::ok(started(&snap)), Some(Answering::new()))
+        }
+        Err(oneshot::error::TryRecvError::Closed) => (gone(), None),
     }
 }
 
-async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
+/// The response to `cmd`, what to do after writing it, and the token that
+/// counts it as on its way out (see [`super::answering`]) until written.
+async fn handle(
+    cmd: Command,
+    shared: &Shared,
+    conn: RawFd,
+) -> (Response, After, Option<Answering>) {
     let tx = &shared.tx;
+    let reply = |tx| Reply::new(tx, Some(conn));
     debug!(?cmd, "control request");
     match cmd {
-        Command::Status => match fetch_status(tx, shared.baseline).await {
-            Ok(s) => {
-                let mut r = Response::ok("status");
-                r.message = None;
-                r.status = Some(Box::new(s));
-                (r, After::Next)
+        Command::Status => {
+            let token = Answering::new();
+            match fetch_status(tx, shared.baseline).await {
+                Ok(s) => {
+                    let mut r = Response::ok("status");
+                    r.message = None;
+                    r.status = Some(Box::new(s));
+                    (r, After::Next, Some(token))
+                }
+                Err(r) => (r, After::Next, Some(token)),
             }
-            Err(r) => (r, After::Next),
-        },
+        }
         Command::Restart {
             slot: Some(slot), ..
         } => {
-            let (reply, rx) = oneshot::channel();
-            if tx.send(Call::ReplaceSlot { slot, reply }).is_err() {
-                return (gone(), After::Close);
+            let (r, rx) = oneshot::channel();
+            if tx
+                .send(Call::ReplaceSlot {
+                    slot,
+                    reply: reply(r),
+                })
+                .is_err()
+            {
+                return (gone(), After::Close, None);
             }
             info!(
                 slot,
                 "replacement of one slot requested over the control socket"
             );
-            (outcome(rx.await), After::Next)
+            let (r, token) = outcome(owed(shared, rx).await);
+            (r, After::Next, token)
         }
-        Command::Live => (live(tx).await, After::Next),
-        Command::Ready => (ready(tx).await, After::Next),
+        Command::Live => {
+            let token = Answering::new();
+            (live(tx).await, After::Next, Some(token))
+        }
+        Command::Ready => {
+            let token = Answering::new();
+            (ready(tx).await, After::Next, Some(token))
+        }
         Command::Restart { wait, slot: None } => {
             // --wait: answered when the rollout ends; else once it started
             // (the config read and its sockets bound) or was refused.
-            let (reply, rx) = oneshot::channel();
+            let (r, rx) = oneshot::channel();
             let input = if wait {
                 Call::Reload {
-                    reply: Some(reply),
+                    reply: Some(reply(r)),
                     started: None,
                 }
             } else {
                 Call::Reload {
                     reply: None,
-                    started: Some(reply),
+                    started: Some(reply(r)),
                 }
             };
             if tx.send(input).is_err() {
-                return (gone(), After::Close);
+                return (gone(), After::Close, None);
             }
             info!(wait, "restart requested over the control socket");
-            (outcome(rx.await), After::Next)
+            let (r, token) = outcome(owed(shared, rx).await);
+            (r, After::Next, token)
         }
         Command::ReopenLogs => {
-            let (reply, rx) = oneshot::channel();
-            if tx.send(Call::ReopenLogs { reply }).is_err() {
-                return (gone(), After::Close);
+            let (r, rx) = oneshot::channel();
+            if tx.send(Call::ReopenLogs { reply: reply(r) }).is_err() {
+                return (gone(), After::Close, None);
             }
-            (outcome(rx.await), After::Next)
+            let (r, token) = outcome(owed(shared, rx).await);
+            (r, After::Next, token)
         }
         Command::Scale { workers } => {
-            let (reply, rx) = oneshot::channel();
-            let input = Call::Scale { workers, reply };
+            let (r, rx) = oneshot::channel();
+            let input = Call::Scale {
+                workers,
+                reply: reply(r),
+            };
             if tx.send(input).is_err() {
-                return (gone(), After::Close);
+                return (gone(), After::Close, None);
             }
-            (outcome(rx.await), After::Next)
+            let (r, token) = outcome(owed(shared, rx).await);
+            (r, After::Next, token)
         }
         Command::Stop { wait } => {
-            let (reply, rx) = oneshot::channel();
-            let input = Call::Stop { reply };
+            let (r, rx) = oneshot::channel();
+            let input = Call::Stop { reply: reply(r) };
             if tx.send(input).is_err() {
-                return (gone(), After::Close);
+                return (gone(), After::Close, None);
             }
             info!(wait, "stop requested over the control socket");
-            let mut r = if wait {
-                outcome(rx.await)
+            let (mut r, token) = if wait {
+                outcome(owed(shared, rx).await)
             } else {
                 accepted(tx, rx, |s| {
                     format!("stopping: draining {} worker(s)", s.workers.len())
@@ -560,7 +838,54 @@ async fn handle(cmd: Command, shared: &Shared) -> (Response, After) {
             } else {
                 After::Next
             };
-            (r, after)
+            (r, after, token)
+        }
+        Command::Upgrade { wait, binary } => {
+            let (r, rx) = oneshot::channel();
+            let input = Call::Upgrade {
+                binary,
+                wait,
+                reply: reply(r),
+            };
+            if tx.send(input).is_err() {
+                return (gone(), After::Close, None);
+            }
+            info!(
+                wait,
+                "upgrade of holdfast requested over the control socket"
+            );
+            // Answered here when it fails or (without `wait`) starts; with
+            // `wait`, by the new image on this very connection.
+            let (r, token) = outcome(owed(shared, rx).await);
+            (r, After::Next, token)
+        }
+    }
+}
+
+/// Writes `outcome` as a response line to the connection `fd` at once,
+/// from the loop (an upgrade without `wait`, right before the exec): the
+/// socket is non-blocking, so a full buffer is waited for up to 1 s.
+pub fn answer_now(fd: OwnedFd, outcome: Result<String, String>) {
+    let line = match outcome {
+        Ok(m) => Response::ok(m),
+        Err(e) => Response::err(ErrorKind::Failed, e),
+    }
+    .line();
+    let mut file = std::fs::File::from(fd);
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    let mut done = 0;
+    while done < line.len() && std::time::Instant::now() < until {
+        match std::io::Write::write(&mut file, &line[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut p = [nix::poll::PollFd::new(
+                    file.as_fd(),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::from(100u16));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }

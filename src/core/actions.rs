@@ -16,7 +16,7 @@ pub struct SampleTarget {
 }
 
 /// What holdfast tells its service manager (sd_notify(3)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum ServiceState {
     /// Not every slot was ready yet: no READY=1 so far.
@@ -105,5 +105,12 @@ pub(crate) enum Action {
     },
     Exit {
         code: i32,
+    },
+    /// Upgrade holdfast in place: check `binary` (the start binary when
+    /// `None`), quiesce, hand the state over and exec it in this pid. The
+    /// outcome comes back as [`super::Event::UpgradeFailed`] from this image,
+    /// or as [`super::Event::Upgraded`] from the new one.
+    Upgrade {
+        binary: Option<std::path::PathBuf>,
     },
 }

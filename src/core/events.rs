@@ -3,6 +3,7 @@
 //! samples). Events name what happened; they decide nothing.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use nix::sys::signal::Signal;
 
@@ -65,6 +66,11 @@ pub enum Request {
     /// own generation (`holdfast restart --slot N`); answered once the new
     /// worker is ready, or with why it failed.
     ReplaceSlot(Slot),
+    /// Replace holdfast's own image in place (SIGUSR2, `holdfast upgrade`):
+    /// `binary`, or the one holdfast was started from. Workers are not touched.
+    Upgrade {
+        binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +131,16 @@ pub enum Event {
     Request {
         request: Request,
         reply: Option<ReplyTo>,
+    },
+    /// The upgrade could not be carried out (the new binary failed its
+    /// checks, or the exec failed): the old image runs on, nothing changed.
+    UpgradeFailed {
+        error: String,
+    },
+    /// This image was exec'd by an upgrade and has adopted the state
+    /// ([`super::Supervisor::restore`]); `message` is the waiters' answer.
+    Upgraded {
+        message: String,
     },
 }
 

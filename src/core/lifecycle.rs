@@ -548,7 +548,7 @@ pub(super) fn with_output(why: String, output: &[String]) -> String {
         s.push_str(l);
     }
     if let Some(hint) = pid_file_hint(output) {
-        s.push_str("\n");
+        s.push('\n');
         s.push_str(hint);
     }
     s

@@ -30,6 +30,7 @@ use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 
 mod actions;
 mod events;
+mod handover;
 mod lifecycle;
 mod recycle;
 mod rollout;
@@ -41,12 +42,13 @@ pub(crate) use actions::{Action, ServiceState};
 pub use events::{Event, Usage};
 pub use events::{ExitReason, ReadyVia, Request, TreeSample};
 pub use events::{ProcessSample, Scale};
+pub(crate) use handover::{At, CoreState};
 pub use recycle::MemoryState;
 pub(crate) use spec::Spec;
 pub use state::Worker;
 pub use state::WorkerState;
 pub(crate) use state::{Counters, Reason, Rollout, Settings, SlotInfo};
-use state::{Phase, Replacement};
+use state::{Phase, Replacement, Upgrade};
 pub use strays::AdoptedProc;
 pub(crate) use strays::Stray;
 
@@ -118,6 +120,8 @@ pub(crate) struct Supervisor {
     /// As PID 1: orphans of the namespace that are no worker's, reaped but
     /// left alone (logged once each).
     foreign: std::collections::BTreeSet<Pid>,
+    /// An in-place upgrade of holdfast itself under way.
+    upgrade: Option<Upgrade>,
     pub counters: Counters,
 }
 
@@ -153,6 +157,7 @@ impl Supervisor {
             told: None,
             manual: BTreeMap::new(),
             foreign: std::collections::BTreeSet::new(),
+            upgrade: None,
             counters: Counters::default(),
         }
     }
@@ -224,6 +229,11 @@ impl Supervisor {
     }
     pub(crate) fn is_stopping(&self) -> bool {
         matches!(self.phase, Phase::Stopping { .. } | Phase::Exited)
+    }
+    /// Whether an in-place upgrade of holdfast is under way (requested, not
+    /// yet failed or adopted).
+    pub(crate) fn is_upgrading(&self) -> bool {
+        self.upgrade.is_some()
     }
     /// Adopted descendants holdfast knows of.
     pub(crate) fn strays(&self) -> impl Iterator<Item = &Stray> {
@@ -346,6 +356,8 @@ impl Supervisor {
                 self.on_reload_rejected(error, reply, &mut out)
             }
             Event::Request { request, reply } => self.on_request(request, reply, now, &mut out),
+            Event::UpgradeFailed { error } => self.upgrade_failed(error, &mut out),
+            Event::Upgraded { message } => self.upgraded(message, now, &mut out),
         }
         self.advance(now, &mut out);
         self.answer_lost_manual(&mut out);
@@ -391,7 +403,9 @@ impl Supervisor {
         match self.phase {
             Phase::Stopping { .. } | Phase::Exited => ServiceState::Stopping,
             Phase::Starting => ServiceState::Starting,
-            Phase::Running if self.rollout.is_some() => ServiceState::Reloading,
+            Phase::Running if self.rollout.is_some() || self.upgrade.is_some() => {
+                ServiceState::Reloading
+            }
             Phase::Running => ServiceState::Ready,
         }
     }
@@ -447,6 +461,9 @@ impl Supervisor {
         }
         if let Some(note) = &self.reload_note {
             line.push_str(&format!("; {note}"));
+        }
+        if self.upgrade.is_some() {
+            line.push_str("; upgrading holdfast");
         }
         line
     }

@@ -83,15 +83,15 @@ pub struct MemoryState {
     /// The latest figure compared to the limit, in bytes.
     pub last: Option<u64>,
     /// The first sample was logged.
-    sampled: bool,
+    pub(super) sampled: bool,
     /// "Too young to recycle" was logged.
-    young_logged: bool,
+    pub(super) young_logged: bool,
     /// Its age replacement was queued (its deadline no longer counts).
-    aged: bool,
+    pub(super) aged: bool,
     /// scope = "process": the worker's descendants seen in the latest sample.
-    children: BTreeMap<Pid, ChildState>,
+    pub(super) children: BTreeMap<Pid, ChildState>,
     /// A replacement of this worker failed: no new memory or age one before then.
-    retry_at: Option<Instant>,
+    pub(super) retry_at: Option<Instant>,
 }
 
 impl MemoryState {
@@ -103,9 +103,9 @@ impl MemoryState {
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
-struct ChildState {
-    over: u32,
-    signalled_at: Option<Instant>,
+pub(super) struct ChildState {
+    pub(super) over: u32,
+    pub(super) signalled_at: Option<Instant>,
 }
 
 /// A worker over the limit for `grace` samples, old enough to recycle.

@@ -50,6 +50,7 @@ impl Supervisor {
             }
             Request::Scale(scale) => self.on_scale(scale, reply, now, out),
             Request::ReplaceSlot(slot) => self.on_replace_slot(slot, reply, out),
+            Request::Upgrade { binary } => self.on_upgrade(binary, reply, now, out),
             Request::ReopenLogs => {
                 // Workers not told to stop: a draining server may give the
                 // signal another meaning mid-drain (Puma: USR1 is a phased
@@ -97,6 +98,16 @@ impl Supervisor {
                         to,
                         outcome: Err("holdfast is stopping".into()),
                     });
+                }
+                if let Some(u) = self.upgrade.take() {
+                    // Not exec'd yet: the edge sees it is off and drops it.
+                    info!("upgrade of holdfast cancelled: holdfast is stopping");
+                    for to in u.waiters {
+                        out.push(Action::Reply {
+                            to,
+                            outcome: Err("holdfast is stopping; upgrade cancelled".into()),
+                        });
+                    }
                 }
                 self.queue.clear();
                 self.inflight.clear();

@@ -11,7 +11,9 @@ use super::MemoryState;
 use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 
 /// Why a worker is being replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Reason {
     Rollout,
@@ -156,7 +158,7 @@ pub(crate) struct Rollout {
     pub(super) waiters: Vec<ReplyTo>,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Counters {
     pub replacements: BTreeMap<Reason, u64>,
     pub failed_rollouts: u64,
@@ -165,6 +167,22 @@ pub(crate) struct Counters {
     pub child_signals: u64,
     /// Descendants that outlived their worker (or had none) and were stopped.
     pub strays_stopped: u64,
+    /// In-place upgrades of holdfast itself that were adopted by the new image.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Upgrades that failed before the exec; the old image kept running.
+    #[serde(default)]
+    pub failed_upgrades: u64,
+}
+
+/// An in-place upgrade of holdfast under way: the edge checks the new binary,
+/// quiesces and execs it; the new image reports [`super::Event::Upgraded`],
+/// or the old one [`super::Event::UpgradeFailed`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Upgrade {
+    pub started: Instant,
+    /// Who waits for the outcome (`upgrade --wait`).
+    pub waiters: Vec<ReplyTo>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

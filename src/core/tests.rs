@@ -13,6 +13,7 @@ use crate::config::{Address, AppConfig, Listen, Metric, ReadyMode};
 use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 
 mod decisions;
+mod handover;
 mod model;
 mod ops;
 

@@ -30,6 +30,8 @@ pub enum Input {
     /// A worker reaped before it was ready, reported once the log threads
     /// read its last lines (see `Runtime::reaped`).
     Exited(Event),
+    /// What an upgrade's trial run of the new binary printed.
+    Trial(super::upgrade::TrialOutput),
 }
 
 /// What a reload read and bound on its blocking thread.

@@ -14,18 +14,31 @@
 //! walk that finds who sent a notify datagram run there too; an exec
 //! failure is read from the child's report pipe when the child is reaped;
 //! messages to systemd go through the notifier's own thread.
+//!
+//! The in-place upgrade of holdfast itself has three files: `upgrade` (the
+//! old image: check the binary, wait for a quiet moment, quiesce, hand over,
+//! exec from the main thread, undo), `adopt` (the new image: read, check and
+//! rebuild everything, or fall back to a rolling restart) and `handover`
+//! (what crosses the exec: the versioned state and the format-independent
+//! manifest).
 
+mod adopt;
+mod handover;
 mod input;
 pub mod notify;
 mod previous;
 pub mod probe;
 mod reload;
+mod upgrade;
 mod workers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -48,8 +61,11 @@ use crate::status::Snapshot;
 use crate::systemd::{ActivationError, Inherited, Notifier};
 use notify::NotifySocket;
 
+pub use adopt::{Fallback, Incoming};
+pub use handover::{MANIFEST_VAR, STATE_VAR};
 use input::ReloadWaiter;
 pub use input::{Input, Prepared};
+pub use upgrade::version_json;
 use workers::{signal_group, Probe};
 
 /// Why holdfast could not start; each maps to a sysexits code.
@@ -113,6 +129,77 @@ pub fn spec_of(config: &Config) -> Result<Spec, crate::os::sys::SpawnError> {
     })
 }
 
+/// How holdfast was started: its command line and its binary, resolved at
+/// start (`current_exe()`), so that an upgrade's default binary is the path
+/// a package upgrade renames a new file over.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub argv: Vec<OsString>,
+    pub exe: PathBuf,
+}
+
+impl Invocation {
+    /// This process's, read now: call it first thing.
+    pub fn current() -> Invocation {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let exe = std::env::current_exe().unwrap_or_else(|_| {
+            argv.first()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("holdfast"))
+        });
+        Invocation { argv, exe }
+    }
+}
+
+/// holdfast's run directory (the workers' notify socket, probe sockets):
+/// removed when holdfast exits, never at an exec, which runs no destructor
+/// (an upgrade hands it to the new image).
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn create() -> std::io::Result<RunDir> {
+        let dir = tempfile::Builder::new()
+            .prefix("holdfast-")
+            .tempdir_in(runtime_base())?;
+        Ok(RunDir(dir.keep()))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Counts work under way off the loop (blocking helpers whose answers come
+/// back as [`Input`]): an upgrade execs only when there is none, so no
+/// answer is lost with the old image.
+#[derive(Clone, Default)]
+struct InFlight(Arc<AtomicUsize>);
+
+/// One piece of off-loop work; dropped when its answer has been sent.
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.0.clone())
+    }
+    fn none(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A random u64 from the std hasher's per-process random keys (no RNG crate needed).
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -143,7 +230,7 @@ pub struct Runtime {
     /// What the previous holdfast of this unit left running.
     previous: previous::Previous,
     notify: NotifySocket,
-    rundir: tempfile::TempDir,
+    rundir: RunDir,
     devnull: OwnedFd,
     logs: Logs,
     tx: mpsc::UnboundedSender<Input>,
@@ -171,6 +258,25 @@ pub struct Runtime {
     /// Bound in `new`, served from `run`.
     control: Option<ControlSocket>,
     metrics: Option<std::net::TcpListener>,
+    /// The control server and the metrics task, once `run` started them;
+    /// the metrics listener's fd (owned by its task).
+    control_server: Option<control::Server>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    metrics_fd: Option<RawFd>,
+    /// `ListenOverflows`, `ListenDrops` when holdfast first started.
+    baseline: Option<(u64, u64)>,
+    /// How holdfast was started (an upgrade execs `exe` by default).
+    invocation: Invocation,
+    /// Off-loop work under way.
+    in_flight: InFlight,
+    /// The in-place upgrade under way, the edge's half.
+    upgrade: Option<upgrade::Job>,
+    /// Replies to `upgrade` without --wait: answered as the exec starts.
+    early: HashSet<ReplyTo>,
+    /// Holds the control server and /metrics still right before an exec.
+    pause: control::Pause,
+    /// In an image exec'd by an upgrade: what `run` tells the core first.
+    adopted: Option<adopt::Adopted>,
 }
 
 /// Where holdfast's run directory goes: systemd's `RuntimeDirectory=`
@@ -194,7 +300,22 @@ impl Runtime {
     pub fn with_inherited(
         config: Config,
         overrides: Overrides,
+        inherited: Inherited,
+        invocation: Invocation,
+    ) -> Result<Runtime, StartError> {
+        Runtime::start(config, overrides, inherited, invocation, None)
+    }
+
+    /// A fresh start, or (`fallback`) the start of an image that could not
+    /// read its predecessor's state: the sockets come in `inherited`, and
+    /// the previous image's control socket, metrics listener, workers and
+    /// their log pipes in `fallback`.
+    fn start(
+        config: Config,
+        overrides: Overrides,
         mut inherited: Inherited,
+        invocation: Invocation,
+        mut fallback: Option<adopt::Leftovers>,
     ) -> Result<Runtime, StartError> {
         let mut systemd = Notifier::from_env(Instant::now());
         let mut listeners: Vec<Rc<Listener>> = Vec::new();
@@ -213,29 +334,34 @@ impl Runtime {
         }
         systemd.store(&listeners);
         let spec = spec_of(&config)?;
-        let control = match ControlSocket::bind(&config.control_socket) {
-            Ok(s) => Some(s),
-            // Without a config file the path is the default rule's
-            // (/run/holdfast or $XDG_RUNTIME_DIR), which may be unusable or
-            // shared: run on without it rather than refuse to start.
-            Err(e) if config.path.is_none() => {
-                warn!(error = %e, "running without a control socket; signals still work (set control_socket in a config file)");
-                None
-            }
-            Err(e) => return Err(e.into()),
+        let handed_control = fallback.as_mut().and_then(|f| f.control.take());
+        let control = match handed_control {
+            Some(c) => Some(c),
+            None => match ControlSocket::bind(&config.control_socket) {
+                Ok(s) => Some(s),
+                // Without a config file the path is the default rule's
+                // (/run/holdfast or $XDG_RUNTIME_DIR), which may be unusable or
+                // shared: run on without it rather than refuse to start.
+                Err(e) if config.path.is_none() => {
+                    warn!(error = %e, "running without a control socket; signals still work (set control_socket in a config file)");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
-        let metrics = config
-            .metrics_listen
-            .map(crate::metrics::bind)
-            .transpose()?;
+        let handed_metrics = fallback.as_mut().and_then(|f| f.metrics.take());
+        let metrics = match handed_metrics {
+            Some(m) => Some(m),
+            None => config
+                .metrics_listen
+                .map(crate::metrics::bind)
+                .transpose()?,
+        };
         let io = |what: &str| {
             let what = what.to_string();
             move |source| StartError::Io { what, source }
         };
-        let rundir = tempfile::Builder::new()
-            .prefix("holdfast-")
-            .tempdir_in(runtime_base())
-            .map_err(io("runtime directory"))?;
+        let rundir = RunDir::create().map_err(io("runtime directory"))?;
         let notify =
             NotifySocket::bind(&rundir.path().join("notify.sock")).map_err(io("notify socket"))?;
         let devnull = std::fs::File::open("/dev/null")
@@ -260,23 +386,40 @@ impl Runtime {
             reopen_signal: config.logs.reopen_signal.map(|s| s.0),
             init: std::process::id() == 1,
         };
-        let previous = previous::Previous::find(cgroups.as_ref(), config.app.drain_timeout);
-        let mut sv = Supervisor::new(spec, settings);
+        let now = Instant::now();
+        // The previous holdfast's workers (a crash, KillMode=process), and in
+        // a fallback, the previous image's own workers: those are not left
+        // over, they are inherited.
+        let inherited_serials: Vec<u64> =
+            fallback.as_ref().map(|f| f.serials()).unwrap_or_default();
+        let previous = previous::Previous::find(
+            cgroups.as_ref(),
+            config.app.drain_timeout,
+            &inherited_serials,
+        );
+        let (mut sv, pids, worker_cgroups) = match &mut fallback {
+            None => (
+                Supervisor::new(spec, settings),
+                HashMap::new(),
+                HashMap::new(),
+            ),
+            Some(f) => f.inherit(spec, settings, &logs, cgroups.as_ref(), now),
+        };
         if let Some(first) = previous.next_serial() {
             sv.number_workers_from(first);
         }
-        Ok(Runtime {
+        let mut rt = Runtime {
             sv,
             config,
             overrides,
             held: listeners.clone(),
             listeners,
-            pids: HashMap::new(),
+            pids,
             tails: HashMap::new(),
             execs: HashMap::new(),
             probes: HashMap::new(),
             cgroups,
-            worker_cgroups: HashMap::new(),
+            worker_cgroups,
             previous,
             notify,
             rundir,
@@ -295,16 +438,30 @@ impl Runtime {
             inherited: Some(inherited),
             reloading: None,
             reload_pending: Vec::new(),
-            started: Instant::now(),
+            started: now,
             control,
             metrics,
-        })
+            control_server: None,
+            metrics_task: None,
+            metrics_fd: None,
+            baseline: crate::os::proc::net::listen_counters(),
+            invocation,
+            in_flight: InFlight::default(),
+            upgrade: None,
+            early: HashSet::new(),
+            pause: control::Pause::new(),
+            adopted: None,
+        };
+        if let Some(f) = fallback {
+            rt.adopted = Some(f.into_adopted());
+        }
+        Ok(rt)
     }
 
     /// Runs until every worker has exited after a stop; returns the exit code.
     pub async fn run(mut self) -> i32 {
         let signals = signal_hook_tokio::Signals::new([
-            SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+            SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD,
         ]);
         let mut signals = match signals {
             Ok(s) => s,
@@ -313,24 +470,43 @@ impl Runtime {
                 return exitcode::OSERR;
             }
         };
-        info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
-        let baseline = crate::os::proc::net::listen_counters();
-        let control = self.control.take().and_then(|socket| {
+        // An image exec'd by an upgrade inherited these blocked (pending
+        // ones wait for the handlers just installed); otherwise a no-op.
+        if let Err(e) = crate::os::handover::unblock_signals() {
+            error!(error = %e, "cannot unblock signals");
+        }
+        if self.adopted.is_none() {
+            info!(pid = std::process::id(), workers = self.sv.workers_wanted(), command = ?self.config.app.command.0, "holdfast started");
+        }
+        let baseline = self.baseline;
+        self.control_server = self.control.take().and_then(|socket| {
             let path = socket.path().display().to_string();
-            control::Server::start(socket, self.calls_tx.clone(), baseline)
-                .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
-                .ok()
+            control::Server::start(
+                socket,
+                self.calls_tx.clone(),
+                baseline,
+                self.pause.subscribe(),
+            )
+            .map_err(|e| error!(path, error = %e, "cannot serve the control socket"))
+            .ok()
         });
-        let metrics = self.metrics.take().and_then(|l| {
-            crate::metrics::start(l, self.calls_tx.clone(), baseline)
+        self.metrics_fd = self.metrics.as_ref().map(|l| l.as_raw_fd());
+        self.metrics_task = self.metrics.take().and_then(|l| {
+            crate::metrics::start(l, self.calls_tx.clone(), baseline, self.pause.subscribe())
                 .map_err(|e| error!(error = %e, "cannot serve metrics"))
                 .ok()
         });
-        self.feed(Event::Tick);
+        match self.adopted.take() {
+            Some(a) => self.resume_adopted(a),
+            None => self.feed(Event::Tick),
+        }
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.exit.is_none() {
-            let deadline = self.sv.next_deadline();
+            let deadline = [self.sv.next_deadline(), self.upgrade_due()]
+                .into_iter()
+                .flatten()
+                .min();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -354,10 +530,13 @@ impl Runtime {
                     Ok(m) => self.on_notify(m),
                     Err(e) => warn!(error = %e, "notify socket receive failed"),
                 },
-                _ = sleep => self.feed(Event::Tick),
+                _ = sleep => {
+                    self.upgrade_timers();
+                    self.feed(Event::Tick);
+                }
                 _ = housekeeping.tick() => {
                     self.housekeeping(false);
-                    match control.as_ref().map(control::Server::repair_path) {
+                    match self.control_server.as_ref().map(control::Server::repair_path) {
                         Some(Ok(true)) => warn!("the control socket's path was removed or replaced; restored it (holdfast status and the other commands find holdfast again)"),
                         Some(Err(e)) => error!(error = %e, "cannot restore the control socket's path"),
                         _ => {}
@@ -365,6 +544,9 @@ impl Runtime {
                 }
                 _ = systemd_sleep => self.systemd.due(Instant::now(), &self.sv),
             }
+            // The one place an upgrade execs: between two turns of the loop,
+            // once nothing is under way whose answer the exec would lose.
+            self.upgrade_if_quiet();
         }
         // systemd (KillMode=process) leaves what the previous holdfast
         // left to us: a stop ends once it is gone.
@@ -395,10 +577,10 @@ impl Runtime {
         self.calls.close();
         while self.calls.try_recv().is_ok() {}
         self.replies.clear();
-        if let Some(m) = metrics {
+        if let Some(m) = self.metrics_task.take() {
             m.abort();
         }
-        if let Some(c) = control {
+        if let Some(c) = self.control_server.take() {
             c.finish().await;
         }
         info!(code, "holdfast exiting");
@@ -435,6 +617,10 @@ impl Runtime {
                 info!("SIGUSR1: reopening the log files");
                 self.feed(request(Request::ReopenLogs));
             }
+            SIGUSR2 => {
+                info!("SIGUSR2: upgrading holdfast in place");
+                self.feed(request(Request::Upgrade { binary: None }));
+            }
             _ => {}
         }
     }
@@ -443,6 +629,7 @@ impl Runtime {
         match input {
             Input::Event(e) => self.feed(e),
             Input::Prepared(p) => self.prepared(*p),
+            Input::Trial(t) => self.trial_output(t),
             Input::Notified { id, fields } => self.notified(id, fields),
             Input::Exited(e) => {
                 self.feed(e);
@@ -481,6 +668,17 @@ impl Runtime {
             Call::Stop { reply } => {
                 let reply = Some(self.hold_reply(reply));
                 self.feed(request(Request::Stop, reply));
+            }
+            Call::Upgrade {
+                binary,
+                wait,
+                reply,
+            } => {
+                let to = self.hold_reply(reply);
+                if !wait {
+                    self.early.insert(to);
+                }
+                self.feed(request(Request::Upgrade { binary }, Some(to)));
             }
         }
     }
@@ -521,6 +719,10 @@ impl Runtime {
                 self.act(action);
             }
         }
+        // Reports of execs that succeeded are done with: their pipes close
+        // now, not at the next housekeeping (a non-blocking read each).
+        self.execs
+            .retain(|_, (_, report)| !matches!(report.poll(), Some(Ok(()))));
     }
 
     fn act(&mut self, action: Action) {
@@ -598,7 +800,9 @@ impl Runtime {
             } => self.check_sockets(id, pid, generation),
             Action::Sample { targets } => {
                 let tx = self.tx.clone();
+                let guard = self.in_flight.enter();
                 tokio::task::spawn_blocking(move || {
+                    let _guard = guard;
                     let samples = crate::os::proc::memory::sample(&targets);
                     let _ = tx.send(Input::Event(Event::MemorySample { samples }));
                 });
@@ -608,7 +812,9 @@ impl Runtime {
                     .and_then(|to| self.replies.remove(&to))
                     .unwrap_or_default();
                 let done = self.logs.reopen();
+                let guard = self.in_flight.enter();
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let reopened = done.await;
                     if reply.is_empty() && reopened.nothing() && signalled.is_none() {
                         info!("no log files in [logs]; nothing to reopen");
@@ -628,26 +834,31 @@ impl Runtime {
                 self.remove_cgroup(id);
             }
             Action::Reply { to, outcome } => {
+                self.early.remove(&to);
                 let replies = self.replies.remove(&to).unwrap_or_default();
                 if !replies.is_empty() {
-                    // After what systemd was told before it (READY=1 at a
-                    // rollout's end): see `Notifier::then`.
+                    // Counted as on its way out from now (an upgrade waits for
+                    // it), though sent only after what systemd was told before
+                    // it (READY=1 at a rollout's end): see `Notifier::then`.
+                    let answering = control::Answering::new();
                     self.systemd.then(Box::new(move || {
                         for r in replies {
                             let _ = r.send(outcome.clone());
                         }
+                        drop(answering);
                     }));
                 }
             }
             Action::Exit { code } => self.exit = Some(code),
+            Action::Upgrade { binary } => self.begin_upgrade(binary),
         }
     }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
+        // Probe sockets live in the run directory, which goes after them.
         self.probes.clear();
-        let _ = &self.rundir;
     }
 }
 

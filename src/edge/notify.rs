@@ -74,6 +74,27 @@ impl NotifySocket {
             .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.inode)
     }
 
+    /// The socket's fd (an upgrade keeps it open across the exec).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// The socket file's inode (an upgrade hands it over with the socket).
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    /// The socket a previous image bound at `path` (non-blocking and with
+    /// SO_PASSCRED already: both live on the socket, not the fd); `inode`:
+    /// its socket file's, as that image saw it.
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf, inode: u64) -> io::Result<NotifySocket> {
+        Ok(NotifySocket {
+            sock: UnixDatagram::from_std(std::os::unix::net::UnixDatagram::from(fd))?,
+            path,
+            inode,
+        })
+    }
+
     /// Waits for the next datagram.
     pub async fn recv(&self) -> io::Result<Message> {
         loop {

@@ -24,16 +24,28 @@ pub(super) struct Previous {
     killed: bool,
 }
 
+/// [`Previous`] as an in-place upgrade hands it over.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(super) struct PreviousRecord {
+    cgroups: Vec<crate::os::proc::cgroup::CgroupRecord>,
+    kill_at: crate::core::At,
+    killed: bool,
+}
+
 /// How long an exiting holdfast waits for the previous holdfast's workers
 /// after killing them (a process in uninterruptible sleep): then it exits anyway.
 pub(super) const PREVIOUS_ABANDON_AFTER: Duration = Duration::from_secs(5);
 
 impl Previous {
+    /// `inherited`: serials of workers that are not left over but taken on
+    /// (an upgrade's fallback inherits the previous image's workers).
     pub(super) fn find(
         cgroups: Option<&crate::os::proc::Cgroups>,
         drain_timeout: Duration,
+        inherited: &[u64],
     ) -> Previous {
-        let found = cgroups.map(|c| c.previous_workers()).unwrap_or_default();
+        let mut found = cgroups.map(|c| c.previous_workers()).unwrap_or_default();
+        found.retain(|c| !inherited.contains(&c.serial()));
         if !found.is_empty() {
             let names: Vec<String> = found
                 .iter()
@@ -50,6 +62,29 @@ impl Previous {
             cgroups: found,
             kill_at: Instant::now() + drain_timeout,
             killed: false,
+        }
+    }
+
+    /// What an in-place upgrade hands over: the cgroups still waited for,
+    /// and the deadline (relative to `now`).
+    pub(super) fn record(&self, now: Instant) -> PreviousRecord {
+        PreviousRecord {
+            cgroups: self.cgroups.iter().map(|c| c.record()).collect(),
+            kill_at: crate::core::At::of(self.kill_at, now),
+            killed: self.killed,
+        }
+    }
+
+    /// What the image before an upgrade was still waiting for.
+    pub(super) fn adopt(r: PreviousRecord, now: Instant) -> Previous {
+        Previous {
+            cgroups: r
+                .cgroups
+                .into_iter()
+                .map(crate::os::proc::WorkerCgroup::adopt)
+                .collect(),
+            kill_at: r.kill_at.at(now),
+            killed: r.killed,
         }
     }
 

@@ -48,7 +48,9 @@ impl Runtime {
             )
             .collect();
         let tx = self.tx.clone();
+        let guard = self.in_flight.enter();
         tokio::task::spawn_blocking(move || {
+            let _guard = guard;
             let result = prepare(path.as_deref(), &overrides, &held, &mut inherited);
             let _ = tx.send(Input::Prepared(Box::new(Prepared { result, inherited })));
         });

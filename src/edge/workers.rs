@@ -9,6 +9,31 @@ pub(super) struct Probe {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl Probe {
+    /// The probe socket of a worker (its path in the run directory), probed
+    /// until ready when `ready_path` is given.
+    pub(super) fn start(
+        path: PathBuf,
+        ready_path: Option<String>,
+        id: WorkerId,
+        tx: &mpsc::UnboundedSender<Input>,
+    ) -> Probe {
+        let task = ready_path.map(|p| {
+            tokio::spawn(crate::edge::probe::until_ready(
+                path.clone(),
+                p,
+                id,
+                tx.clone(),
+            ))
+        });
+        Probe { path, task }
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Drop for Probe {
     fn drop(&mut self) {
         if let Some(t) = self.task.take() {
@@ -68,7 +93,10 @@ impl Runtime {
             slot,
             generation,
             serial: id.0,
-            cgroup_procs: cgroup.as_ref().map(|c| c.procs_fd().as_raw_fd()),
+            cgroup_procs: cgroup
+                .as_ref()
+                .and_then(|c| c.procs_fd())
+                .map(|fd| fd.as_raw_fd()),
             notify_socket: self.notify.path(),
             probe: probe.as_ref().map(|(_, fd)| fd.as_raw_fd()),
             stdio: [self.devnull.as_raw_fd(), out, err],
@@ -84,19 +112,9 @@ impl Runtime {
         self.execs.insert(pid, (id, started.report));
         if let Some((path, _fd)) = probe {
             // The worker has the probe socket now; holdfast only connects to it.
-            let task = tokio::spawn(crate::edge::probe::until_ready(
-                path.clone(),
-                spec.app.ready_path.clone(),
-                id,
-                self.tx.clone(),
-            ));
-            self.probes.insert(
-                id,
-                Probe {
-                    path,
-                    task: Some(task),
-                },
-            );
+            let ready_path = Some(spec.app.ready_path.clone());
+            self.probes
+                .insert(id, Probe::start(path, ready_path, id, &self.tx));
         }
         Ok(Pid(pid))
     }
@@ -129,6 +147,9 @@ impl Runtime {
     }
 
     pub(super) fn reaped(&mut self, pid: i32, reason: ExitReason) {
+        if self.is_trial(pid) {
+            return self.trial_exited(reason);
+        }
         // An exec that failed reports before the child's exit counts.
         if let Some((id, mut report)) = self.execs.remove(&pid) {
             if let Some(Err(e)) = report.poll() {
@@ -207,23 +228,27 @@ impl Runtime {
         } else {
             HashSet::new()
         };
-        let procs: Vec<AdoptedProc> =
-            crate::os::proc::adopted(|p| pids.contains_key(&p), self.cgroups.as_ref())
-                .into_iter()
-                .map(|a| {
-                    let worker = a.cgroup_serial.or(a.serial).map(WorkerId);
-                    let holds_listener = init
-                        && worker.is_none()
-                        && !crate::os::proc::socket_inodes(a.pid).is_disjoint(&listening);
-                    AdoptedProc {
-                        pid: Pid(a.pid),
-                        pgid: Pid(a.pgid),
-                        worker,
-                        comm: a.comm,
-                        holds_listener,
-                    }
-                })
-                .collect();
+        // An upgrade's trial run is holdfast's own child, not a stray.
+        let trial = self.trial_pid();
+        let procs: Vec<AdoptedProc> = crate::os::proc::adopted(
+            |p| pids.contains_key(&p) || Some(p) == trial,
+            self.cgroups.as_ref(),
+        )
+        .into_iter()
+        .map(|a| {
+            let worker = a.cgroup_serial.or(a.serial).map(WorkerId);
+            let holds_listener = init
+                && worker.is_none()
+                && !crate::os::proc::socket_inodes(a.pid).is_disjoint(&listening);
+            AdoptedProc {
+                pid: Pid(a.pid),
+                pgid: Pid(a.pgid),
+                worker,
+                comm: a.comm,
+                holds_listener,
+            }
+        })
+        .collect();
         if after_exit || !procs.is_empty() || self.sv.strays().next().is_some() {
             self.feed(Event::Adopted { procs });
         }
@@ -250,7 +275,9 @@ impl Runtime {
             .collect();
         self.repair_paths();
         let tx = self.tx.clone();
+        let guard = self.in_flight.enter();
         tokio::task::spawn_blocking(move || {
+            let _guard = guard;
             let mut held = crate::os::proc::socket_inodes(pid.0);
             for p in extra {
                 held.extend(crate::os::proc::socket_inodes(p));
@@ -281,7 +308,9 @@ impl Runtime {
         // Elsewhere: which worker it belongs to is a walk of /proc, off the loop.
         let workers: HashMap<i32, WorkerId> = self.pids.clone();
         let tx = self.tx.clone();
+        let guard = self.in_flight.enter();
         tokio::task::spawn_blocking(move || {
+            let _guard = guard;
             match crate::os::proc::owning_worker(m.pid, |p| workers.contains_key(&p)) {
                 Some(owner) => {
                     if let Some(&id) = workers.get(&owner) {

@@ -20,6 +20,7 @@
 //! [`OwnLog`]: queued to a writer thread of its own, so logging never blocks
 //! the loop either, and reopened together with the workers' files.
 
+mod handover;
 mod own;
 mod sink;
 mod tail;
@@ -43,6 +44,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::LogsConfig;
 use crate::ids::{Pid, Slot};
 
+pub use handover::{LogsHandover, LogsRecord, PipeFd};
 pub use own::own_log;
 use sink::{Command, Pipe, Sink, SinkHandle};
 pub use tail::Tail;
@@ -91,7 +93,7 @@ pub struct LogStats {
 }
 
 /// A snapshot of [`LogStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LogCounters {
     /// Worker lines written to their destination.
     pub lines_written: u64,
@@ -134,7 +136,7 @@ impl LogStats {
 }
 
 /// Where a sink writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Dest {
     File(PathBuf),
     Stdout,
@@ -267,7 +269,6 @@ impl Logs {
     /// starts their threads. stdout and stderr that are the same file share
     /// one sink, so their lines never interleave either.
     pub fn start(config: &LogsConfig) -> Result<Logs, LogsError> {
-        let stats = Arc::new(LogStats::default());
         let wanted = [
             config.stdout.clone().map_or(Dest::Stdout, Dest::File),
             config.stderr.clone().map_or(Dest::Stderr, Dest::File),
@@ -300,9 +301,21 @@ impl Logs {
                 }
             }
         }
+        let opened = opened.into_iter().map(|(d, f, _)| (d, f)).collect();
+        Logs::spawn(config, opened, route, Arc::new(LogStats::default()))
+    }
+
+    /// Starts one sink thread per destination, `route` naming the sinks of
+    /// the workers' stdout and stderr.
+    fn spawn(
+        config: &LogsConfig,
+        opened: Vec<(Dest, File)>,
+        route: [usize; 2],
+        stats: Arc<LogStats>,
+    ) -> Result<Logs, LogsError> {
         let (done_tx, done) = mpsc::channel();
         let mut sinks = Vec::new();
-        for (n, (dest, file, _)) in opened.into_iter().enumerate() {
+        for (n, (dest, file)) in opened.into_iter().enumerate() {
             let (wake_r, wake_w) = nonblocking_pipe()?;
             let (tx, rx) = mpsc::channel();
             let sink = Sink::new(dest.clone(), file, Arc::clone(&stats));
@@ -369,9 +382,10 @@ impl Logs {
             Vec::new()
         };
         let WorkerPipes { stdout, stderr } = pipes;
-        for (read, route) in [(stdout.0, self.route[0]), (stderr.0, self.route[1])] {
+        for (read, route, stream) in [(stdout.0, self.route[0], 1), (stderr.0, self.route[1], 2)] {
             let pipe = Pipe {
                 file: File::from(read),
+                worker: (slot, pid, stream),
                 prefix: prefix.clone(),
                 partial: Vec::new(),
                 closed: false,

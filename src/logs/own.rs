@@ -26,6 +26,8 @@ enum OwnMsg {
     Event(Vec<u8>),
     Reopen(mpsc::Sender<Result<Option<PathBuf>, LogsError>>),
     Flush(mpsc::Sender<()>),
+    /// A duplicate of the file's fd, for an upgrade (None: stderr).
+    Fd(mpsc::Sender<Option<OwnedFd>>),
 }
 
 enum OwnTarget {
@@ -34,6 +36,13 @@ enum OwnTarget {
 }
 
 impl OwnTarget {
+    fn dup(&self) -> Option<OwnedFd> {
+        match self {
+            OwnTarget::Stderr => None,
+            OwnTarget::File { file, .. } => file.try_clone().ok().map(OwnedFd::from),
+        }
+    }
+
     fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
         match self {
             OwnTarget::Stderr => io::stderr().write_all(b),
@@ -89,6 +98,27 @@ impl OwnLog {
         Ok(())
     }
 
+    /// Sends holdfast's log to `file`, open at `path`: the log file a
+    /// previous image handed over (an in-place upgrade), not reopened.
+    pub fn adopt(&self, path: &Path, file: File) {
+        *self.lock() = OwnTarget::File {
+            path: path.to_path_buf(),
+            file,
+        };
+    }
+
+    /// For an upgrade: a duplicate of the log file's fd (close-on-exec),
+    /// after the events queued so far; `None` when holdfast logs to stderr
+    /// (which the exec keeps anyway).
+    pub fn handover_fd(&self) -> Option<OwnedFd> {
+        let Some(q) = self.queue.get() else {
+            return self.lock().dup();
+        };
+        let (tx, rx) = mpsc::channel();
+        q.send(OwnMsg::Fd(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(2)).ok().flatten()
+    }
+
     /// From now on events go through the writer thread. Once per process;
     /// if the thread cannot start, events keep being written directly.
     pub fn start_writer(&'static self) {
@@ -128,6 +158,7 @@ impl OwnLog {
                     let _ = reply.send(r);
                 }
                 OwnMsg::Flush(done) => drop(done.send(())),
+                OwnMsg::Fd(reply) => drop(reply.send(target.dup())),
             }
             let dropped = self.dropped.swap(0, Ordering::Relaxed);
             if dropped > 0 {
@@ -179,6 +210,12 @@ impl OwnLog {
             }
         }
         let _ = rx.recv_timeout(until.saturating_duration_since(Instant::now()));
+    }
+
+    /// Counts `n` events a previous image dropped (an upgrade hands the
+    /// count over, so it continues).
+    pub fn add_dropped(&self, n: u64) {
+        self.dropped_total.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Events dropped because the queue was full, since start.

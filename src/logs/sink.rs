@@ -14,6 +14,23 @@ pub(super) enum Command {
     /// Read what the pipes hold now (an exited worker's last lines reach
     /// its [`Tail`]), write it, then answer.
     Sync(oneshot::Sender<()>),
+    /// An upgrade of holdfast, step 1: write the whole lines collected so
+    /// far, answer, and wait for the next command without reading the pipes
+    /// (step 2 or [`Command::Resume`]). A sink stuck in write(2) answers
+    /// late; the loop then resumes everyone instead of waiting.
+    Pause(mpsc::Sender<()>),
+    /// Leave the pause: read the pipes again.
+    Resume,
+    /// Step 2, while paused: hand back the destination file and every pipe,
+    /// each with its partial line, open, and end the thread. What the pipes
+    /// hold stays there for whoever reads them next.
+    Handover(mpsc::Sender<Handed>),
+}
+
+/// What a sink thread hands back for an upgrade (see [`Command::Handover`]).
+pub(super) struct Handed {
+    pub(super) file: File,
+    pub(super) pipes: Vec<Pipe>,
 }
 
 /// The loop's handle on one sink thread.
@@ -37,6 +54,8 @@ impl SinkHandle {
 /// The read end of one worker stream, as the sink thread holds it.
 pub(super) struct Pipe {
     pub(super) file: File,
+    /// Whose stream: the worker's slot and pid, and 1 (stdout) or 2 (stderr).
+    pub(super) worker: (Slot, Pid, u8),
     /// `[w<slot> <pid>] `, or empty.
     pub(super) prefix: Vec<u8>,
     /// The start of a line whose newline has not arrived yet (at most MAX_LINE bytes).
@@ -164,6 +183,37 @@ impl Sink {
                     Ok(Command::Reopen(done)) => {
                         let _ = done.send(self.reopen());
                     }
+                    Ok(Command::Pause(ack)) => {
+                        self.flush(&mut out);
+                        let _ = ack.send(());
+                        loop {
+                            match rx.recv() {
+                                Ok(Command::Resume) => break,
+                                Ok(Command::Handover(reply)) => {
+                                    let _ = reply.send(Handed {
+                                        file: self.file,
+                                        pipes,
+                                    });
+                                    return;
+                                }
+                                Ok(Command::Attach(p)) => pipes.push(p),
+                                // Answered once resumed (or dropped by a
+                                // handover: the waiter then stops waiting).
+                                Ok(Command::Sync(done)) => syncs.push(done),
+                                Ok(Command::Reopen(done)) => {
+                                    let _ = done.send(self.reopen());
+                                }
+                                Ok(Command::Pause(ack)) => {
+                                    let _ = ack.send(());
+                                }
+                                Ok(Command::Shutdown) | Err(_) => {
+                                    stopping = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Ok(Command::Resume | Command::Handover(_)) => {}
                     Ok(Command::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
                         stopping = true;
                         break;
@@ -421,6 +471,7 @@ mod tests {
         let file = File::open("/dev/null").expect("open /dev/null");
         Pipe {
             file,
+            worker: (Slot(0), Pid(1), 1),
             prefix: prefix.as_bytes().to_vec(),
             partial: Vec::new(),
             closed: false,

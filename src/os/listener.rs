@@ -49,7 +49,7 @@ impl ListenError {
 
 /// Where a listening socket came from: who owns its unix path, and whether it
 /// belongs in systemd's fd store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Origin {
     /// holdfast bound it.
     Bound,
@@ -87,11 +87,31 @@ pub struct Listener {
     keep_path: Cell<bool>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct UnixPath {
     path: PathBuf,
     inode: u64,
     keeper: PathBuf,
+}
+
+/// A [`Listener`] as an in-place upgrade of holdfast hands it over: what it
+/// is, and the fd number its socket keeps across the exec.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ListenerRecord {
+    pub name: String,
+    pub address: Address,
+    pub backlog: u32,
+    pub origin: Origin,
+    pub fd: i32,
+    unix: Option<UnixPath>,
+    keep_path: bool,
+}
+
+impl ListenerRecord {
+    /// Whether the previous image would have left the path on exit.
+    pub fn keeps_path(&self) -> bool {
+        self.keep_path
+    }
 }
 
 impl AsFd for Listener {
@@ -260,6 +280,45 @@ impl Listener {
         l
     }
 
+    /// What an upgrade hands over (the socket itself stays open at `fd`).
+    pub fn record(&self) -> ListenerRecord {
+        ListenerRecord {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            backlog: self.backlog,
+            origin: self.origin.clone(),
+            fd: self.fd.as_raw_fd(),
+            unix: self.unix.clone(),
+            keep_path: self.keep_path.get(),
+        }
+    }
+
+    /// The listener a previous image handed over, its socket `fd` (taken
+    /// from the record's fd number): nothing is bound, listened or linked
+    /// again. It must be a listening socket (the error names what it is
+    /// instead).
+    pub fn from_record(r: ListenerRecord, fd: OwnedFd) -> io::Result<Listener> {
+        let facts = inspect(fd.as_fd())?;
+        if !facts.listening {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "listener {} ({}): fd {} is {}",
+                    r.name, r.address, r.fd, facts.description
+                ),
+            ));
+        }
+        Ok(Listener {
+            name: r.name,
+            address: r.address,
+            backlog: r.backlog,
+            origin: r.origin,
+            fd,
+            unix: r.unix,
+            keep_path: Cell::new(r.keep_path),
+        })
+    }
+
     /// Whether this listener is the one a config entry at `address` means: the
     /// same address, or `systemd:NAME` for a socket systemd passed as NAME.
     pub fn serves(&self, address: &Address) -> bool {
@@ -274,6 +333,12 @@ impl Listener {
     /// holdfast adopts it by that path.
     pub(crate) fn keep_path(&self) {
         self.keep_path.set(true);
+    }
+
+    /// Sets whether the path is left on drop (an adoption keeps it while it
+    /// may still fail, then restores what the previous image had).
+    pub(crate) fn set_keep_path(&self, keep: bool) {
+        self.keep_path.set(keep);
     }
 
     pub(crate) fn raw_fd(&self) -> i32 {

@@ -132,6 +132,29 @@ impl ExecReport {
         &self.program
     }
 
+    /// What an in-place upgrade of holdfast hands over: the pipe's fd (it
+    /// stays open across the exec), the program, and the bytes read so far.
+    pub fn record(&self) -> (RawFd, String, Vec<u8>) {
+        (
+            self.pipe.as_raw_fd(),
+            self.program.clone(),
+            self.buf[..self.len].to_vec(),
+        )
+    }
+
+    /// The report a previous image was waiting for, on its handed-over pipe.
+    pub fn adopt(pipe: OwnedFd, program: String, read: &[u8]) -> ExecReport {
+        let mut buf = [0u8; 8];
+        let len = read.len().min(8);
+        buf[..len].copy_from_slice(&read[..len]);
+        ExecReport {
+            pipe,
+            program,
+            buf,
+            len,
+        }
+    }
+
     fn failure(&self) -> SpawnError {
         let b = self.buf;
         let stage = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
@@ -543,6 +566,47 @@ pub(crate) fn take_listen_fds(count: usize) -> Vec<io::Result<OwnedFd>> {
             // exec under LISTEN_FDS, so nothing in this process opened it; the
             // once-only guard above means no other OwnedFd is made for it.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        })
+        .collect()
+}
+
+/// Whether [`take_inherited_fds`] has run in this process.
+static INHERITED_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Takes ownership of the fds a previous image of holdfast handed over
+/// across its exec (an in-place upgrade), by number, marking each
+/// close-on-exec again. Runs once per process: a second call gets nothing,
+/// so no fd is ever owned twice. An entry is an error when that fd is not
+/// open; fds 0-2 are refused (they are stdio, never handed over).
+pub(crate) fn take_inherited_fds(numbers: &[RawFd]) -> Vec<(RawFd, io::Result<OwnedFd>)> {
+    use std::sync::atomic::Ordering;
+    if INHERITED_TAKEN.swap(true, Ordering::SeqCst) {
+        return Vec::new();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    numbers
+        .iter()
+        .filter(|&&fd| seen.insert(fd))
+        .map(|&fd| {
+            if fd < 3 {
+                return (fd, Err(io::Error::from_raw_os_error(libc::EBADF)));
+            }
+            // SAFETY: fcntl(F_GETFD/F_SETFD) on an fd number reads and writes
+            // no memory of ours; an fd that is not open gives EBADF.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            if flags < 0 {
+                return (fd, Err(io::Error::last_os_error()));
+            }
+            // SAFETY: as above.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+                return (fd, Err(io::Error::last_os_error()));
+            }
+            // SAFETY: the fd is open (F_GETFD succeeded) and was inherited at
+            // exec from the previous image, which listed it; nothing in this
+            // image opened it (it was open before this image ran any code),
+            // the numbers are deduplicated, and the once-only guard above
+            // means no other OwnedFd is made for it.
+            (fd, Ok(unsafe { OwnedFd::from_raw_fd(fd) }))
         })
         .collect()
 }

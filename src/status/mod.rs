@@ -62,6 +62,9 @@ pub struct Holdfast {
     /// next accepted one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload_rejected: Option<String>,
+    /// An in-place upgrade of holdfast is under way.
+    #[serde(default)]
+    pub upgrading: bool,
     /// Every slot has a ready worker of the current generation and holdfast
     /// is not stopping.
     #[serde(default)]
@@ -196,6 +199,12 @@ pub struct Counters {
     /// Descendants that outlived their worker (or belonged to none) and were stopped.
     #[serde(default)]
     pub strays_stopped: u64,
+    /// In-place upgrades of holdfast adopted by the new image.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Upgrades refused or failed before the exec (the old image ran on).
+    #[serde(default)]
+    pub failed_upgrades: u64,
 }
 
 /// How worker memory is measured: the `[memory]` metric and scope, or pss

@@ -87,6 +87,9 @@ pub fn render(s: &Snapshot) -> String {
     if h.stopping {
         line.push_str("  STOPPING");
     }
+    if h.upgrading {
+        line.push_str("  UPGRADING holdfast");
+    }
     match &h.rollout {
         Some(r) => {
             let _ = write!(
@@ -220,6 +223,11 @@ pub fn render(s: &Snapshot) -> String {
         c.log_reopen_failures,
         c.log_write_errors,
         c.log_lines_lost
+    );
+    let _ = writeln!(
+        out,
+        "holdfast upgrades {} (failed {})",
+        c.upgrades, c.failed_upgrades
     );
     out
 }

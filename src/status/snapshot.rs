@@ -161,6 +161,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             rollout,
             last_rollout,
             reload_rejected: sv.reload_note().map(str::to_string),
+            upgrading: sv.is_upgrading(),
             ready: sv.all_current_ready(),
             not_ready: sv.readiness().err(),
         },
@@ -177,6 +178,8 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             log_lines_lost: log_stats.lines_lost,
             child_signals: sv.counters.child_signals,
             strays_stopped: sv.counters.strays_stopped,
+            upgrades: sv.counters.upgrades,
+            failed_upgrades: sv.counters.failed_upgrades,
         },
         sampling: config
             .memory

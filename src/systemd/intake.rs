@@ -273,6 +273,17 @@ pub(super) struct Passed {
     fd: OwnedFd,
 }
 
+/// A socket systemd passed, as an upgrade hands it over.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PassedRecord {
+    /// Where it is open now.
+    pub fd: RawFd,
+    /// The number it was passed as (3, 4, ...), for messages.
+    pub number: RawFd,
+    /// Its LISTEN_FDNAMES name.
+    pub name: String,
+}
+
 /// The sockets systemd passed to holdfast, taken from the environment once.
 #[derive(Debug, Default)]
 pub struct Inherited {
@@ -349,6 +360,67 @@ impl Inherited {
             passed,
             warned: false,
         })
+    }
+
+    /// What an upgrade hands over: each socket still held (its fd), with
+    /// the number and name it was passed as.
+    pub fn record(&self) -> Vec<PassedRecord> {
+        self.passed
+            .iter()
+            .map(|p| PassedRecord {
+                fd: p.fd.as_raw_fd(),
+                number: p.offer.number,
+                name: p.offer.name.clone(),
+            })
+            .collect()
+    }
+
+    /// The held sockets' fds, for the exec.
+    pub fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        self.passed.iter().map(|p| p.fd.as_fd()).collect()
+    }
+
+    /// The sockets a previous image held, as it handed them over: each looked
+    /// at again (family, address, listening), never re-announced.
+    pub fn from_records(
+        records: Vec<PassedRecord>,
+        bank: &crate::os::handover::FdBank,
+    ) -> Result<Inherited, String> {
+        let mut passed = Vec::new();
+        for r in records {
+            let fd = bank.dup(r.fd, &format!("socket passed by systemd as `{}`", r.name))?;
+            let facts = listener::inspect(fd.as_fd()).map_err(|e| e.to_string());
+            let inode = nix::sys::stat::fstat(fd.as_fd()).map_or(0, |st| st.st_ino);
+            passed.push(Passed {
+                offer: Offer::new(r.number, r.name, facts, inode),
+                fd,
+            });
+        }
+        Ok(Inherited {
+            passed,
+            warned: true,
+        })
+    }
+
+    /// Sockets handed over without a record (an upgrade's fallback): each as
+    /// if passed by systemd under `name` (`holdfast.store.NAME` for one
+    /// holdfast bound itself), claimed by the entries of the config as usual.
+    pub fn from_handed(fds: Vec<(OwnedFd, String)>) -> Inherited {
+        let passed = fds
+            .into_iter()
+            .map(|(fd, name)| {
+                let facts = listener::inspect(fd.as_fd()).map_err(|e| e.to_string());
+                let inode = nix::sys::stat::fstat(fd.as_fd()).map_or(0, |st| st.st_ino);
+                Passed {
+                    offer: Offer::new(fd.as_raw_fd(), name, facts, inode),
+                    fd,
+                }
+            })
+            .collect();
+        Inherited {
+            passed,
+            warned: false,
+        }
     }
 
     /// The passed socket for `spec`, adopted as a listener; `Ok(None)` when

@@ -33,8 +33,9 @@
 mod intake;
 mod notifier;
 
-pub use intake::{ActivationError, Inherited, STORE_PREFIX};
+pub use intake::{ActivationError, Inherited, PassedRecord, STORE_PREFIX};
 pub use notifier::Notifier;
+pub use notifier::NotifierRecord;
 
 #[cfg(test)]
 mod tests;

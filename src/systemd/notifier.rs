@@ -15,7 +15,7 @@ use sd_notify::NotifyState;
 use tracing::{debug, info, warn};
 
 use super::STORE_PREFIX;
-use crate::core::{ServiceState, Supervisor, WorkerState};
+use crate::core::{At, ServiceState, Supervisor, WorkerState};
 use crate::os::listener::{Listener, Origin};
 
 /// What systemd has been told about holdfast's state: the supervisor's
@@ -114,6 +114,42 @@ impl Notifier {
             info!(every = ?every, "systemd watchdog: pinging at half of WATCHDOG_USEC");
         }
         Notifier::new(target, watchdog, fd_store, now)
+    }
+
+    /// What an upgrade hands over: what systemd was told, and when the next
+    /// ping and timeout extension are due (relative to `now`).
+    pub fn record(&self, now: Instant) -> NotifierRecord {
+        NotifierRecord {
+            told: self.told,
+            status: self.status.clone(),
+            next_ping: self.next_ping.map(|t| At::of(t, now)),
+            next_extend: self.next_extend.map(|t| At::of(t, now)),
+        }
+    }
+
+    /// The notifier of a new image: NOTIFY_SOCKET, WATCHDOG_USEC and FDSTORE
+    /// read again (the exec kept the environment and the pid), what systemd
+    /// was told and the schedule as the old image left them.
+    pub fn restore(r: NotifierRecord, now: Instant) -> Notifier {
+        let mut n = Notifier::from_env(now);
+        n.told = r.told;
+        n.status = r.status;
+        if n.watchdog.is_some() {
+            n.next_ping = r.next_ping.map(|a| a.at(now)).or(n.next_ping);
+        }
+        if n.is_on() {
+            n.next_extend = r.next_extend.map(|a| a.at(now)).or(n.next_extend);
+        }
+        n
+    }
+
+    /// WATCHDOG=1 now, when the watchdog is on (around an upgrade's exec),
+    /// and the next ping half a WATCHDOG_USEC from now.
+    pub fn ping_now(&mut self, now: Instant) {
+        if let Some(every) = self.watchdog {
+            self.send(&[NotifyState::Watchdog], &[]);
+            self.next_ping = Some(now + every);
+        }
     }
 
     pub(super) fn new(
@@ -344,6 +380,15 @@ impl Notifier {
             Target::Socket(sender) => sender.send(text, fds),
         }
     }
+}
+
+/// A [`Notifier`]'s state as an upgrade hands it over.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NotifierRecord {
+    told: Told,
+    status: String,
+    next_ping: Option<At>,
+    next_extend: Option<At>,
 }
 
 /// One datagram for the sender thread: its text and its fds (duplicates,

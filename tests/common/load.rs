@@ -169,6 +169,10 @@ pub struct LoadSpec {
     pub connections: usize,
     /// Reuse connections (HTTP/1.1 keep-alive) unless the server says `Connection: close`.
     pub keepalive: bool,
+    /// How long a client waits after a failed request before its next one
+    /// (0: at once). A benchmark sets it so a server that refuses is not
+    /// hammered, and failures count requests a client would have made.
+    pub fail_pause: Duration,
     pub path: String,
     /// Wall-clock bound for the whole load.
     pub max_duration: Duration,
@@ -191,6 +195,7 @@ impl LoadSpec {
             target,
             connections: 4,
             keepalive: true,
+            fail_pause: Duration::ZERO,
             path: "/".to_string(),
             max_duration: Duration::from_secs(30),
             max_requests: 1_000_000,
@@ -210,6 +215,7 @@ struct Tally {
     pids: BTreeSet<u32>,
     pid_order: Vec<u32>,
     per_pid: BTreeMap<u32, u64>,
+    timeline: Vec<Sample>,
     latencies_ms: Vec<f64>,
 }
 
@@ -223,6 +229,8 @@ struct Shared {
     claimed: AtomicU64,
     /// Requests finished, OK or failed.
     done: AtomicU64,
+    /// Connections opened (connect succeeded).
+    connections: AtomicU64,
     tally: Mutex<Tally>,
 }
 
@@ -233,8 +241,13 @@ impl Shared {
     }
 
     fn record_ok(&self, resp: &Response, latency: Duration) {
+        let ended = self.started.elapsed();
         let mut t = self.tally();
         t.ok += 1;
+        t.timeline.push(Sample {
+            ended,
+            outcome: Ok(latency),
+        });
         t.latencies_ms.push(latency.as_secs_f64() * 1000.0);
         if let Some(pid) = resp.pid() {
             if t.pids.insert(pid) {
@@ -252,6 +265,10 @@ impl Shared {
         *t.failures
             .entry(failure.kind.name().to_string())
             .or_default() += 1;
+        t.timeline.push(Sample {
+            ended: at,
+            outcome: Err(failure.kind.name()),
+        });
         if t.failure_samples.len() < MAX_SAMPLES {
             t.failure_samples.push(format!(
                 "t={:.3}s conn#{conn_no} {}: {}",
@@ -262,6 +279,9 @@ impl Shared {
         }
         drop(t);
         self.done.fetch_add(1, Ordering::SeqCst);
+        if !self.spec.fail_pause.is_zero() {
+            std::thread::sleep(self.spec.fail_pause); // the client's pace after a failure
+        }
     }
 
     fn should_stop(&self) -> bool {
@@ -291,6 +311,7 @@ impl Load {
             stop: AtomicBool::new(false),
             claimed: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             tally: Mutex::new(Tally::default()),
         });
         let threads = (0..shared.spec.connections)
@@ -340,8 +361,10 @@ impl Load {
             pids: t.pids,
             pid_order: t.pid_order,
             per_pid: t.per_pid,
+            timeline: t.timeline,
             latencies_ms: t.latencies_ms,
             elapsed,
+            connections: self.shared.connections.load(Ordering::SeqCst),
         }
     }
 }
@@ -365,6 +388,15 @@ fn panic_message(e: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// One finished request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// When it finished, since the load started.
+    pub ended: Duration,
+    /// `Ok(latency)`, or the [`FailKind::name`] of its failure.
+    pub outcome: Result<Duration, &'static str>,
+}
+
 /// What a load saw.
 #[derive(Debug, Clone)]
 pub struct LoadReport {
@@ -381,9 +413,15 @@ pub struct LoadReport {
     pub pid_order: Vec<u32>,
     /// OK responses per `X-Pid`.
     pub per_pid: BTreeMap<u32, u64>,
+    /// Every finished request in the order it finished, for figures over
+    /// time (examples/bench_alternatives).
+    pub timeline: Vec<Sample>,
     /// Latency of each OK request in ms, connect included when it opened a connection.
     pub latencies_ms: Vec<f64>,
     pub elapsed: Duration,
+    /// Connections the clients opened (each successful connect), so a test
+    /// can tell its own connections from a proxy's in kernel counters.
+    pub connections: u64,
 }
 
 impl LoadReport {
@@ -488,7 +526,10 @@ fn client_loop(shared: &Shared, conn_no: usize) {
         let mut c = match conn.take() {
             Some(c) => c,
             None => match Conn::open(&spec.target, spec.request_timeout) {
-                Ok(c) => c,
+                Ok(c) => {
+                    shared.connections.fetch_add(1, Ordering::SeqCst);
+                    c
+                }
                 Err(f) => {
                     shared.record_failure(conn_no, f);
                     continue;

@@ -14,6 +14,8 @@
 
 pub mod cgroup;
 pub mod load;
+pub mod netns;
+pub mod proxy;
 pub mod sandbox;
 
 // Re-exported for the test binaries; each uses a subset.

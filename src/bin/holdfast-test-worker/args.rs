@@ -95,6 +95,10 @@ pub(crate) struct Args {
     /// Log lines per second, for every line (0 = flat out).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub(crate) log_rate: u64,
+    /// Write each log line in two halves, this many microseconds apart, so
+    /// that whoever reads the pipe meanwhile holds half a line.
+    #[arg(long, value_name = "US")]
+    pub(crate) log_torn_us: Option<u64>,
     /// At exit, write "w<slot> <pid> partial" with no newline as the last output.
     #[arg(long)]
     pub(crate) partial_last_line: bool,

@@ -29,6 +29,7 @@ impl LogThread {
             rate: args.log_rate,
             line_bytes: args.log_line_bytes,
             stderr: args.log_stderr,
+            torn: args.log_torn_us.map(Duration::from_micros),
         };
         let flag = Arc::clone(&stop);
         let handle = std::thread::Builder::new()
@@ -61,6 +62,8 @@ pub(crate) struct LogSpec {
     pub(crate) rate: u64,
     pub(crate) line_bytes: usize,
     pub(crate) stderr: bool,
+    /// Write each line in two halves this far apart.
+    pub(crate) torn: Option<Duration>,
 }
 
 impl LogSpec {
@@ -83,7 +86,19 @@ impl LogSpec {
                 }
             }
             seq += 1;
-            if write_stream(self.stderr, &self.line(seq)).is_err() {
+            let line = self.line(seq);
+            let written = match self.torn {
+                // Half a line, a pause, the rest: a reader sees the line cut.
+                Some(pause) => {
+                    let (a, b) = line.split_at(line.len() / 2);
+                    write_stream(self.stderr, a).and_then(|()| {
+                        std::thread::sleep(pause);
+                        write_stream(self.stderr, b)
+                    })
+                }
+                None => write_stream(self.stderr, &line),
+            };
+            if written.is_err() {
                 break;
             }
         }
@@ -117,6 +132,7 @@ mod tests {
             rate: 0,
             line_bytes: 16,
             stderr: false,
+            torn: None,
         };
         assert_eq!(spec.line(7), b"w0 42 7 xxxxxxx\n");
         let short = LogSpec {

@@ -34,6 +34,8 @@
 //!   volume, sd_notify(3), and the re-exec'd helper children.
 //! - `forking.py`: the copy-on-write case that needs a real `fork`, which
 //!   tests and benchmarks run with python3.
+//! - [`impostor`]: copied under a `holdfast-*` name, a stand-in new holdfast
+//!   binary that misbehaves, for the upgrade tests.
 //!
 //! There is no `unsafe` here: the "children" are re-execs of this binary with
 //! a hidden `--child-role` (the daemon gets its sockets as `dup`s without
@@ -45,6 +47,7 @@ mod child;
 mod conn;
 mod endpoints;
 mod http;
+mod impostor;
 mod inherited;
 mod listeners;
 mod logwriter;
@@ -103,6 +106,11 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// other start-up failures, the `--exit-at-start` code, or the code a
 /// `GET /exit?code=N` asked for.
 fn main() -> ExitCode {
+    // Copied under a `holdfast-*` name, it is a stand-in new holdfast binary
+    // for the upgrade tests (see `impostor`).
+    if let Some(code) = impostor::run() {
+        return code;
+    }
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // First, before anything opens an fd or reads the env destructively.
     let inherited = Inherited::capture();

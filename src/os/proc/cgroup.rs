@@ -274,7 +274,7 @@ impl Cgroups {
                 dir,
                 path,
                 serial,
-                procs,
+                procs: Some(procs),
                 removed: false,
             }),
             Err(e) => {
@@ -282,6 +282,38 @@ impl Cgroups {
                 Err(with_dir("open cgroup.procs of", e))
             }
         }
+    }
+
+    /// What an upgrade hands over.
+    pub fn record(&self) -> CgroupRecord {
+        CgroupRecord {
+            dir: self.dir.clone(),
+            path: self.path.clone(),
+            serial: 0,
+        }
+    }
+
+    /// The delegated cgroup a previous image detected, as it was (holdfast
+    /// never moves out of it, and the exec keeps the process in it).
+    pub fn adopt(r: CgroupRecord) -> Cgroups {
+        Cgroups {
+            dir: r.dir,
+            path: r.path,
+        }
+    }
+
+    /// The cgroup of worker `serial` if it exists (an upgrade's fallback
+    /// finds the previous image's workers' cgroups by their serials).
+    pub fn existing_worker(&self, serial: u64) -> Option<WorkerCgroup> {
+        let name = format!("{WORKER_PREFIX}{serial}");
+        let dir = self.dir.join(&name);
+        dir.is_dir().then(|| {
+            WorkerCgroup::adopt(CgroupRecord {
+                path: format!("{}/{name}", self.path.trim_end_matches('/')),
+                dir,
+                serial,
+            })
+        })
     }
 
     /// The `worker-N` cgroups already here when holdfast starts, left by an
@@ -320,7 +352,7 @@ impl Cgroups {
                 path: format!("{}/{name}", self.path.trim_end_matches('/')),
                 dir,
                 serial,
-                procs,
+                procs: Some(procs),
                 removed: false,
             };
             match cg.pids() {
@@ -349,9 +381,20 @@ pub struct WorkerCgroup {
     /// As /proc/PID/cgroup names it.
     path: String,
     serial: u64,
-    /// `cgroup.procs`, O_WRONLY | O_CLOEXEC.
-    procs: File,
+    /// `cgroup.procs`, O_WRONLY | O_CLOEXEC; `None` for the cgroup of a
+    /// worker adopted from a previous image (it is never spawned into again).
+    procs: Option<File>,
     removed: bool,
+}
+
+/// A [`Cgroups`] or [`WorkerCgroup`] as an in-place upgrade hands it over:
+/// the directory and the cgroup path (nothing is open).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CgroupRecord {
+    pub dir: PathBuf,
+    pub path: String,
+    /// The worker's serial; 0 for holdfast's own cgroup.
+    pub serial: u64,
 }
 
 impl WorkerCgroup {
@@ -372,8 +415,30 @@ impl WorkerCgroup {
 
     /// `cgroup.procs`, opened for writing (close-on-exec): the child writes
     /// "0" to it between fork and exec. Borrowed: this cgroup keeps it open.
-    pub fn procs_fd(&self) -> BorrowedFd<'_> {
-        self.procs.as_fd()
+    /// `None` for an adopted worker's cgroup.
+    pub fn procs_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.procs.as_ref().map(|f| f.as_fd())
+    }
+
+    /// What an upgrade hands over.
+    pub fn record(&self) -> CgroupRecord {
+        CgroupRecord {
+            dir: self.dir.clone(),
+            path: self.path.clone(),
+            serial: self.serial,
+        }
+    }
+
+    /// The cgroup of a worker a previous image started (it exists: its
+    /// worker is alive in it). Nothing is created or opened.
+    pub fn adopt(r: CgroupRecord) -> WorkerCgroup {
+        WorkerCgroup {
+            dir: r.dir,
+            path: r.path,
+            serial: r.serial,
+            procs: None,
+            removed: false,
+        }
     }
 
     /// Every live member: the processes in this cgroup and in any cgroup a
