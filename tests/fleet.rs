@@ -194,7 +194,11 @@ fn generation(h: &Holdfast) -> (u64, Option<bool>) {
 /// on this machine (`ansible_connection=local`), each under load. A good
 /// release rolls both, one after the other; a release whose workers exit
 /// at start fails on the first host, which keeps its generation serving,
-/// and the play stops before the second host.
+/// and the play stops before the second host. Then holdfast itself is
+/// upgraded in place host by host (same pids, same workers), and an upgrade
+/// to a binary that is no holdfast is refused on the first host and stops
+/// the play there. (The play's package install is Ansible's own `apt`
+/// module; tests/package.rs proves the package's upgrade path.)
 #[test]
 fn ansible_rolls_the_fleet_host_by_host_and_stops_at_the_first_failed_host() {
     let worker = format!("[\"{}\"]", common::test_worker_bin());
@@ -244,7 +248,7 @@ fn ansible_rolls_the_fleet_host_by_host_and_stops_at_the_first_failed_host() {
             )
         })
         .collect();
-    let play = |releases: &[PathBuf]| {
+    let play = |releases: &[PathBuf], extra: &[&str]| {
         // Per-host release files through host vars on the command line.
         let vars = work.path().join("vars.ini");
         let mut inv = std::fs::read_to_string(&inventory).expect("inventory");
@@ -259,6 +263,7 @@ fn ansible_rolls_the_fleet_host_by_host_and_stops_at_the_first_failed_host() {
         let home = work.path().join("ansible-home");
         run(Command::new("ansible-playbook")
             .args(["-i", vars.to_str().expect("utf-8"), "-c", "local"])
+            .args(extra)
             .arg(root().join("examples/ansible/deploy.yml"))
             .env("ANSIBLE_HOME", &home)
             .env("ANSIBLE_LOCAL_TEMP", home.join("tmp"))
@@ -284,7 +289,7 @@ fn ansible_rolls_the_fleet_host_by_host_and_stops_at_the_first_failed_host() {
     }
 
     // A good release: both hosts, one after the other.
-    let o = play(&good);
+    let o = play(&good, &[]);
     assert!(o.status.success(), "{}", text(&o));
     let out = text(&o);
     let first = out.find("ok: [web1] => {").expect("web1's result");
@@ -299,7 +304,7 @@ fn ansible_rolls_the_fleet_host_by_host_and_stops_at_the_first_failed_host() {
     }
 
     // A release whose workers exit at start: web1 fails and stops the play.
-    let o = play(&bad);
+    let o = play(&bad, &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let out = text(&o);
     assert!(
@@ -318,9 +323,71 @@ fn ansible_rolls_the_fleet_host_by_host_and_stops_at_the_first_failed_host() {
     let live = std::fs::read_to_string(&hosts[1].config_path).expect("web2 config");
     assert!(!live.contains("LoadError"), "web2's config was replaced");
 
+    // holdfast itself, upgraded in place host by host (no release): the
+    // same pid and the same workers, each host answering before the next.
+    let before: Vec<(u32, Vec<u64>)> = hosts.iter().map(|h| (h.pid(), workers(h))).collect();
+    let o = play(&[], &["-e", "holdfast_upgrade=true"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    let v = env!("CARGO_PKG_VERSION");
+    let said: Vec<usize> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let line = format!(
+                "web{}: upgraded from {v} to {v} (pid {}, 2 workers adopted)",
+                i + 1,
+                h.pid()
+            );
+            out.find(&line)
+                .unwrap_or_else(|| panic!("no {line:?} in:\n{out}"))
+        })
+        .collect();
+    assert!(said[0] < said[1], "web2 upgraded before web1:\n{out}");
+    // Nothing else changed: no config, no restart.
+    assert_eq!(out.matches("changed: [web").count(), 2, "{out}");
+    let after: Vec<(u32, Vec<u64>)> = hosts.iter().map(|h| (h.pid(), workers(h))).collect();
+    assert_eq!(after, before, "holdfast's pid or its workers changed");
+
+    // A binary that cannot adopt the state: refused on web1, which runs on
+    // as it was, and the play stops before web2.
+    let o = play(
+        &[],
+        &[
+            "-e",
+            "holdfast_upgrade=true",
+            "-e",
+            "holdfast_binary=/bin/true",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("holdfast: upgrade refused, still running holdfast 0.1.0: binary /bin/true: `version --json` printed"),
+        "{out}"
+    );
+    assert!(!out.contains("[web2]"), "the play went on to web2:\n{out}");
+    let after: Vec<(u32, Vec<u64>)> = hosts.iter().map(|h| (h.pid(), workers(h))).collect();
+    assert_eq!(after, before, "a refused upgrade changed something");
+
     for (i, l) in loads.into_iter().enumerate() {
         let report = l.stop();
         report.assert_clean(100);
         eprintln!("fleet: web{}: {} requests, 0 failed", i + 1, report.ok);
     }
+}
+
+/// The pids of a holdfast's workers, sorted.
+fn workers(h: &Holdfast) -> Vec<u64> {
+    let o = h.cli(&["status", "--json", "--control", "{dir}/holdfast.sock"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let s: Value = serde_json::from_slice(&o.stdout).expect("status JSON");
+    let mut v: Vec<u64> = s["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .collect();
+    v.sort_unstable();
+    v
 }
