@@ -270,6 +270,33 @@ env = {{ UNICORN_WORKERS = "1" }}
     assert_eq!(ready_slots(&h), old);
     let r = http_get(&h.tcp(), "/").expect("served");
     assert_eq!(r.status, 200);
+
+    // The README's fix: one pid file per worker, named by its serial (the
+    // old and the new worker of a slot share HOLDFAST_WORKER_ID, never the
+    // serial). The next rollout succeeds.
+    std::fs::write(
+        h.dir.path().join("unicorn.conf.rb"),
+        h.fill("worker_processes 1\npid \"{dir}/unicorn-#{ENV.fetch('HOLDFAST_WORKER_SERIAL')}.pid\"\n"),
+    )
+    .expect("unicorn.conf.rb");
+    let o = h.cli(&["restart", "--wait", "--control", "{dir}/holdfast.sock"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("generation 3 is serving (1 workers"),
+        "{}",
+        stdout(&o)
+    );
+    let new = ready_slots(&h);
+    assert_eq!(new.len(), 1);
+    assert_ne!(new, old);
+    let serial = std::fs::read_to_string(format!("/proc/{}/environ", new[0].1))
+        .expect("environ")
+        .split('\0')
+        .find_map(|v| v.strip_prefix("HOLDFAST_WORKER_SERIAL=").map(String::from))
+        .expect("HOLDFAST_WORKER_SERIAL");
+    let pidfile = h.dir.path().join(format!("unicorn-{serial}.pid"));
+    let written = std::fs::read_to_string(&pidfile).expect("the new worker's pid file");
+    assert_eq!(written.trim(), new[0].1.to_string());
 }
 
 /// holdfast's pid in the host's pid namespace: `unshare --fork`'s child.
