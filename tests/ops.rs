@@ -299,6 +299,58 @@ env = {{ UNICORN_WORKERS = "1" }}
     assert_eq!(written.trim(), new[0].1.to_string());
 }
 
+/// A worker that an in-place upgrade adopted while it was starting, and
+/// that then fails: the failure quotes what it wrote after the upgrade (the
+/// new image gives every adopted worker a tail of its own), in the answer
+/// to the `restart --wait` that was waiting across the exec.
+#[test]
+fn a_worker_adopted_by_an_upgrade_that_fails_quotes_its_last_lines() {
+    let h = Holdfast::start(&config(1, "", "", ""));
+    h.wait_log("all workers ready");
+    // The new worker blocks on a FIFO until the upgrade is done, then
+    // writes one line and exits 1.
+    let fifo = h.dir.path().join("go");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    std::fs::write(
+        &h.config_path,
+        h.fill(&format!(
+            r#"
+[[listen]]
+name = "http"
+address = "127.0.0.1:{{port}}"
+
+[app]
+command = ["sh", "-c", "read -r _ < {fifo}; echo 'boom: cannot load the app' >&2; exit 1"]
+workers = 1
+ready_timeout = "30s"
+drain_timeout = "30s"
+"#,
+            fifo = fifo.display()
+        )),
+    )
+    .expect("config");
+    let sock = h.dir.path().join("holdfast.sock");
+    let sock = sock.to_str().expect("utf-8").to_string();
+    let restart = std::thread::spawn(move || {
+        common::run_holdfast(&["restart", "--wait", "--control", &sock])
+    });
+    h.wait_log("worker spawned slot=0 pid=");
+    wait_until(DEADLINE, "the new worker spawned", || {
+        h.log().contains("generation=2").then_some(())
+    });
+    let o = h.cli(&["upgrade", "--wait", "--control", "{dir}/holdfast.sock"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("upgraded from "), "{}", stdout(&o));
+    // Now the starting worker writes its line and exits 1.
+    std::fs::write(&fifo, "go\n").expect("write the FIFO");
+    let out = restart.join().expect("restart thread");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "holdfast: rollout of generation 2 failed: slot 0 (generation 2): exited before ready (exit status 1); its last output lines:\n  | boom: cannot load the app\n"
+    );
+}
+
 /// holdfast's pid in the host's pid namespace: `unshare --fork`'s child.
 fn child_of(pid: u32) -> Option<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
