@@ -357,3 +357,36 @@ fn readiness_holds_through_a_healthy_rollout_and_goes_at_once_on_stop() {
     assert_eq!(sv.readiness(), Err("holdfast is stopping".into()));
     assert!(!sv.all_current_ready());
 }
+
+#[test]
+fn an_upgrade_hands_over_restart_slot_waiters_pid_1_and_the_orphans_reported() {
+    let mut sv = as_init(2);
+    play(
+        &mut sv,
+        vec![
+            (5, orphan(900, false), vec![]),
+            (10, replace(1), vec![spawn(3, 1, 1)]),
+            (11, spawned(3, 200), vec![]),
+        ],
+    );
+    let state = sv.handover(t(12));
+    let json = serde_json::to_string(&state).expect("serialize");
+    let mut restored =
+        Supervisor::restore(serde_json::from_str(&json).expect("read"), t(12)).expect("restore");
+    assert_eq!(restored.handover(t(12)), state);
+    assert!(restored.settings.init);
+    // The new image answers the waiter once the new worker is ready.
+    play(
+        &mut restored,
+        vec![(
+            20,
+            ready(3),
+            vec![
+                answer(Ok(
+                    "slot 1 replaced: pid 101 → pid 200 (generation 1) is ready",
+                )),
+                term(2, 101),
+            ],
+        )],
+    );
+}
