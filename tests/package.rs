@@ -146,8 +146,13 @@ fn the_debian_package_builds_passes_lintian_installs_works_and_purges_to_nothing
     );
 
     // lintian, info and pedantic tags included: nothing but overrides.
+    // Except spelling-error-in-binary: lintian looks for misspelt words in
+    // the binary's bytes, and machine code spells a different one in some
+    // builds ("wTH" once), so an override would be unused in the others
+    // (which lintian reports too).
     let o = run(Command::new("lintian")
         .args(["--tag-display-limit", "0", "-I", "--pedantic"])
+        .args(["--suppress-tags", "spelling-error-in-binary"])
         .arg(deb));
     assert!(o.status.success(), "lintian: {}", text(&o));
     let tags: Vec<String> = String::from_utf8_lossy(&o.stdout)
