@@ -1,11 +1,12 @@
-//! The command line: `holdfast run | check | demo | ...`.
+//! The command line: `holdfast run | check | demo | ...`; `man` and
+//! `completions` print what the Debian package installs.
 //!
 //! Exit codes follow sysexits.h: 0 ok, 64 usage, 69 an address cannot be
 //! bound (unavailable), 70 internal error, 71 an OS resource failed, 78 the
 //! config (or its command) is wrong. The control commands (status, restart,
-//! reopen-logs, scale, stop, upgrade): 0 ok, 1 the request failed, 69
-//! holdfast is not running, 77 permission denied, 78 the --config file is
-//! unreadable.
+//! reopen-logs, scale, stop, upgrade): 0 ok, 1 the request failed
+//! (`status --ready`: not ready), 69 holdfast is not running, 77 permission
+//! denied, 78 the --config file is unreadable.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,8 @@ use crate::edge::{Fallback, Incoming, Invocation, Runtime};
 #[command(
     name = "holdfast",
     version,
-    about = "Graceful-restart supervisor for Unix app servers: holds the listening sockets, replaces workers start-before-stop."
+    about = "Graceful-restart supervisor for Unix app servers: holds the listening sockets, replaces workers start-before-stop.",
+    after_help = "The config file: holdfast.toml(5) (holdfast man holdfast.toml). Each command: holdfast COMMAND --help, or holdfast-COMMAND(1)."
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -41,13 +43,25 @@ pub enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
-    /// Show holdfast's workers, listeners and counters (a table, or --json).
-    Status(ControlArgs),
+    /// Show holdfast's workers, listeners and counters (a table, or --json); --ready and --live are probes.
+    Status {
+        /// Readiness probe: exit 0 when every slot has a ready worker of the current generation and holdfast is not stopping; else 1 with the reason in one line.
+        #[arg(long, conflicts_with = "live")]
+        ready: bool,
+        /// Liveness probe: exit 0 when holdfast's event loop answers.
+        #[arg(long)]
+        live: bool,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
     /// Rolling restart (as SIGHUP: the config is re-read); --wait returns when it ends.
     Restart {
         /// Return when the rollout ends: exit 0 when it succeeded, 1 with the reason when not.
         #[arg(long)]
         wait: bool,
+        /// Replace only this slot's worker, start-before-stop, with its own generation (the config is not re-read); returns when the new worker is ready (exit 0) or failed (1, with why).
+        #[arg(long, value_name = "N")]
+        slot: Option<u32>,
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -67,6 +81,17 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Print a manual page (roff): holdfast(1) by default; --dir writes every page.
+    Man {
+        /// holdfast, holdfast-COMMAND (holdfast-run, holdfast-status, ...) or holdfast.toml (the config file, section 5).
+        #[arg(default_value = "holdfast")]
+        page: String,
+        /// Write every page (holdfast.1, holdfast-run.1, ..., holdfast.toml.5) into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
     /// Upgrade holdfast in place (as SIGUSR2): exec the new binary in the
     /// same pid, workers untouched. Refused, with nothing changed, when the
     /// binary cannot adopt holdfast's state.
@@ -217,8 +242,34 @@ pub fn main() -> ExitCode {
     };
     use crate::control::Command as C;
     match cli.command {
-        Command::Status(args) => control(&args, C::Status),
-        Command::Restart { wait, control: a } => control(&a, C::Restart { wait }),
+        Command::Status {
+            ready,
+            live,
+            control: a,
+        } => {
+            let what = match (ready, live) {
+                (true, _) => C::Ready,
+                (_, true) => C::Live,
+                _ => C::Status,
+            };
+            control(&a, what)
+        }
+        Command::Restart {
+            wait,
+            slot,
+            control: a,
+        } => control(&a, C::Restart { wait, slot }),
+        Command::Man { page, dir } => man(&page, dir.as_deref()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "holdfast",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::ReopenLogs(args) => control(&args, C::ReopenLogs),
         Command::Scale {
             workers,
@@ -299,6 +350,42 @@ pub fn main() -> ExitCode {
         Command::Demo { port } => {
             let _ = init_logging(None);
             code(demo(port, invocation))
+        }
+    }
+}
+
+/// `holdfast man`: one page to stdout, or every page into `dir`.
+fn man(page: &str, dir: Option<&Path>) -> ExitCode {
+    use clap::CommandFactory;
+    let pages = crate::man::pages(Cli::command());
+    if let Some(dir) = dir {
+        for (file, text) in &pages {
+            let path = dir.join(file);
+            if let Err(e) = std::fs::write(&path, text) {
+                eprintln!("holdfast: man: {}: {e}", path.display());
+                return code(exitcode::CANTCREAT);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    match pages
+        .iter()
+        .find(|(file, _)| file.rsplit_once('.').map(|(n, _)| n) == Some(page))
+    {
+        Some((_, text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        None => {
+            let names: Vec<&str> = pages
+                .iter()
+                .filter_map(|(f, _)| f.rsplit_once('.').map(|(n, _)| n))
+                .collect();
+            eprintln!(
+                "holdfast: man: no page {page:?}; pages: {}",
+                names.join(", ")
+            );
+            code(exitcode::USAGE)
         }
     }
 }

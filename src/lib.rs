@@ -29,6 +29,8 @@
 //!   the snapshot (loop half, /proc half) and its rendering; `metrics`: the
 //!   same figures for Prometheus.
 //! - [`config`]: TOML schema, defaults, validation, positioned errors.
+//! - `man`: the manual pages, from the command line's and the config's
+//!   own definitions.
 //! - [`cli`]: the command line.
 //!
 //! How a signal becomes a worker: SIGHUP reaches the edge, which prepares the
@@ -50,6 +52,7 @@ pub mod core;
 pub(crate) mod edge;
 pub mod ids;
 pub(crate) mod logs;
+pub(crate) mod man;
 pub(crate) mod metrics;
 pub mod os;
 pub(crate) mod status;

@@ -1,5 +1,8 @@
 //! `metrics_listen`: the status figures in the Prometheus text format
-//! (OpenMetrics 1.0, encoded by the `prometheus-client` crate) at `/metrics`.
+//! (OpenMetrics 1.0, encoded by the `prometheus-client` crate) at `/metrics`,
+//! and an orchestrator's HTTP probes: `/livez` (200 once the event loop
+//! answers) and `/readyz` (200 when every slot has a ready worker of the
+//! current generation and holdfast is not stopping; 503 with the reason).
 //!
 //! A scrape is a status request like `holdfast status`: the loop builds the
 //! cheap half of a [`Snapshot`], the /proc half runs on a blocking thread,
@@ -17,7 +20,6 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -32,6 +34,54 @@ const MAX_HEAD: usize = 8 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// The OpenMetrics text content type (Prometheus negotiates it).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Prometheus's own text format (0.0.4): for clients that do not ask for
+/// OpenMetrics (curl, `promtool check metrics`, older scrapers).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether the request's `Accept` header names OpenMetrics (Prometheus's
+/// scrapes do).
+fn wants_openmetrics(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    })
+}
+
+/// OpenMetrics text as Prometheus's text format 0.0.4: a counter family's
+/// HELP and TYPE name its samples (`x_total`, not `x`), and there is no
+/// `# EOF` or `# UNIT`. Without this, `promtool check metrics` reads every
+/// counter as a family without help text.
+pub fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{p}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("metrics_listen {addr}: {source}")]
@@ -130,17 +180,32 @@ async fn serve(
     let path = target.split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
         ("GET" | "HEAD", "/metrics") => match crate::control::fetch_status(tx, baseline).await {
-            Ok(s) => ("200 OK", CONTENT_TYPE, render(&s)),
+            Ok(s) if wants_openmetrics(&head) => ("200 OK", CONTENT_TYPE, render(&s)),
+            Ok(s) => ("200 OK", TEXT_CONTENT_TYPE, text_format(&render(&s))),
             Err(r) => (
                 "503 Service Unavailable",
                 "text/plain; charset=utf-8",
                 format!("{}\n", r.error.unwrap_or_default()),
             ),
         },
+        ("GET" | "HEAD", "/livez" | "/readyz") => {
+            let r = if path == "/livez" {
+                crate::control::live(tx).await
+            } else {
+                crate::control::ready(tx).await
+            };
+            let status = if r.ok {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            let text = r.message.or(r.error).unwrap_or_default();
+            (status, "text/plain; charset=utf-8", format!("{text}\n"))
+        }
         ("GET" | "HEAD", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "metrics are at /metrics\n".to_string(),
+            "metrics are at /metrics; probes at /livez and /readyz\n".to_string(),
         ),
         _ => (
             "405 Method Not Allowed",
@@ -184,10 +249,16 @@ fn float_family() -> Family<Labels, Gauge<f64, AtomicU64>> {
 pub fn render(s: &Snapshot) -> String {
     let mut r = Registry::with_prefix("holdfast");
     let h = &s.holdfast;
+    // A gauge of 1 rather than an OpenMetrics `info`: Prometheus's text
+    // format (and `promtool check metrics`) has no info type.
+    let build = gauge_family();
+    build
+        .get_or_create(&labels(&[("version", h.version.clone())]))
+        .set(1);
     r.register(
-        "build",
-        "holdfast's version",
-        Info::new(vec![("version".to_string(), h.version.clone())]),
+        "build_info",
+        "holdfast's version, as a label; always 1",
+        build,
     );
     r.register(
         "uptime_seconds",
@@ -372,4 +443,24 @@ pub fn render(s: &Snapshot) -> String {
         warn!(error = %e, "encoding metrics failed");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_is_served_to_who_asks_and_prometheus_text_to_everyone_else() {
+        let om = "# HELP holdfast_drain_kills Workers SIGKILLed.\n# TYPE holdfast_drain_kills counter\nholdfast_drain_kills_total 0\n# HELP holdfast_generation G.\n# TYPE holdfast_generation gauge\nholdfast_generation 3\n# EOF\n";
+        assert_eq!(
+            text_format(om),
+            "# HELP holdfast_drain_kills_total Workers SIGKILLed.\n# TYPE holdfast_drain_kills_total counter\nholdfast_drain_kills_total 0\n# HELP holdfast_generation G.\n# TYPE holdfast_generation gauge\nholdfast_generation 3\n"
+        );
+        let prometheus = b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n\r\n";
+        assert!(wants_openmetrics(prometheus));
+        assert!(!wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\nAccept: */*\r\n\r\n"
+        ));
+        assert!(!wants_openmetrics(b"GET /metrics HTTP/1.0\r\n\r\n"));
+    }
 }

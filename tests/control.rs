@@ -869,9 +869,14 @@ fn parse_metrics(text: &str) -> Vec<(String, f64)> {
     samples
 }
 
+/// GET `url` asking for OpenMetrics, as a Prometheus scrape does (without
+/// the header, `/metrics` answers in Prometheus's 0.0.4 text format:
+/// `tests/ops.rs` checks that with `promtool`).
 fn curl(url: &str) -> Output {
     let mut c = Command::new("curl");
     c.args([
+        "-H",
+        "Accept: application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5",
         "-sS",
         "--max-time",
         "20",

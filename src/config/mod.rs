@@ -60,6 +60,7 @@ pub enum ConfigError {
 
 mod build;
 mod checked;
+pub mod doc;
 mod raw;
 mod schema;
 mod values;

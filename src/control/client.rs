@@ -162,7 +162,8 @@ fn exited(pid: u32) -> bool {
 pub fn run_client(path: &Path, command: Command, json: bool) -> i32 {
     let waits = matches!(
         command,
-        Command::Restart { wait: true }
+        Command::Restart { wait: true, .. }
+            | Command::Restart { slot: Some(_), .. }
             | Command::Stop { wait: true }
             | Command::Upgrade { wait: true, .. }
     );

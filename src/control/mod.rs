@@ -11,8 +11,10 @@
 //! → {"v":1,"cmd":"restart","wait":true}
 //! ← {"v":1,"ok":false,"kind":"failed","error":"rollout of generation 2 failed: ..."}
 //! ```
-//! Commands: `status`, `restart` (`wait`), `reopen-logs`, `scale`
-//! (`workers`), `stop` (`wait`), `upgrade` (`wait`, `binary`). Error kinds: `bad_request`, `permission`,
+//! Commands: `status`, `restart` (`wait`; `slot`: replace one worker),
+//! `reopen-logs`, `scale` (`workers`), `stop` (`wait`), `upgrade` (`wait`,
+//! `binary`), `live` and `ready` (probes: the loop answers; every slot ready
+//! and not stopping). Error kinds: `bad_request`, `permission`,
 //! `failed`, `busy`, `unavailable`.
 //!
 //! # Why it cannot hurt holdfast
@@ -39,7 +41,9 @@ use crate::status::Snapshot;
 
 pub use client::run_client;
 pub use protocol::{parse_request, Command, ErrorKind, Request, Response};
-pub use server::{answer_now, fetch_status, ControlError, ControlRecord, ControlSocket, Server};
+pub use server::{
+    answer_now, fetch_status, live, ready, ControlError, ControlRecord, ControlSocket, Server,
+};
 pub(crate) use server::{keeper_of, paused};
 
 /// The protocol version this build speaks.
@@ -177,6 +181,9 @@ pub enum Call {
     ReopenLogs { reply: Reply },
     /// Run `workers` workers from now on.
     Scale { workers: u32, reply: Reply },
+    /// Replace the worker of `slot`, start-before-stop; the reply comes
+    /// when the new worker is ready, or says why it failed.
+    ReplaceSlot { slot: u32, reply: Reply },
     /// Graceful stop (as SIGTERM); the reply comes when every worker exited.
     Stop { reply: Reply },
     /// Upgrade holdfast in place (as SIGUSR2) to `binary` (absolute), or to

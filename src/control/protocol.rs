@@ -19,10 +19,20 @@ pub struct Request {
 pub enum Command {
     Status,
     /// Re-read the config and roll every worker (SIGHUP); `wait`: answer when the rollout ends.
+    /// With `slot`: replace only that slot's worker, start-before-stop, with
+    /// its own generation (no config is read); answered when the new worker
+    /// is ready, or with why it failed.
     Restart {
         #[serde(default)]
         wait: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<u32>,
     },
+    /// Answers once the event loop answers (a liveness probe).
+    Live,
+    /// `ok` when every slot has a ready worker of the current generation and
+    /// holdfast is not stopping; else `failed` with the reason (a readiness probe).
+    Ready,
     /// Reopen the log files (SIGUSR1); answers when they are reopened.
     ReopenLogs,
     Scale {
@@ -135,7 +145,7 @@ pub fn parse_request(line: &[u8]) -> Result<Command, Response> {
         .map(|r| r.command)
         .map_err(|e| {
             bad(format!(
-                "bad request: {e} (commands: status, restart, reopen-logs, scale, stop, upgrade)"
+                "bad request: {e} (commands: status, restart, reopen-logs, scale, stop, upgrade, live, ready)"
             ))
         })
 }
@@ -150,12 +160,27 @@ mod tests {
             (r#"{"v":1,"cmd":"status"}"#, Command::Status),
             (
                 r#"{"v":1,"cmd":"restart"}"#,
-                Command::Restart { wait: false },
+                Command::Restart {
+                    wait: false,
+                    slot: None,
+                },
             ),
             (
                 r#"{"v":1,"cmd":"restart","wait":true}"#,
-                Command::Restart { wait: true },
+                Command::Restart {
+                    wait: true,
+                    slot: None,
+                },
             ),
+            (
+                r#"{"v":1,"cmd":"restart","slot":2}"#,
+                Command::Restart {
+                    wait: false,
+                    slot: Some(2),
+                },
+            ),
+            (r#"{"v":1,"cmd":"live"}"#, Command::Live),
+            (r#"{"v":1,"cmd":"ready"}"#, Command::Ready),
             (r#"{"v":1,"cmd":"reopen-logs"}"#, Command::ReopenLogs),
             (
                 r#"{"v":1,"cmd":"scale","workers":3}"#,

@@ -643,6 +643,40 @@ async fn loop_status(tx: &Calls) -> Result<Snapshot, Response> {
     }
 }
 
+/// The liveness probe: the event loop answered (the cheap half of a
+/// status request, no walk of /proc).
+pub async fn live(tx: &Calls) -> Response {
+    let start = std::time::Instant::now();
+    match loop_status(tx).await {
+        Ok(s) => Response::ok(format!(
+            "live: holdfast {} (pid {}) answered in {} ms",
+            s.holdfast.version,
+            s.holdfast.pid,
+            start.elapsed().as_millis()
+        )),
+        Err(r) => r,
+    }
+}
+
+/// The readiness probe, from the cheap half of a status request: `ok`, or
+/// `failed` with the one-line reason.
+pub async fn ready(tx: &Calls) -> Response {
+    match loop_status(tx).await {
+        Ok(s) if s.holdfast.ready => Response::ok(format!(
+            "ready: {} worker(s) of generation {}",
+            s.holdfast.workers_wanted, s.holdfast.generation
+        )),
+        Ok(s) => Response::err(
+            ErrorKind::Failed,
+            format!(
+                "not ready: {}",
+                s.holdfast.not_ready.as_deref().unwrap_or("unknown")
+            ),
+        ),
+        Err(r) => r,
+    }
+}
+
 /// Awaits an answer the loop owes, counted as waiting meanwhile (an upgrade
 /// hands such a connection over rather than wait for it).
 async fn owed(
@@ -713,7 +747,35 @@ async fn handle(
                 Err(r) => (r, After::Next, Some(token)),
             }
         }
-        Command::Restart { wait } => {
+        Command::Restart {
+            slot: Some(slot), ..
+        } => {
+            let (r, rx) = oneshot::channel();
+            if tx
+                .send(Call::ReplaceSlot {
+                    slot,
+                    reply: reply(r),
+                })
+                .is_err()
+            {
+                return (gone(), After::Close, None);
+            }
+            info!(
+                slot,
+                "replacement of one slot requested over the control socket"
+            );
+            let (r, token) = outcome(owed(shared, rx).await);
+            (r, After::Next, token)
+        }
+        Command::Live => {
+            let token = Answering::new();
+            (live(tx).await, After::Next, Some(token))
+        }
+        Command::Ready => {
+            let token = Answering::new();
+            (ready(tx).await, After::Next, Some(token))
+        }
+        Command::Restart { wait, slot: None } => {
             // --wait: answered when the rollout ends; else once it started
             // (the config read and its sockets bound) or was refused.
             let (r, rx) = oneshot::channel();

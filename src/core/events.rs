@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 
 use super::{AdoptedProc, Spec};
 use crate::config::Metric;
-use crate::ids::{Pid, ReplyTo, WorkerId};
+use crate::ids::{Pid, ReplyTo, Slot, WorkerId};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +62,10 @@ pub enum Request {
     ReopenLogs,
     /// Graceful stop; a second one kills at once.
     Stop,
+    /// Replace the ready worker of this slot, start-before-stop, with its
+    /// own generation (`holdfast restart --slot N`); answered once the new
+    /// worker is ready, or with why it failed.
+    ReplaceSlot(Slot),
     /// Replace holdfast's own image in place (SIGUSR2, `holdfast upgrade`):
     /// `binary`, or the one holdfast was started from. Workers are not touched.
     Upgrade {
@@ -99,9 +103,16 @@ pub enum Event {
         missing: Vec<String>,
     },
     /// A child of holdfast was reaped: a worker, or an adopted descendant.
+    /// `output`: a worker's last lines of stdout and stderr (bounded, see
+    /// `crate::logs::Tail`), read once its pipes were drained when the
+    /// supervisor asked for them ([`Supervisor::exit_would_fail`]); empty
+    /// otherwise.
+    ///
+    /// [`Supervisor::exit_would_fail`]: super::Supervisor::exit_would_fail
     Exited {
         pid: Pid,
         reason: ExitReason,
+        output: Vec<String>,
     },
     /// Every process holdfast adopted as subreaper that is no worker's own
     /// process, as found now (a full listing, not a change).

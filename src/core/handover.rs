@@ -68,6 +68,9 @@ fn back(a: Option<At>, now: Instant) -> Option<Instant> {
 pub(crate) struct CoreState {
     pub seed: u64,
     pub reopen_signal: Option<SignalName>,
+    /// holdfast is PID 1 (the same pid runs the new image).
+    #[serde(default)]
+    pub init: bool,
     /// Every generation something still uses, with its whole spec.
     pub specs: Vec<(Generation, Spec)>,
     pub stable: Generation,
@@ -91,6 +94,12 @@ pub(crate) struct CoreState {
     pub reload_note: Option<String>,
     pub told: Option<(ServiceState, String)>,
     pub upgrade: Option<UpgradeRecord>,
+    /// `restart --slot` waiters, by the worker being replaced.
+    #[serde(default)]
+    pub manual: Vec<(WorkerId, Vec<ReplyTo>)>,
+    /// As PID 1: orphans reaped and left alone (logged once each).
+    #[serde(default)]
+    pub foreign: Vec<Pid>,
     pub counters: Counters,
 }
 
@@ -394,6 +403,7 @@ impl Supervisor {
         CoreState {
             seed: self.settings.seed,
             reopen_signal: self.settings.reopen_signal.map(SignalName),
+            init: self.settings.init,
             specs: self.specs.iter().map(|(g, s)| (*g, s.clone())).collect(),
             stable: self.stable,
             newest: self.newest,
@@ -475,6 +485,8 @@ impl Supervisor {
                 started: at(u.started),
                 waiters: u.waiters.clone(),
             }),
+            manual: self.manual.iter().map(|(w, to)| (*w, to.clone())).collect(),
+            foreign: self.foreign.iter().copied().collect(),
             counters: self.counters.clone(),
         }
     }
@@ -582,6 +594,7 @@ impl Supervisor {
             settings: Settings {
                 seed: state.seed,
                 reopen_signal: state.reopen_signal.map(|s| s.0),
+                init: state.init,
             },
             specs,
             stable: state.stable,
@@ -628,6 +641,8 @@ impl Supervisor {
                 started: u.started.at(now),
                 waiters: u.waiters,
             }),
+            manual: state.manual.into_iter().collect(),
+            foreign: state.foreign.into_iter().collect(),
             counters: state.counters,
         })
     }

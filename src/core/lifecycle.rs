@@ -160,6 +160,20 @@ impl Supervisor {
     ) {
         if let Some(pos) = self.inflight.iter().position(|r| r.new == Some(w.id)) {
             let r = self.inflight.remove(pos);
+            let old_pid = self.workers.get(&r.old).and_then(|o| o.pid);
+            for to in self.manual.remove(&r.old).unwrap_or_default() {
+                let keeps = match old_pid {
+                    Some(p) => format!("; the old worker (pid {p}) keeps serving"),
+                    None => String::new(),
+                };
+                out.push(Action::Reply {
+                    to,
+                    outcome: Err(format!(
+                        "slot {}: the new worker (generation {}) failed: {why}{keeps}",
+                        w.slot, w.generation
+                    )),
+                });
+            }
             match r.reason {
                 Reason::Rollout | Reason::Rollback => self.fail_rollout(
                     w.generation,
@@ -300,6 +314,16 @@ impl Supervisor {
         // Start-before-stop: the new one is ready, so the old one may drain.
         if let Some(r) = self.inflight.iter().find(|r| r.new == Some(id)) {
             let old = r.old;
+            let old_pid = self.workers.get(&old).and_then(|o| o.pid);
+            for to in self.manual.remove(&old).unwrap_or_default() {
+                let from = old_pid.map_or(String::new(), |p| format!("pid {p} → "));
+                out.push(Action::Reply {
+                    to,
+                    outcome: Ok(format!(
+                        "slot {slot} replaced: {from}pid {pid} (generation {generation}) is ready"
+                    )),
+                });
+            }
             if self.workers.get(&old).is_some_and(|w| w.state.is_active()) {
                 self.drain(old, now, false, out);
             } else {
@@ -313,6 +337,7 @@ impl Supervisor {
         &mut self,
         pid: Pid,
         reason: ExitReason,
+        output: Vec<String>,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
@@ -363,7 +388,8 @@ impl Supervisor {
             }
             WorkerState::Spawning | WorkerState::Starting { .. } | WorkerState::Checking { .. } => {
                 warn!(slot = %w.slot, %pid, generation = %w.generation, %reason, "worker exited before it was ready");
-                self.worker_failed(w, format!("exited before ready ({reason})"), now, out);
+                let why = with_output(format!("exited before ready ({reason})"), &output);
+                self.worker_failed(w, why, now, out);
             }
         }
         self.released_if_done(id, out);
@@ -499,4 +525,46 @@ impl Supervisor {
             );
         }
     }
+}
+
+/// How many of a worker's last lines a failure message quotes at most
+/// (the tail itself is bounded too: `crate::logs::Tail`).
+const OUTPUT_LINES: usize = 10;
+
+/// `why`, followed by the worker's last lines of output (if any) and, when
+/// they show a server refusing to start over another copy's pid file, what
+/// to do about it.
+pub(super) fn with_output(why: String, output: &[String]) -> String {
+    let lines: Vec<&String> = output
+        .iter()
+        .skip(output.len().saturating_sub(OUTPUT_LINES))
+        .collect();
+    if lines.is_empty() {
+        return why;
+    }
+    let mut s = format!("{why}; its last output lines:");
+    for l in &lines {
+        s.push_str("\n  | ");
+        s.push_str(l);
+    }
+    if let Some(hint) = pid_file_hint(output) {
+        s.push('\n');
+        s.push_str(hint);
+    }
+    s
+}
+
+/// Unicorn ("Already running on PID:1234 (or pid=... is stale)") and
+/// Gunicorn ("Already running on PID 1234 (or pid file '...' is stale)")
+/// refuse to start when their pid file names a live process: with a pid
+/// file in the server's config, every slot after the first finds the first
+/// slot's.
+fn pid_file_hint(output: &[String]) -> Option<&'static str> {
+    let found = output.iter().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.contains("already running") && l.contains("pid")
+    });
+    found.then_some(
+        "hint: the server found a pid file written by another copy of it. Every slot runs the same command, so a fixed pid file is taken by the first slot (and by the old worker during a rollout): remove the pid file from the server's config (holdfast tracks the pids), or give each worker its own with HOLDFAST_WORKER_SERIAL in its path (unique per worker; HOLDFAST_WORKER_ID is shared by a slot's old and new worker during a replacement) (README, \"Pid files\")",
+    )
 }

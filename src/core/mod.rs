@@ -114,6 +114,12 @@ pub(crate) struct Supervisor {
     reload_note: Option<String>,
     /// What the service manager was last told.
     told: Option<(ServiceState, String)>,
+    /// `restart --slot` waiters, by the worker to replace: answered when
+    /// its replacement is ready, or with why it failed.
+    manual: BTreeMap<WorkerId, Vec<ReplyTo>>,
+    /// As PID 1: orphans of the namespace that are no worker's, reaped but
+    /// left alone (logged once each).
+    foreign: std::collections::BTreeSet<Pid>,
     /// An in-place upgrade of holdfast itself under way.
     upgrade: Option<Upgrade>,
     pub counters: Counters,
@@ -149,6 +155,8 @@ impl Supervisor {
             deferred: None,
             reload_note: None,
             told: None,
+            manual: BTreeMap::new(),
+            foreign: std::collections::BTreeSet::new(),
             upgrade: None,
             counters: Counters::default(),
         }
@@ -242,12 +250,44 @@ impl Supervisor {
     /// Whether every slot has a ready worker of the current generation and
     /// holdfast is not stopping (what an orchestrator's readiness probe asks).
     pub(crate) fn all_current_ready(&self) -> bool {
-        !self.is_stopping()
-            && (0..self.slots.len() as u32).all(|s| {
-                self.workers
-                    .values()
-                    .any(|w| w.slot == Slot(s) && w.state.is_ready() && w.generation == self.stable)
+        self.readiness().is_ok()
+    }
+
+    /// What a readiness probe answers: `Ok` when every slot has a ready
+    /// worker of the current generation — the last good one, or the one a
+    /// rollout under way brings (start-before-stop keeps a ready worker of
+    /// one or the other in every slot, so a healthy rollout never makes
+    /// holdfast unready) — and holdfast is not stopping; else the reason, in
+    /// one line. A stop makes it unready at once, before any worker drains,
+    /// so an orchestrator stops sending traffic first.
+    pub(crate) fn readiness(&self) -> Result<String, String> {
+        if self.is_stopping() {
+            return Err("holdfast is stopping".into());
+        }
+        let current = [self.stable, self.target()];
+        let total = self.slots.len();
+        let ready = (0..total as u32)
+            .filter(|&s| {
+                self.workers.values().any(|w| {
+                    w.slot == Slot(s) && w.state.is_ready() && current.contains(&w.generation)
+                })
             })
+            .count();
+        let generation = match &self.rollout {
+            Some(r) if r.generation != self.stable => {
+                format!("generation {} (rollout to {})", self.stable, r.generation)
+            }
+            _ => format!("generation {}", self.stable),
+        };
+        if ready == total {
+            Ok(format!(
+                "ready: {ready}/{total} slots have a ready worker, {generation}"
+            ))
+        } else {
+            Err(format!(
+                "{ready}/{total} slots have a ready worker of {generation}"
+            ))
+        }
     }
     fn target(&self) -> Generation {
         self.rollout.as_ref().map_or(self.stable, |r| r.generation)
@@ -302,7 +342,11 @@ impl Supervisor {
             Event::SocketsChecked { id, missing } => {
                 self.on_sockets_checked(id, missing, now, &mut out)
             }
-            Event::Exited { pid, reason } => self.on_exit(pid, reason, now, &mut out),
+            Event::Exited {
+                pid,
+                reason,
+                output,
+            } => self.on_exit(pid, reason, output, now, &mut out),
             Event::Adopted { procs } => self.on_adopted(procs, now, &mut out),
             Event::MemorySample { samples } => {
                 self.sampling = None;
@@ -316,11 +360,21 @@ impl Supervisor {
             Event::Upgraded { message } => self.upgraded(message, now, &mut out),
         }
         self.advance(now, &mut out);
+        self.answer_lost_manual(&mut out);
         self.sample_if_due(now, &mut out);
         self.recheck_if_due(now, &mut out);
         self.retire(&mut out);
         self.tell(&mut out);
         out
+    }
+
+    /// Whether the exit of `pid` would be a failure that reports the
+    /// worker's last lines (it is a worker not yet ready): the edge then
+    /// drains its output pipes before it reports [`Event::Exited`].
+    pub(crate) fn exit_would_fail(&self, pid: Pid) -> bool {
+        self.worker_by_pid(pid)
+            .and_then(|id| self.workers.get(&id))
+            .is_some_and(|w| w.state.is_starting())
     }
 
     fn worker_by_pid(&self, pid: Pid) -> Option<WorkerId> {

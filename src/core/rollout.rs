@@ -49,6 +49,7 @@ impl Supervisor {
                 self.start_rollout(*spec, waiters, now, out);
             }
             Request::Scale(scale) => self.on_scale(scale, reply, now, out),
+            Request::ReplaceSlot(slot) => self.on_replace_slot(slot, reply, out),
             Request::Upgrade { binary } => self.on_upgrade(binary, reply, now, out),
             Request::ReopenLogs => {
                 // Workers not told to stop: a draining server may give the
@@ -91,7 +92,8 @@ impl Supervisor {
                 };
                 let deferred = self.deferred.take().map(|(_, w)| w);
                 let waiters = self.rollout.take().map(|r| r.waiters);
-                for to in waiters.into_iter().chain(deferred).flatten() {
+                let manual = std::mem::take(&mut self.manual).into_values();
+                for to in waiters.into_iter().chain(deferred).chain(manual).flatten() {
                     out.push(Action::Reply {
                         to,
                         outcome: Err("holdfast is stopping".into()),
@@ -113,6 +115,87 @@ impl Supervisor {
                 for id in ids {
                     self.drain(id, now, true, out);
                 }
+            }
+        }
+    }
+
+    /// `restart --slot N`: the slot's ready worker is replaced
+    /// start-before-stop like any replacement (same queue, same surge
+    /// budget), with its own generation; the answer comes when the new
+    /// worker is ready. A replacement of that worker already under way or
+    /// queued (a rollout's, memory's) is joined rather than doubled.
+    fn on_replace_slot(&mut self, slot: Slot, reply: Option<ReplyTo>, out: &mut Vec<Action>) {
+        let refused = if self.is_stopping() {
+            Err("holdfast is stopping".to_string())
+        } else if slot.0 >= self.wanted {
+            Err(format!(
+                "slot {slot} does not exist: holdfast runs {} worker(s), slots 0 to {}",
+                self.wanted,
+                self.wanted.saturating_sub(1)
+            ))
+        } else {
+            self.active_in(slot)
+                .into_iter()
+                .filter_map(|id| self.workers.get(&id))
+                .find(|w| w.state.is_ready())
+                .map(|w| w.id)
+                .ok_or_else(|| {
+                    format!("slot {slot} has no ready worker to replace (it is starting or waiting to restart)")
+                })
+        };
+        let old = match refused {
+            Ok(id) => id,
+            Err(why) => {
+                warn!(%slot, "replacement refused: {why}");
+                return Self::reply(out, reply, Err(why));
+            }
+        };
+        let joined = self.inflight.iter().any(|r| r.old == old)
+            || self.queue.iter().any(|(s, reason, marked)| {
+                *s == slot
+                    && (*marked == Some(old)
+                        || (marked.is_none()
+                            && matches!(reason, Reason::Rollout | Reason::Rollback)))
+            });
+        if !joined {
+            let pid = self
+                .workers
+                .get(&old)
+                .and_then(|w| w.pid)
+                .map_or(0, |p| p.0);
+            info!(%slot, pid, "worker {slot} (pid {pid}) replacement requested: replacing");
+            self.queue.push_back((slot, Reason::Manual, Some(old)));
+        } else {
+            debug!(%slot, "replacement requested for a worker already being replaced: joined");
+        }
+        self.manual.entry(old).or_default().extend(reply);
+    }
+
+    /// `restart --slot` waiters whose worker went away without a replacement
+    /// (it crashed, was scaled away): answered with why.
+    pub(super) fn answer_lost_manual(&mut self, out: &mut Vec<Action>) {
+        let lost: Vec<WorkerId> = self
+            .manual
+            .keys()
+            .filter(|id| {
+                let alive = self.workers.get(id).is_some_and(|w| w.state.is_active());
+                let replacing = self.inflight.iter().any(|r| r.old == **id);
+                !alive && !replacing
+            })
+            .copied()
+            .collect();
+        for id in lost {
+            let which = match self.gone.iter().find(|g| g.0 == id) {
+                Some((_, slot, pid)) => format!("the worker of slot {slot} (pid {pid})"),
+                None => "the worker".to_string(),
+            };
+            for to in self.manual.remove(&id).unwrap_or_default() {
+                out.push(Action::Reply {
+                    to,
+                    outcome: Err(format!(
+                        "{which} stopped before its replacement was ready (it exited, or its slot was scaled away); a crashed slot restarts on its own"
+                    )),
+                });
             }
         }
     }
@@ -400,7 +483,9 @@ impl Supervisor {
             // Memory and age replacements keep the worker's own generation
             // (a rollout under way replaces the slot again in its turn).
             let g = match reason {
-                Reason::Memory | Reason::Age if old_gen == self.stable || old_gen == target => {
+                Reason::Memory | Reason::Age | Reason::Manual
+                    if old_gen == self.stable || old_gen == target =>
+                {
                     old_gen
                 }
                 _ => target,

@@ -23,6 +23,8 @@ pub(crate) enum Reason {
     Crash,
     /// Ready, but its tree stopped holding the listeners it must serve.
     NotServing,
+    /// Asked for: `holdfast restart --slot N`.
+    Manual,
 }
 
 impl fmt::Display for Reason {
@@ -34,6 +36,7 @@ impl fmt::Display for Reason {
             Reason::Age => "age",
             Reason::Crash => "crash",
             Reason::NotServing => "not-serving",
+            Reason::Manual => "manual",
         })
     }
 }
@@ -200,4 +203,8 @@ pub(crate) struct Settings {
     pub seed: u64,
     /// `[logs] reopen_signal`: sent to workers when the logs are reopened.
     pub reopen_signal: Option<Signal>,
+    /// holdfast is PID 1 of its pid namespace (a container's init): every
+    /// orphan of the namespace is re-parented to it, not only its workers'
+    /// descendants (see `strays.rs`).
+    pub init: bool,
 }

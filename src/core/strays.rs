@@ -16,6 +16,21 @@
 //! - a stop ends only once every one of them is gone, so nothing outlives
 //!   holdfast holding its sockets.
 //!
+//! **As PID 1** of a pid namespace (a container without an init), every
+//! orphan of the namespace is re-parented to holdfast, not only its
+//! workers' descendants: the orphans of a `docker exec` or `kubectl exec`
+//! session, of a health-check script, of a cron-like sidecar process. Those
+//! are not holdfast's to stop: it reaps them when they exit (so no zombie
+//! piles up, which is all tini does) and leaves them alone, logged once.
+//! An orphan that names no worker but holds one of holdfast's listening
+//! sockets is a worker's descendant that lost its trace (it cleared its
+//! environment and left the group): it keeps the port busy after holdfast
+//! is gone, so it is stopped like any stray. When holdfast exits, the
+//! kernel kills what is left of the namespace, as for any PID 1. Outside a
+//! namespace of its own, only holdfast's own descendants can be re-parented
+//! to it (it is their subreaper), so an orphan that names no worker is
+//! still a worker's and is stopped.
+//!
 //! Signalling them by pid is safe: they are holdfast's own children, and a
 //! pid is not reused before its parent reaps it.
 
@@ -40,6 +55,9 @@ pub struct AdoptedProc {
     pub worker: Option<WorkerId>,
     /// Its command name (`/proc/PID/comm`), for messages.
     pub comm: String,
+    /// It holds one of holdfast's listening sockets (looked at only for a
+    /// process that names no worker, when holdfast is PID 1).
+    pub holds_listener: bool,
 }
 
 /// A worker's descendant outside its process group, now holdfast's child.
@@ -81,8 +99,12 @@ impl Supervisor {
                 }
             }
         }
+        self.foreign.retain(|p| listed.contains(p));
         for p in procs {
-            if self.strays.contains_key(&p.pid) || self.worker_by_pid(p.pid).is_some() {
+            if self.strays.contains_key(&p.pid)
+                || self.foreign.contains(&p.pid)
+                || self.worker_by_pid(p.pid).is_some()
+            {
                 continue;
             }
             let owner = p.worker.or_else(|| {
@@ -97,6 +119,11 @@ impl Supervisor {
                             .map(|(id, _, _)| *id)
                     })
             });
+            if owner.is_none() && self.settings.init && !p.holds_listener {
+                info!(pid = %p.pid, comm = %p.comm, "process {} ({}) was re-parented to holdfast as PID 1 but is no worker's descendant (e.g. left by an exec into the container): it is reaped when it exits, not stopped", p.pid, p.comm);
+                self.foreign.insert(p.pid);
+                continue;
+            }
             let mut stray = Stray {
                 pid: p.pid,
                 worker: owner,

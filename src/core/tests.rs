@@ -15,6 +15,7 @@ use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 mod decisions;
 mod handover;
 mod model;
+mod ops;
 
 fn t(ms: u64) -> Instant {
     thread_local!(static T0: Instant = Instant::now());
@@ -88,6 +89,7 @@ fn exited_with(pid: i32, reason: ExitReason) -> Event {
     Event::Exited {
         pid: Pid(pid),
         reason,
+        output: Vec::new(),
     }
 }
 fn rollout(p: Spec) -> Event {

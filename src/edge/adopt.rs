@@ -210,8 +210,9 @@ impl Runtime {
             move |e: std::io::Error| format!("{what}: {e}")
         };
         // Fallible steps first; what removes files on drop comes last.
-        let logs =
-            Logs::resume(LogsHandover::adopt(edge.logs, bank)?).map_err(|e| e.to_string())?;
+        let mut handed_logs = LogsHandover::adopt(edge.logs, bank)?;
+        let tails = handed_logs.take_tails();
+        let logs = Logs::resume(handed_logs).map_err(|e| e.to_string())?;
         let notify = NotifySocket::adopt(
             bank.dup(edge.notify_fd, "notify socket")?,
             edge.notify_path,
@@ -292,6 +293,7 @@ impl Runtime {
             listeners,
             held,
             pids: edge.pids.into_iter().map(|(p, id)| (p.0, id)).collect(),
+            tails: tails.into_iter().map(|(p, t)| (p.0, t)).collect(),
             execs,
             probes,
             cgroups: edge.cgroups.map(Cgroups::adopt),

@@ -27,6 +27,9 @@ pub enum Input {
     NotifyStranger {
         sender: i32,
     },
+    /// A worker reaped before it was ready, reported once the log threads
+    /// read its last lines (see `Runtime::reaped`).
+    Exited(Event),
     /// What an upgrade's trial run of the new binary printed.
     Trial(super::upgrade::TrialOutput),
 }

@@ -110,6 +110,9 @@ impl StartError {
     }
 }
 
+/// How long a failed worker's exit waits for the log threads to read its
+/// last lines (a log thread stuck on a slow disk answers late).
+const OUTPUT_WAIT: Duration = Duration::from_millis(500);
 /// How long an exiting holdfast waits for the last worker output to be written.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the edge looks for adopted descendants and unlinked unix paths
@@ -217,6 +220,8 @@ pub struct Runtime {
     held: Vec<Rc<Listener>>,
     /// Unreaped worker processes (their own pid).
     pids: HashMap<i32, WorkerId>,
+    /// Each worker's last lines of output, by pid (until it is reaped).
+    tails: HashMap<i32, crate::logs::Tail>,
     /// Exec reports of workers that may not have exec'd yet.
     execs: HashMap<i32, (WorkerId, crate::os::sys::ExecReport)>,
     probes: HashMap<WorkerId, Probe>,
@@ -380,6 +385,7 @@ impl Runtime {
         let settings = Settings {
             seed: random_seed(),
             reopen_signal: config.logs.reopen_signal.map(|s| s.0),
+            init: std::process::id() == 1,
         };
         let now = Instant::now();
         // The previous holdfast's workers (a crash, KillMode=process), and in
@@ -410,6 +416,7 @@ impl Runtime {
             held: listeners.clone(),
             listeners,
             pids,
+            tails: HashMap::new(),
             execs: HashMap::new(),
             probes: HashMap::new(),
             cgroups,
@@ -625,6 +632,10 @@ impl Runtime {
             Input::Prepared(p) => self.prepared(*p),
             Input::Trial(t) => self.trial_output(t),
             Input::Notified { id, fields } => self.notified(id, fields),
+            Input::Exited(e) => {
+                self.feed(e);
+                self.housekeeping(true);
+            }
             Input::NotifyStranger { sender } => {
                 if self.ignored_senders.insert(sender) {
                     warn!(
@@ -650,6 +661,10 @@ impl Runtime {
             Call::Scale { workers, reply } => {
                 let reply = Some(self.hold_reply(reply));
                 self.feed(request(Request::Scale(Scale::To(workers)), reply));
+            }
+            Call::ReplaceSlot { slot, reply } => {
+                let reply = Some(self.hold_reply(reply));
+                self.feed(request(Request::ReplaceSlot(Slot(slot)), reply));
             }
             Call::Stop { reply } => {
                 let reply = Some(self.hold_reply(reply));
@@ -725,6 +740,11 @@ impl Runtime {
                 });
             }
             Action::Drain { id, pid, signal } => {
+                if !self.pids.contains_key(&pid.0) {
+                    // Reaped, its exit not reported yet (see `reaped`): its
+                    // pid, and soon its group id, may be anyone's.
+                    return debug!(worker = %id, %pid, "drain of a reaped worker: not signalled");
+                }
                 debug!(worker = %id, %pid, %signal, "drain signal to the process group");
                 signal_group(pid, signal);
                 signal_group(pid, Signal::SIGCONT);
@@ -765,7 +785,9 @@ impl Runtime {
             }
             Action::Kill { id, pid } => {
                 debug!(worker = %id, %pid, "SIGKILL to the process group");
-                signal_group(pid, Signal::SIGKILL);
+                if self.pids.contains_key(&pid.0) {
+                    signal_group(pid, Signal::SIGKILL);
+                }
                 if let Some(cg) = self.worker_cgroups.get(&id) {
                     if let Err(e) = cg.kill() {
                         warn!(worker = %id, cgroup = %cg.dir().display(), error = %e, "cannot kill the worker's cgroup");

@@ -106,7 +106,8 @@ impl Runtime {
         if let Some(cg) = cgroup {
             self.worker_cgroups.insert(id, cg);
         }
-        self.logs.attach(pipes, slot, Pid(pid));
+        let tail = self.logs.attach(pipes, slot, Pid(pid));
+        self.tails.insert(pid, tail);
         self.pids.insert(pid, id);
         self.execs.insert(pid, (id, started.report));
         if let Some((path, _fd)) = probe {
@@ -160,9 +161,27 @@ impl Runtime {
             }
         }
         self.pids.remove(&pid);
+        let tail = self.tails.remove(&pid);
+        if let Some(tail) = tail.filter(|_| self.sv.exit_would_fail(Pid(pid))) {
+            // Its failure quotes its last lines: report the exit once the
+            // log threads have read what it wrote before it died. Meanwhile
+            // the worker is not signalled (it is out of `pids`).
+            let synced = self.logs.sync();
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(super::OUTPUT_WAIT, synced).await;
+                let _ = tx.send(Input::Exited(Event::Exited {
+                    pid: Pid(pid),
+                    reason,
+                    output: tail.lines(),
+                }));
+            });
+            return;
+        }
         self.feed(Event::Exited {
             pid: Pid(pid),
             reason,
+            output: Vec::new(),
         });
     }
 
@@ -198,6 +217,17 @@ impl Runtime {
             }
         }
         let pids = &self.pids;
+        // As PID 1, an orphan that names no worker is only reaped, unless it
+        // holds a listening socket (the core decides: `strays.rs`).
+        let init = std::process::id() == 1;
+        let listening: HashSet<u64> = if init {
+            self.held
+                .iter()
+                .filter_map(|l| l.socket_inode().ok())
+                .collect()
+        } else {
+            HashSet::new()
+        };
         // An upgrade's trial run is holdfast's own child, not a stray.
         let trial = self.trial_pid();
         let procs: Vec<AdoptedProc> = crate::os::proc::adopted(
@@ -205,11 +235,18 @@ impl Runtime {
             self.cgroups.as_ref(),
         )
         .into_iter()
-        .map(|a| AdoptedProc {
-            pid: Pid(a.pid),
-            pgid: Pid(a.pgid),
-            worker: a.cgroup_serial.or(a.serial).map(WorkerId),
-            comm: a.comm,
+        .map(|a| {
+            let worker = a.cgroup_serial.or(a.serial).map(WorkerId);
+            let holds_listener = init
+                && worker.is_none()
+                && !crate::os::proc::socket_inodes(a.pid).is_disjoint(&listening);
+            AdoptedProc {
+                pid: Pid(a.pid),
+                pgid: Pid(a.pgid),
+                worker,
+                comm: a.comm,
+                holds_listener,
+            }
         })
         .collect();
         if after_exit || !procs.is_empty() || self.sv.strays().next().is_some() {

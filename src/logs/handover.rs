@@ -30,6 +30,11 @@ pub struct LogsHandover {
     /// (index into `sinks`, pipe).
     pipes: Vec<(usize, Pipe)>,
     counters: LogCounters,
+    /// The new image's side: a fresh [`Tail`] per adopted worker, shared by
+    /// its pipes, so a failure after the upgrade quotes the lines written
+    /// since (the lines before it are not handed over). Empty on the old
+    /// image's side, whose pipes keep their own.
+    tails: std::collections::HashMap<Pid, Tail>,
 }
 
 /// [`LogsHandover`] as the new image reads it: fd numbers instead of files.
@@ -148,6 +153,7 @@ impl LogsHandover {
             ));
         }
         let mut pipes = Vec::new();
+        let mut tails = std::collections::HashMap::new();
         for p in r.pipes {
             if p.sink >= sinks.len() || p.partial.len() > MAX_LINE {
                 return Err(format!(
@@ -169,6 +175,7 @@ impl LogsHandover {
                     prefix: p.prefix,
                     partial: p.partial,
                     closed: false,
+                    tail: Some(tails.entry(p.pid).or_insert_with(Tail::default).clone()),
                 },
             ));
         }
@@ -178,7 +185,13 @@ impl LogsHandover {
             route: r.route,
             pipes,
             counters: r.counters,
+            tails,
         })
+    }
+
+    /// The adopted workers' [`Tail`]s, by pid (see the field).
+    pub fn take_tails(&mut self) -> std::collections::HashMap<Pid, Tail> {
+        std::mem::take(&mut self.tails)
     }
 
     /// The worker pipes only, as a fallback adopts them without a record:
@@ -193,6 +206,7 @@ impl LogsHandover {
                 prefix: logs.prefix(p.slot, p.pid),
                 partial: Vec::new(),
                 closed: false,
+                tail: None,
             };
             if !sink.send(Command::Attach(pipe)) {
                 error!(slot = %p.slot, pid = %p.pid, destination = %sink.dest, "the log thread is gone; this worker's output is discarded");
@@ -254,6 +268,7 @@ impl Logs {
             route: self.route,
             pipes,
             counters: self.stats.snapshot(),
+            tails: std::collections::HashMap::new(),
         })
     }
 

@@ -23,6 +23,7 @@
 mod handover;
 mod own;
 mod sink;
+mod tail;
 
 use std::fmt;
 use std::fs::{File, OpenOptions, Permissions};
@@ -46,6 +47,7 @@ use crate::ids::{Pid, Slot};
 pub use handover::{LogsHandover, LogsRecord, PipeFd};
 pub use own::own_log;
 use sink::{Command, Pipe, Sink, SinkHandle};
+pub use tail::Tail;
 
 /// The longest line written as one, in bytes without its newline; a longer
 /// line is cut here and the rest becomes the next line (with its own prefix).
@@ -371,7 +373,9 @@ impl Logs {
 
     /// After the spawn: closes holdfast's copies of the write ends and hands
     /// the read ends to the sinks, labelled with the worker's slot and pid.
-    pub fn attach(&self, pipes: WorkerPipes, slot: Slot, pid: Pid) {
+    /// Returns the worker's [`Tail`]: its last lines, from both pipes.
+    pub fn attach(&self, pipes: WorkerPipes, slot: Slot, pid: Pid) -> Tail {
+        let tail = Tail::default();
         let prefix = if self.config.prefix {
             format!("[w{slot} {pid}] ").into_bytes()
         } else {
@@ -385,10 +389,31 @@ impl Logs {
                 prefix: prefix.clone(),
                 partial: Vec::new(),
                 closed: false,
+                tail: Some(tail.clone()),
             };
             let sink = &self.sinks[route];
             if !sink.send(Command::Attach(pipe)) {
                 error!(%slot, %pid, destination = %sink.dest, "the log thread is gone; this worker's output is discarded");
+            }
+        }
+        tail
+    }
+
+    /// Resolves once every sink has read what its pipes hold now: the lines
+    /// an exited worker wrote are then in its [`Tail`]. A sink stuck in a
+    /// write (a slow disk) answers late: callers bound the wait.
+    pub fn sync(&self) -> impl Future<Output = ()> + Send + 'static {
+        let waits: Vec<_> = self
+            .sinks
+            .iter()
+            .filter_map(|s| {
+                let (tx, rx) = oneshot::channel();
+                s.send(Command::Sync(tx)).then_some(rx)
+            })
+            .collect();
+        async move {
+            for rx in waits {
+                let _ = rx.await;
             }
         }
     }

@@ -11,6 +11,9 @@ pub(super) enum Command {
     Reopen(oneshot::Sender<Result<Option<PathBuf>, String>>),
     /// Drain what the pipes hold now, write it, and end the thread.
     Shutdown,
+    /// Read what the pipes hold now (an exited worker's last lines reach
+    /// its [`Tail`]), write it, then answer.
+    Sync(oneshot::Sender<()>),
     /// An upgrade of holdfast, step 1: write the whole lines collected so
     /// far, answer, and wait for the next command without reading the pipes
     /// (step 2 or [`Command::Resume`]). A sink stuck in write(2) answers
@@ -58,6 +61,8 @@ pub(super) struct Pipe {
     /// The start of a line whose newline has not arrived yet (at most MAX_LINE bytes).
     pub(super) partial: Vec<u8>,
     pub(super) closed: bool,
+    /// The worker's last lines, shared with the edge.
+    pub(super) tail: Option<Tail>,
 }
 
 /// Lines collected for one write.
@@ -87,10 +92,12 @@ impl Pipe {
             // One byte past the room: a line of exactly MAX_LINE bytes is not cut.
             let window = &data[..data.len().min(room + 1)];
             if let Some(i) = memchr::memchr(b'\n', window) {
+                self.keep(&data[..i]);
                 out.line(&self.prefix, &self.partial, &data[..i]);
                 self.clear_partial();
                 data = &data[i + 1..];
             } else if window.len() > room {
+                self.keep(&data[..room]);
                 out.line(&self.prefix, &self.partial, &data[..room]);
                 out.split += 1;
                 self.clear_partial();
@@ -105,10 +112,23 @@ impl Pipe {
     /// End of stream: an unfinished last line is written with a newline added.
     pub(super) fn finish(&mut self, out: &mut Out) {
         if !self.partial.is_empty() {
+            self.keep(&[]);
             out.line(&self.prefix, &self.partial, &[]);
             self.clear_partial();
         }
         self.closed = true;
+    }
+
+    /// The line `partial` + `rest` is complete: the tail keeps (the start of) it.
+    fn keep(&self, rest: &[u8]) {
+        let Some(tail) = &self.tail else { return };
+        if self.partial.is_empty() {
+            return tail.push(rest);
+        }
+        let bound = super::tail::TAIL_LINE_MAX + 4;
+        let mut line = self.partial[..self.partial.len().min(bound)].to_vec();
+        line.extend_from_slice(&rest[..rest.len().min(bound.saturating_sub(line.len()))]);
+        tail.push(&line);
     }
 
     pub(super) fn clear_partial(&mut self) {
@@ -154,10 +174,12 @@ impl Sink {
         let mut scratch = vec![0u8; READ_CHUNK];
         let mut stopping = false;
         let mut ready: Vec<bool> = Vec::new();
+        let mut syncs = Vec::new();
         loop {
             loop {
                 match rx.try_recv() {
                     Ok(Command::Attach(p)) => pipes.push(p),
+                    Ok(Command::Sync(done)) => syncs.push(done),
                     Ok(Command::Reopen(done)) => {
                         let _ = done.send(self.reopen());
                     }
@@ -175,6 +197,9 @@ impl Sink {
                                     return;
                                 }
                                 Ok(Command::Attach(p)) => pipes.push(p),
+                                // Answered once resumed (or dropped by a
+                                // handover: the waiter then stops waiting).
+                                Ok(Command::Sync(done)) => syncs.push(done),
                                 Ok(Command::Reopen(done)) => {
                                     let _ = done.send(self.reopen());
                                 }
@@ -194,6 +219,13 @@ impl Sink {
                         break;
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
+                }
+            }
+            if !syncs.is_empty() {
+                self.read_all(&mut pipes, &mut out, &mut scratch);
+                pipes.retain(|p| !p.closed);
+                for done in syncs.drain(..) {
+                    let _ = done.send(());
                 }
             }
             let timeout = if stopping {
@@ -258,6 +290,34 @@ impl Sink {
             p.finish(&mut out);
         }
         self.flush(&mut out);
+    }
+
+    /// Reads every pipe until it is empty (at most 16 chunks each: a
+    /// worker that writes without pause cannot hold the thread) and writes
+    /// the lines.
+    fn read_all(&mut self, pipes: &mut [Pipe], out: &mut Out, scratch: &mut [u8]) {
+        for p in pipes.iter_mut().filter(|p| !p.closed) {
+            for _ in 0..16 {
+                match (&p.file).read(scratch) {
+                    Ok(0) => {
+                        p.finish(out);
+                        break;
+                    }
+                    Ok(n) => p.consume(&scratch[..n], out),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        warn!(path = %self.dest, error = %e, "reading a worker pipe failed; closing it");
+                        p.finish(out);
+                        break;
+                    }
+                }
+                if out.buf.len() >= FLUSH_AT {
+                    self.flush(out);
+                }
+            }
+        }
+        self.flush(out);
     }
 
     /// Writes the collected lines; on an error drops the rest and counts it.
@@ -415,6 +475,7 @@ mod tests {
             prefix: prefix.as_bytes().to_vec(),
             partial: Vec::new(),
             closed: false,
+            tail: None,
         }
     }
 

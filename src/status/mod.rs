@@ -69,6 +69,9 @@ pub struct Holdfast {
     /// is not stopping.
     #[serde(default)]
     pub ready: bool,
+    /// Why not, in one line (`holdfast status --ready`, `/readyz`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
 }
 
 /// A rollout under way.

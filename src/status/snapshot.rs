@@ -140,6 +140,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
         Reason::Age,
         Reason::Crash,
         Reason::NotServing,
+        Reason::Manual,
     ]
     .iter()
     .map(|r| (r.to_string(), 0))
@@ -162,6 +163,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             reload_rejected: sv.reload_note().map(str::to_string),
             upgrading: sv.is_upgrading(),
             ready: sv.all_current_ready(),
+            not_ready: sv.readiness().err(),
         },
         workers,
         listeners,

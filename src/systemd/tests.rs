@@ -304,6 +304,7 @@ fn notifications_follow_the_supervisor() {
             Event::Exited {
                 pid: Pid(101),
                 reason: crate::core::ExitReason::Code(0),
+                output: Vec::new(),
             },
             vec![],
         ),
@@ -316,6 +317,7 @@ fn notifications_follow_the_supervisor() {
             Event::Exited {
                 pid: Pid(102),
                 reason: crate::core::ExitReason::Code(0),
+                output: Vec::new(),
             },
             vec!["READY=1\nSTATUS=2/2 workers ready, generation 2\n"],
         ),
@@ -330,6 +332,7 @@ fn notifications_follow_the_supervisor() {
             Event::Exited {
                 pid: Pid(103),
                 reason: crate::core::ExitReason::Code(0),
+                output: Vec::new(),
             },
             vec!["STATUS=stopping: 1 process(es) left\n"],
         ),
@@ -437,6 +440,7 @@ fn timeouts_are_extended_only_while_bounded_work_progresses() {
         Event::Exited {
             pid: Pid(101),
             reason: crate::core::ExitReason::Code(1),
+            output: Vec::new(),
         },
     );
     assert_eq!(extension(&sv, Told::Starting, t(11_000)), None);

@@ -142,6 +142,7 @@ fn the_reopen_signal_goes_to_running_workers_only() {
         Settings {
             seed: 0,
             reopen_signal: Some(Signal::SIGUSR1),
+            init: false,
         },
     );
     play(

@@ -47,6 +47,7 @@ pub(super) fn adopted(procs: &[(i32, i32, Option<u64>)]) -> Event {
                 pgid: Pid(pgid),
                 worker: worker.map(WorkerId),
                 comm: "daemon".into(),
+                holds_listener: false,
             })
             .collect(),
     }

@@ -29,6 +29,7 @@ fn watched_seeded(workers: u32, max_surge: u32, m: MemoryConfig, seed: u64) -> S
         Settings {
             seed,
             reopen_signal: None,
+            init: false,
         },
     );
     step(&mut sv, 0, Event::Tick);
@@ -483,6 +484,7 @@ fn a_failed_age_replacement_is_retried_after_backoff_max() {
     let failed = Event::Exited {
         pid: Pid(200),
         reason: ExitReason::Code(1),
+        output: Vec::new(),
     };
     play(&mut sv, vec![(10_500, failed, vec![])]);
     // The old worker keeps serving; the next try is backoff_max (30 s) later.
@@ -512,6 +514,7 @@ fn a_failed_memory_replacement_is_retried_after_backoff_max() {
                 Event::Exited {
                     pid: Pid(200),
                     reason: ExitReason::Code(1),
+                    output: Vec::new(),
                 },
                 vec![],
             ),
