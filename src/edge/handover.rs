@@ -128,7 +128,14 @@ pub fn adopt_state(bytes: &[u8], pid: u32) -> Result<usize, String> {
     let _ = sv.step(later, Event::Tick);
     for pid in &pids {
         let reason = ExitReason::Code(1);
-        let _ = sv.step(later, Event::Exited { pid: *pid, reason });
+        let _ = sv.step(
+            later,
+            Event::Exited {
+                pid: *pid,
+                reason,
+                output: Vec::new(),
+            },
+        );
     }
     let request = |request| Event::Request {
         request,

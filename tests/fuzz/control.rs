@@ -46,7 +46,13 @@ fn command() -> impl Strategy<Value = Command> {
     ];
     prop_oneof![
         Just(Command::Status),
-        any::<bool>().prop_map(|wait| Command::Restart { wait }),
+        (
+            any::<bool>(),
+            prop_oneof![3 => Just(None), 1 => any::<u32>().prop_map(Some)]
+        )
+            .prop_map(|(wait, slot)| Command::Restart { wait, slot }),
+        Just(Command::Live),
+        Just(Command::Ready),
         Just(Command::ReopenLogs),
         prop_oneof![Just(0u32), Just(1), Just(u32::MAX), any::<u32>()]
             .prop_map(|workers| Command::Scale { workers }),
@@ -106,7 +112,9 @@ fn values() -> impl Strategy<Value = Value> {
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
-    let key = prop::sample::select(vec!["v", "cmd", "wait", "workers", "binary", "extra", ""]);
+    let key = prop::sample::select(vec![
+        "v", "cmd", "wait", "workers", "binary", "slot", "extra", "",
+    ]);
     prop_oneof![
         6 => (key.clone(), values()).prop_map(|(k, v)| Edit::Set(k, v)),
         3 => key.prop_map(Edit::Remove),
@@ -343,6 +351,7 @@ enum Seen {
     Scale(u32),
     Stop,
     Upgrade(Option<PathBuf>, bool),
+    ReplaceSlot(u32),
 }
 
 /// The reply a line must get.
@@ -378,11 +387,18 @@ fn model(bytes: &[u8]) -> (Vec<Want>, bool, Vec<Seen>) {
         rest = &rest[line.len()..];
         match parse_request(line) {
             Err(r) => wants.push(Want::Exactly(r)),
-            Ok(Command::Status) => {
+            // The probes ask the loop for the cheap status, as status does.
+            Ok(Command::Status | Command::Live | Command::Ready) => {
                 seen.push(Seen::Status);
                 wants.push(Want::Unavailable);
             }
-            Ok(Command::Restart { wait }) => {
+            Ok(Command::Restart {
+                slot: Some(slot), ..
+            }) => {
+                seen.push(Seen::ReplaceSlot(slot));
+                wants.push(Want::Ok(format!("slot {slot} replaced")));
+            }
+            Ok(Command::Restart { wait, slot: None }) => {
                 seen.push(Seen::Reload { wait });
                 wants.push(Want::Ok(format!("reload, wait {wait}")));
             }
@@ -445,6 +461,10 @@ async fn stand_in(mut rx: tokio::sync::mpsc::UnboundedReceiver<Call>, seen: Arc<
                     0 => Err("no workers".into()),
                     n => Ok(format!("{n} workers")),
                 });
+            }
+            Call::ReplaceSlot { slot, reply } => {
+                log.push(Seen::ReplaceSlot(slot));
+                let _ = reply.send(Ok(format!("slot {slot} replaced")));
             }
             Call::Stop { reply } => {
                 log.push(Seen::Stop);
