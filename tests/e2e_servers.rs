@@ -523,6 +523,51 @@ fn example_configs_pass_check() {
     }
 }
 
+/// Every `toml` block of the README that is a whole config (it has an
+/// `[app]` table) passes `holdfast check`: the ten lines for Puma at the
+/// top first of all (`bundle` is on PATH: Debian's ruby-bundler, which
+/// ruby-rails pulls in), and the reference config with its `/srv/app` in a
+/// temp dir.
+#[test]
+fn readme_configs_pass_check() {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("read README.md");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut blocks = Vec::new();
+    let mut lines = readme.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == "```toml" {
+            let block: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
+            blocks.push(block.join("\n"));
+        }
+    }
+    let whole: Vec<&String> = blocks
+        .iter()
+        .filter(|b| b.lines().any(|l| l.trim() == "[app]"))
+        .collect();
+    assert!(
+        whole
+            .first()
+            .is_some_and(|b| b.contains("\"puma\"") && b.lines().count() <= 12),
+        "the README's first config is the ten lines for Puma: {whole:?}"
+    );
+    for (i, block) in whole.iter().enumerate() {
+        let path = dir.path().join(format!("readme-{i}.toml"));
+        // The app's directory of the reference config is the temp dir.
+        let block = block.replace("\"/srv/app\"", &format!("{:?}", dir.path()));
+        fs::write(&path, &block).expect("write config");
+        let p = path.to_string_lossy().into_owned();
+        let out = run_holdfast(&["check", "--config", &p]);
+        assert!(
+            out.status.success(),
+            "README config {i} fails holdfast check: {}\n{}{}\n{block}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 5: a wrapper that closes the inherited fds
 
