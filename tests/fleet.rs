@@ -35,25 +35,11 @@ fn venv_tool(name: &str) -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let desc = format!("{cmd:?}");
-    let o = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{desc}: {e} (tests/run installs it)"));
-    eprintln!(
-        "fleet: {desc}: {}\n{}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+    common::run_logged("fleet", cmd)
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::output_text(o)
 }
 
 #[test]

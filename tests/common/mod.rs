@@ -633,3 +633,29 @@ impl Drop for Holdfast {
         let _ = child.wait();
     }
 }
+
+/// Runs a tool to completion, its command line, status and output printed
+/// under `label` (shown when the test fails); a tool that cannot start is
+/// a failure naming it (tests/run installs every tool the tests use).
+pub fn run_logged(label: &str, cmd: &mut Command) -> std::process::Output {
+    let desc = format!("{cmd:?}");
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{desc}: {e} (tests/run installs it)"));
+    eprintln!(
+        "{label}: {desc}: {}\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// A finished command's stdout then stderr, as text.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
