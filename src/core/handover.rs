@@ -367,10 +367,10 @@ impl Supervisor {
         }
         sv.wanted = old.len() as u32;
         sv.slots = vec![SlotInfo::new(Generation(1)); old.len()];
+        sv.workers.set_slots(sv.wanted);
         for (i, (id, pid)) in old.into_iter().enumerate() {
             sv.next_id = sv.next_id.max(id.0 + 1);
             sv.workers.insert(
-                id,
                 Worker {
                     id,
                     slot: Slot(i as u32),
@@ -382,6 +382,7 @@ impl Supervisor {
                     memory: MemoryState::default(),
                     not_serving: 0,
                 },
+                super::rules!(sv),
             );
         }
         sv.phase = Phase::Running;
@@ -578,7 +579,7 @@ impl Supervisor {
                 )
             })
             .collect();
-        Ok(Supervisor {
+        let mut sv = Supervisor {
             settings: Settings {
                 seed: state.seed,
                 reopen_signal: state.reopen_signal.map(|s| s.0),
@@ -595,7 +596,7 @@ impl Supervisor {
                 waiters: r.waiters,
             }),
             last_rollout: state.last_rollout,
-            workers,
+            workers: super::Workers::default(),
             slots,
             queue: state.queue.into_iter().collect(),
             inflight: state
@@ -629,7 +630,13 @@ impl Supervisor {
                 waiters: u.waiters,
             }),
             counters: state.counters,
-        })
+        };
+        // The indexes are derived, not handed over: rebuilt here.
+        sv.workers.set_slots(sv.wanted);
+        for w in workers.into_values() {
+            sv.workers.insert(w, super::rules!(sv));
+        }
+        Ok(sv)
     }
 }
 
