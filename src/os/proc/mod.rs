@@ -305,10 +305,20 @@ pub fn descendants(root: i32) -> Vec<i32> {
 
 /// Like [`descendants`], over a parent map already read.
 pub(crate) fn descendants_in(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
+    descendants_of(root, &children_map(parents))
+}
+
+/// Each pid's children, from a parent map: built once for many trees.
+pub(crate) fn children_map(parents: &HashMap<i32, i32>) -> HashMap<i32, Vec<i32>> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for (&pid, &ppid) in parents {
         children.entry(ppid).or_default().push(pid);
     }
+    children
+}
+
+/// `root` and every descendant of it, root first, over a [`children_map`].
+pub(crate) fn descendants_of(root: i32, children: &HashMap<i32, Vec<i32>>) -> Vec<i32> {
     let mut out = vec![root];
     let mut i = 0;
     while i < out.len() {
