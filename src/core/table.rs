@@ -46,6 +46,10 @@ pub(crate) struct Workers {
     unready: BTreeSet<Slot>,
     deadlines: BTreeSet<(Instant, WorkerId)>,
     deadline_of: HashMap<WorkerId, Instant>,
+    /// Walks of every worker ([`Self::values`], [`Self::keys`]) so far: a
+    /// table test asserts a worker's start, readiness and exit make none.
+    #[cfg(test)]
+    pub(crate) walks: std::cell::Cell<u64>,
 }
 
 /// The moment something must happen to `w` by itself: the end of its state
@@ -90,11 +94,16 @@ impl Workers {
     pub(crate) fn contains_key(&self, id: &WorkerId) -> bool {
         self.map.contains_key(id)
     }
-    /// Every worker, by id (the order they were started in).
+    /// Every worker, by id (the order they were started in): a walk of the
+    /// whole table, for answers that need every worker.
     pub(crate) fn values(&self) -> impl Iterator<Item = &Worker> {
+        #[cfg(test)]
+        self.walks.set(self.walks.get() + 1);
         self.map.values()
     }
     pub(crate) fn keys(&self) -> impl Iterator<Item = &WorkerId> {
+        #[cfg(test)]
+        self.walks.set(self.walks.get() + 1);
         self.map.keys()
     }
     pub(crate) fn len(&self) -> usize {
