@@ -256,12 +256,14 @@ address = "127.0.0.1:{port}"
 [app]
 command = ["{worker}", "--lame-duck-ms", "0"]
 workers = {n}
+max_workers = {max}
 max_surge = {surge}
 ready_timeout = "600s"
 drain_timeout = "60s"
 "#,
         dir = dir.display(),
         worker = worker.display(),
+        max = n.max(256),
     )
 }
 
@@ -309,12 +311,24 @@ fn measure_holdfast(bin: &Path, o: &Opts, n: u32, f: &mut Figures) -> Result<(),
     };
     let pid = h.pid();
     let mut tail = LogTail::open(&log);
+    let mut exited = None;
     poll_until(
         deadline,
         "all workers ready",
         Duration::from_millis(5),
-        || tail.seen("all workers ready"),
+        || {
+            exited = h.child.try_wait().ok().flatten();
+            exited.is_some() || tail.seen("all workers ready")
+        },
     )?;
+    if let Some(status) = exited {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let last: Vec<&str> = text.lines().rev().take(3).collect();
+        return Err(Failed::Other(format!(
+            "holdfast exited ({status}): {}",
+            last.join(" / ")
+        )));
+    }
     f.ready = Some(t0.elapsed());
     f.cpu_ready = cpu_time(pid);
     f.rss_kib = rss_kib(pid);
