@@ -212,7 +212,7 @@ impl Supervisor {
         self.inflight.retain(|r| r.slot.0 < workers);
         let gone: Vec<WorkerId> = self
             .workers
-            .from_slot(Slot(workers))
+            .in_slots_from(Slot(workers))
             .map(|w| w.id)
             .collect();
         for id in gone {

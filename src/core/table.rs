@@ -123,7 +123,7 @@ impl Workers {
             .filter_map(|(_, id)| self.map.get(id))
     }
     /// The workers of slots `from` and above, by slot.
-    pub(crate) fn from_slot(&self, from: Slot) -> impl Iterator<Item = &Worker> {
+    pub(crate) fn in_slots_from(&self, from: Slot) -> impl Iterator<Item = &Worker> {
         self.by_slot
             .range((from, WorkerId(0))..)
             .filter_map(|(_, id)| self.map.get(id))
