@@ -386,6 +386,8 @@ impl Supervisor {
             );
         }
         sv.phase = Phase::Running;
+        #[cfg(test)]
+        sv.check_indexes();
         sv
     }
 
@@ -636,6 +638,8 @@ impl Supervisor {
         for w in workers.into_values() {
             sv.workers.insert(w, super::rules!(sv));
         }
+        #[cfg(test)]
+        sv.check_indexes();
         Ok(sv)
     }
 }

@@ -342,3 +342,99 @@ impl Workers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::MemoryState;
+
+    fn worker(id: u64, slot: u32, pid: Option<i32>, state: WorkerState, t0: Instant) -> Worker {
+        Worker {
+            id: WorkerId(id),
+            slot: Slot(slot),
+            generation: Generation(1),
+            pid: pid.map(Pid),
+            state,
+            started: t0,
+            status: None,
+            memory: MemoryState::default(),
+            not_serving: 0,
+        }
+    }
+
+    /// Slots that shrink and grow around workers, a pid taken over by a
+    /// new worker after the old one left, and deadlines that move with the
+    /// state: every index equals one recomputed from scratch at each turn.
+    #[test]
+    fn indexes_follow_slots_pids_and_states() {
+        let specs = BTreeMap::new();
+        let rules = Rules {
+            specs: &specs,
+            seed: 0,
+        };
+        let t0 = Instant::now();
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let mut t = Workers::default();
+        t.set_slots(3);
+        assert_eq!(
+            t.empty_slots().collect::<Vec<_>>(),
+            [Slot(0), Slot(1), Slot(2)]
+        );
+        t.insert(
+            worker(
+                1,
+                0,
+                Some(100),
+                WorkerState::Starting { ready_by: at(50) },
+                t0,
+            ),
+            &rules,
+        );
+        t.insert(
+            worker(2, 2, Some(101), WorkerState::Ready { since: t0 }, t0),
+            &rules,
+        );
+        t.check(&rules).expect("after insert");
+        assert_eq!(t.empty_slots().collect::<Vec<_>>(), [Slot(1)]);
+        assert_eq!(t.next_deadline(), Some(at(50)));
+        assert_eq!(t.due(at(49)), []);
+        assert_eq!(t.due(at(50)), [WorkerId(1)]);
+        assert!(!t.all_slots_ready());
+        // Shrink below the ready worker's slot, then grow back over it.
+        t.set_slots(2);
+        t.check(&rules).expect("after shrink");
+        assert_eq!(t.empty_slots().collect::<Vec<_>>(), [Slot(1)]);
+        t.set_slots(4);
+        t.check(&rules).expect("after grow");
+        assert_eq!(t.empty_slots().collect::<Vec<_>>(), [Slot(1), Slot(3)]);
+        t.set_slots(2);
+        // Slot 0 becomes ready, slot 1 gets one: every slot ready.
+        t.update(&WorkerId(1), &rules, |w| {
+            w.state = WorkerState::Ready { since: at(10) }
+        });
+        t.insert(
+            worker(3, 1, Some(102), WorkerState::Ready { since: t0 }, t0),
+            &rules,
+        );
+        assert!(t.all_slots_ready());
+        assert_eq!(t.next_deadline(), None);
+        assert_eq!(t.ready_count(), 3);
+        assert_eq!(t.ready_in_generation(Generation(1)), 3);
+        // Worker 1 drains and exits; its pid is reused by a new worker.
+        t.update(&WorkerId(1), &rules, |w| {
+            w.state = WorkerState::Draining { kill_at: at(90) }
+        });
+        assert_eq!(t.next_deadline(), Some(at(90)));
+        assert!(!t.all_slots_ready());
+        assert!(t.remove(&WorkerId(1)).is_some());
+        t.insert(worker(4, 0, Some(100), WorkerState::Spawning, t0), &rules);
+        assert_eq!(t.by_pid(Pid(100)), Some(WorkerId(4)));
+        assert_eq!(
+            t.in_slot(Slot(0)).map(|w| w.id).collect::<Vec<_>>(),
+            [WorkerId(4)]
+        );
+        assert_eq!(t.next_deadline(), None);
+        t.check(&rules).expect("after reuse");
+        assert_eq!(t.walks.get(), 0);
+    }
+}
