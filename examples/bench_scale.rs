@@ -312,7 +312,7 @@ fn measure_holdfast(bin: &Path, o: &Opts, n: u32, f: &mut Figures) -> Result<(),
     let pid = h.pid();
     let mut tail = LogTail::open(&log);
     let mut exited = None;
-    poll_until(
+    let waited = poll_until(
         deadline,
         "all workers ready",
         Duration::from_millis(5),
@@ -320,7 +320,13 @@ fn measure_holdfast(bin: &Path, o: &Opts, n: u32, f: &mut Figures) -> Result<(),
             exited = h.child.try_wait().ok().flatten();
             exited.is_some() || tail.seen("all workers ready")
         },
-    )?;
+    );
+    if let Err(e) = waited {
+        // What it cost until it was given up on.
+        f.cpu_ready = cpu_time(pid);
+        f.threads = threads(pid);
+        return Err(e);
+    }
     if let Some(status) = exited {
         let text = fs::read_to_string(&log).unwrap_or_default();
         let last: Vec<&str> = text.lines().rev().take(3).collect();
