@@ -89,3 +89,43 @@ fn proc_reads_per_ready_do_not_grow_with_the_worker_count() {
         "/proc reads per READY=1 check grew from {s:.1} (4 workers) to {l:.1} (64): {small} {large}"
     );
 }
+
+/// `n` workers that are a shell whose child left its process group and
+/// session (`setsid`) and sends READY=1 itself, serving the listeners it got
+/// through UNICORN_FD.
+fn setsid_config(n: u32) -> String {
+    format!(
+        r#"
+[[listen]]
+address = "127.0.0.1:{{port}}"
+[app]
+command = ["sh", "-c", "setsid {{test_worker}} --unicorn-fd & wait"]
+handoff = ["unicorn"]
+workers = {n}
+max_surge = {n}
+ready_timeout = "120s"
+drain_timeout = "30s"
+"#
+    )
+}
+
+/// A READY=1 from a descendant outside its worker's process group is found
+/// by a walk up its parents: one read of the sender's stat on the loop (its
+/// group is no worker's), then one of its parent's off the loop (the shell:
+/// a worker). Exactly two reads per sender, with 16 workers as with 2; never
+/// a listing of /proc.
+#[test]
+fn a_sender_outside_its_workers_group_costs_a_walk_up_its_parents() {
+    for n in [2u32, 16] {
+        let h = Holdfast::start(&setsid_config(n));
+        h.wait_log("all workers ready");
+        let cost = status(&h)["cost"].clone();
+        assert_eq!(get(&cost, "notify_lookups"), u64::from(n), "{cost}");
+        assert_eq!(
+            get(&cost, "notify_lookup_reads"),
+            2 * u64::from(n),
+            "{cost}"
+        );
+        assert_eq!(get(&cost, "ready_checks"), u64::from(n), "{cost}");
+    }
+}
