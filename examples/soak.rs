@@ -11,25 +11,45 @@
 //! one-shot; the load client never retries and counts every failure by
 //! kind). Every few seconds (`--every SECS`, default 5) each server gets
 //! the next event of [`ROTATION`]: a rollout (`restart --wait`), a memory
-//! replacement (`GET /grow` makes one worker exceed `[memory] limit`), or a
-//! log reopen (rename the file, `reopen-logs`). Age replacements come by
-//! themselves (`max_lifetime` 12 s + jitter). Upgrades do not exist yet:
-//! [`Event::Upgrade`] is the hook to fill in when they do.
+//! replacement (`GET /grow` makes one worker exceed `[memory] limit`), a
+//! log reopen (rename the file, `reopen-logs`), or an in-place upgrade of
+//! holdfast itself (`upgrade --wait`, alternately to the installed binary
+//! and to a copy of it at another path, so that every exec switches files
+//! as a package upgrade does). Age replacements come by themselves
+//! (`max_lifetime` 12 s + jitter).
 //!
 //! Phases: warm-up (one event of each kind, so first-time allocations are
 //! done), a quiet phase (load, no events: the latency baseline, ending with
 //! the "start" figures of holdfast's RSS, fds and threads), the event
 //! phase, and a settle phase (load, no events, then the "end" figures).
-//! Both measurements come at least 12 s after the last event, once tokio's
-//! idle blocking threads (10 s keep-alive) are gone.
+//! Both measurements come at least 12 s after the last event, past tokio's
+//! 10 s keep-alive of blocking threads that got no work.
+//!
+//! **Figures across upgrades.** An upgrade execs a new image in the same
+//! pid: its heap and threads are made anew, only the fds and the state
+//! cross. So the start and end figures are both taken in an image that an
+//! upgrade started (the warm-up ends with one) and that has run under load
+//! for at least 12 s since its last event. fds compare as they are (the
+//! exec hands over exactly the open ones). RSS compares with a margin, and
+//! is also sampled right before each exec (the report prints the first,
+//! largest and last, and checks the last against the first): a leak that
+//! an exec wipes shows within one image's life, one that crosses it (a
+//! state that grows) in both. Threads: holdfast's own (the event loop, the
+//! log and notify threads) must not grow; tokio's blocking pool is counted
+//! apart, since an exec starts it empty and it then keeps as many threads
+//! as blocking tasks ran at once lately (the 1 s memory round keeps them
+//! warm), so its size says what the image did, not whether it leaks.
+//! Instead every pool thread must be idle, waiting for work, at the end.
 //!
 //! It prints total requests, failed requests by kind, log lines written by
 //! the workers against lines found in the files, holdfast's RSS, fd count
 //! and thread count at start and end, and the p99 latency of the event
 //! phase divided by the quiet phase's. It exits 1 if any request failed,
-//! any log line is missing, torn or counted lost, holdfast's fds or
-//! threads grew, its RSS grew by more than max(4 MiB, 25 %), an event
-//! failed or never happened, or any process it started is left behind.
+//! any log line is missing, torn or counted lost, holdfast's fds or own
+//! threads grew, a pool thread stayed busy, its RSS (at the end, or right
+//! before the last exec) grew by more than max(4 MiB, 25 %), an event or
+//! an upgrade failed or never happened, or any process it started is left
+//! behind.
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
@@ -40,7 +60,7 @@ mod load;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,12 +83,8 @@ enum Event {
     Rollout,
     Memory,
     Reopen,
-    /// Hook: `holdfast upgrade` (re-exec of holdfast itself, issue 14's
-    /// "upgrades, once they exist"). Add it to [`ROTATION`] and implement
-    /// it in [`Server::event`] when the upgrade lands; the figures at the
-    /// end then also cover the new holdfast (its pid changes: read it from
-    /// `status --json` rather than from the child handle).
-    #[allow(dead_code)] // not in the rotation until upgrades exist
+    /// `holdfast upgrade --wait --binary B`: holdfast execs B in its own
+    /// pid, the workers untouched (see [`Server::upgrade`]).
     Upgrade,
 }
 
@@ -77,11 +93,14 @@ type Ran = (Event, Duration, Result<(), String>);
 
 const ROTATION: &[Event] = &[
     Event::Rollout,
+    Event::Upgrade,
     Event::Memory,
     Event::Reopen,
+    Event::Upgrade,
     Event::Memory,
     Event::Rollout,
     Event::Reopen,
+    Event::Upgrade,
 ];
 
 struct Args {
@@ -226,19 +245,40 @@ stderr = "{dir}/app.log"
 struct Figures {
     rss_kib: u64,
     fds: usize,
+    /// Every thread, tokio's blocking pool included.
     threads: u64,
+    /// Of those, tokio's blocking pool (`tokio-rt-worker`): as many as
+    /// blocking tasks (memory rounds, socket checks, status answers) ran at
+    /// once lately. An idle one exits after 10 s without work, but the 1 s
+    /// memory round keeps the warm ones busy, and an exec starts the pool
+    /// empty: its size depends on the image's recent history, not on a leak.
+    pool: u64,
+    /// Pool threads not waiting for work (in a futex wait): a blocking task
+    /// that never ends would hold one.
+    pool_busy: u64,
 }
 
-/// [`Figures`] of `pid`: the fewest fds and threads over 10 samples 100 ms
-/// apart (a status request's socket or /proc read of the moment is not
-/// holdfast's to keep), the RSS of the last.
+impl Figures {
+    /// holdfast's own threads: the event loop and the log, notify and
+    /// trial threads, which must not grow.
+    fn own_threads(&self) -> u64 {
+        self.threads.saturating_sub(self.pool)
+    }
+}
+
+/// [`Figures`] of `pid`: the fewest fds, threads and busy pool threads over
+/// 10 samples 100 ms apart (a status request's socket or /proc read of the
+/// moment, a memory round, is not holdfast's to keep), the RSS of the last.
 fn figures(pid: u32) -> Figures {
     let mut least = one_sample(pid);
     for _ in 0..9 {
         std::thread::sleep(Duration::from_millis(100));
         let f = one_sample(pid);
         least.fds = least.fds.min(f.fds);
-        least.threads = least.threads.min(f.threads);
+        if f.threads < least.threads {
+            (least.threads, least.pool) = (f.threads, f.pool);
+        }
+        least.pool_busy = least.pool_busy.min(f.pool_busy);
         least.rss_kib = f.rss_kib;
     }
     least
@@ -253,9 +293,25 @@ fn one_sample(pid: u32) -> Figures {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     };
+    let (mut pool, mut pool_busy) = (0, 0);
+    for task in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |f: &str| fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        if read("comm").trim() == "tokio-rt-worker" {
+            pool += 1;
+            if !read("wchan").contains("futex") {
+                pool_busy += 1;
+            }
+        }
+    }
     Figures {
         rss_kib: field("VmRSS:"),
         threads: field("Threads:"),
+        pool,
+        pool_busy,
         fds: fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| d.count())
             .unwrap_or(0),
@@ -273,6 +329,11 @@ struct Server {
     /// Requests the event driver made itself (`/grow`), by answering pid.
     grow_by_pid: Mutex<BTreeMap<u32, u64>>,
     reopens: Mutex<u32>,
+    /// The binaries upgrades alternate between: the installed one, and a
+    /// copy of it at `{dir}/next/holdfast` (the first upgrade goes there).
+    binaries: [PathBuf; 2],
+    /// Upgrades done, and holdfast's [`Figures`] right before each.
+    upgrades: Mutex<Vec<Figures>>,
 }
 
 impl Server {
@@ -286,6 +347,10 @@ impl Server {
             fs::copy(apps.join("puma.rb"), dir.path().join("puma.rb")).expect("copy puma.rb");
             fs::write(dir.path().join("config.ru"), CONFIG_RU).expect("write config.ru");
         }
+        let installed = bench_common::holdfast_bin();
+        let next = dir.path().join("next");
+        fs::create_dir(&next).expect("mkdir next");
+        fs::copy(&installed, next.join("holdfast")).expect("copy holdfast");
         let port = bench_common::free_port();
         let config = dir.path().join("holdfast.toml");
         fs::write(&config, self::config(app, port, dir.path(), false)).expect("write config");
@@ -294,7 +359,7 @@ impl Server {
         // setpriv: holdfast gets SIGTERM (a graceful stop) if the soak dies.
         let child = Command::new("setpriv")
             .args(["--pdeathsig", "TERM", "--"])
-            .arg(bench_common::holdfast_bin())
+            .arg(&installed)
             .args(["run", "--config"])
             .arg(&config)
             .env("HOLDFAST_SOAK_TAG", &tag)
@@ -317,6 +382,8 @@ impl Server {
             tag: format!("HOLDFAST_SOAK_TAG={tag}"),
             grow_by_pid: Mutex::new(BTreeMap::new()),
             reopens: Mutex::new(0),
+            binaries: [installed, next.join("holdfast")],
+            upgrades: Mutex::new(Vec::new()),
         }
     }
 
@@ -444,8 +511,104 @@ impl Server {
                     String::from_utf8_lossy(&o.stderr).trim()
                 ))
             }
-            Event::Upgrade => Err("upgrades do not exist yet".into()),
+            Event::Upgrade => self.upgrade(),
         }
+    }
+
+    /// `upgrade --wait` to the other binary, then: holdfast is the same
+    /// pid and runs that file, its control socket answers, the upgrade was
+    /// counted and adopted (no fallback rollout), and every worker that was
+    /// ready before is still there, unless holdfast logged draining it for
+    /// its age or memory (those go on meanwhile, the upgrade does not stop
+    /// them).
+    fn upgrade(&self) -> Result<(), String> {
+        let pid = self.pid();
+        let before = self.status()?;
+        let n = {
+            let mut u = self.upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            u.push(one_sample(pid));
+            u.len()
+        };
+        let binary = &self.binaries[n % 2];
+        let ready = |s: &Value| -> BTreeSet<u64> {
+            s["workers"]
+                .as_array()
+                .map(|ws| {
+                    ws.iter()
+                        .filter(|w| w["state"] == "ready")
+                        .filter_map(|w| w["pid"].as_u64())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let o = self.ctl(&["upgrade", "--wait", "--binary", &binary.to_string_lossy()]);
+        let said = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if !o.status.success() {
+            return Err(format!(
+                "upgrade --wait --binary {}: {}",
+                binary.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        if !(said.starts_with("upgraded from") && said.contains(&format!("(pid {pid},"))) {
+            return Err(format!(
+                "upgrade --wait said {said:?}, not `upgraded from ... (pid {pid}, ...)`"
+            ));
+        }
+        let after = self
+            .status()
+            .map_err(|e| format!("after the upgrade: {e}"))?;
+        if after["holdfast"]["pid"].as_u64() != Some(u64::from(pid)) {
+            return Err(format!(
+                "holdfast's pid was {pid}, status now says {}",
+                after["holdfast"]["pid"]
+            ));
+        }
+        let exe = fs::read_link(format!("/proc/{pid}/exe"))
+            .map_err(|e| format!("/proc/{pid}/exe: {e}"))?;
+        if Some(&exe) != fs::canonicalize(binary).ok().as_ref() {
+            return Err(format!(
+                "holdfast runs {}, not {}",
+                exe.display(),
+                binary.display()
+            ));
+        }
+        let delta = |path: &str| {
+            self.counter(&after, path)
+                .saturating_sub(self.counter(&before, path))
+        };
+        if delta("upgrades") != 1
+            || delta("failed_upgrades") != 0
+            || delta("replacements.rollout") != 0
+            || delta("replacements.crash") != 0
+        {
+            return Err(format!(
+                "counters: upgrades +{}, failed upgrades +{}, rollout replacements +{}, crash replacements +{}: want +1, 0, 0, 0",
+                delta("upgrades"),
+                delta("failed_upgrades"),
+                delta("replacements.rollout"),
+                delta("replacements.crash")
+            ));
+        }
+        let gone: Vec<u64> = ready(&before).difference(&ready(&after)).copied().collect();
+        if !gone.is_empty() {
+            let log = fs::read_to_string(self.dir.path().join("holdfast.log")).unwrap_or_default();
+            let unexplained: Vec<u64> = gone
+                .iter()
+                .copied()
+                .filter(|p| {
+                    !log.lines()
+                        .any(|l| l.contains("draining worker") && l.contains(&format!("pid={p} ")))
+                })
+                .collect();
+            let recycled = delta("replacements.age") + delta("replacements.memory");
+            if !unexplained.is_empty() || (gone.len() as u64) > recycled {
+                return Err(format!(
+                    "ready workers {gone:?} gone across the upgrade, {recycled} age/memory replacements meanwhile, not drained by holdfast: {unexplained:?}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every log file, oldest first, as one text.
@@ -650,6 +813,10 @@ struct Outcome {
     per_pid_mismatch: Vec<String>,
     left: Vec<u32>,
     stop: Result<(), String>,
+    /// holdfast's figures right before each upgrade's exec.
+    pre_exec: Vec<Figures>,
+    /// The file holdfast ran at the end.
+    exe: String,
 }
 
 fn main() -> ExitCode {
@@ -683,7 +850,8 @@ fn main() -> ExitCode {
     let warm: Vec<[Load; 2]> = servers.iter().map(|s| loads(&s.target())).collect();
     let mut event_logs: Vec<Vec<Ran>> = vec![Vec::new(); servers.len()];
     for (i, s) in servers.iter().enumerate() {
-        for e in [Event::Rollout, Event::Memory, Event::Reopen] {
+        // The upgrade last: the start figures come from an image it started.
+        for e in [Event::Rollout, Event::Memory, Event::Reopen, Event::Upgrade] {
             let t = Instant::now();
             let r = s.event(e);
             event_logs[i].push((e, t.elapsed(), r));
@@ -762,6 +930,10 @@ fn main() -> ExitCode {
             .status()
             .map(|v| v["counters"].clone())
             .unwrap_or(Value::Null);
+        let exe = fs::read_link(format!("/proc/{}/exe", s.pid()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| format!("? ({e})"));
+        let pre_exec = s.upgrades.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let stopped = s.stop();
         let left = s.left();
         let logs = count_lines(s.app, &s.app_logs());
@@ -843,6 +1015,8 @@ fn main() -> ExitCode {
             per_pid_mismatch,
             left,
             stop: stopped,
+            pre_exec,
+            exe,
         });
     }
     report(&outcomes, began.elapsed())
@@ -888,12 +1062,14 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
         );
         println!("events run (count, failed): {events:?}");
         println!(
-            "replacements: rollout {}, memory {}, age {}, crash {}; log reopens {}; drain kills {}; log lines lost {}",
+            "replacements: rollout {}, memory {}, age {}, crash {}; log reopens {}; upgrades {} (failed {}); drain kills {}; log lines lost {}",
             get("replacements.rollout"),
             get("replacements.memory"),
             get("replacements.age"),
             get("replacements.crash"),
             get("log_reopens"),
+            get("upgrades"),
+            get("failed_upgrades"),
             get("drain_kills"),
             get("log_lines_lost"),
         );
@@ -908,8 +1084,31 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
             o.pids_reused
         );
         println!(
-            "holdfast: RSS {} -> {} KiB, fds {} -> {}, threads {} -> {}",
-            o.start.rss_kib, o.end.rss_kib, o.start.fds, o.end.fds, o.start.threads, o.end.threads
+            "holdfast: RSS {} -> {} KiB, fds {} -> {}, threads {} -> {} (its own {} -> {}, tokio's blocking pool {} -> {}, busy at the end {})",
+            o.start.rss_kib,
+            o.end.rss_kib,
+            o.start.fds,
+            o.end.fds,
+            o.start.threads,
+            o.end.threads,
+            o.start.own_threads(),
+            o.end.own_threads(),
+            o.start.pool,
+            o.end.pool,
+            o.end.pool_busy,
+        );
+        let rss: Vec<u64> = o.pre_exec.iter().map(|f| f.rss_kib).collect();
+        let (first, last) = (
+            rss.first().copied().unwrap_or(0),
+            rss.last().copied().unwrap_or(0),
+        );
+        let most = rss.iter().copied().max().unwrap_or(0);
+        println!(
+            "holdfast right before each of {} execs: RSS first {first}, largest {most}, last {last} KiB; fds {} -> {}; runs {} at the end",
+            rss.len(),
+            o.pre_exec.first().map_or(0, |f| f.fds),
+            o.pre_exec.last().map_or(0, |f| f.fds),
+            o.exe,
         );
         println!(
             "p99 latency: {p99_events:.1} ms with events / {p99_quiet:.1} ms without = {:.2}",
@@ -959,10 +1158,17 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
                 o.start.fds, o.end.fds
             ));
         }
-        if o.end.threads > o.start.threads {
+        if o.end.own_threads() > o.start.own_threads() {
             problems.push(format!(
-                "{name}: holdfast's threads grew {} -> {}",
-                o.start.threads, o.end.threads
+                "{name}: holdfast's own threads grew {} -> {}",
+                o.start.own_threads(),
+                o.end.own_threads()
+            ));
+        }
+        if o.end.pool_busy > 0 {
+            problems.push(format!(
+                "{name}: {} of tokio's blocking pool threads busy for a whole second at the end: a blocking task that does not end",
+                o.end.pool_busy
             ));
         }
         let allowed = o.start.rss_kib + (o.start.rss_kib / 4).max(4 * MIB / 1024);
@@ -972,17 +1178,30 @@ fn report(outcomes: &[Outcome], took: Duration) -> ExitCode {
                 o.start.rss_kib, o.end.rss_kib
             ));
         }
+        let allowed = first + (first / 4).max(4 * MIB / 1024);
+        if last > allowed {
+            problems.push(format!(
+                "{name}: holdfast's RSS right before an exec grew across the upgrades {first} -> {last} KiB (allowed up to {allowed})"
+            ));
+        }
         for (kind, path) in [
             ("rollout", "replacements.rollout"),
             ("memory", "replacements.memory"),
             ("age", "replacements.age"),
             ("reopen", "log_reopens"),
+            ("upgrade", "upgrades"),
         ] {
             if get(path) == 0 {
                 problems.push(format!(
                     "{name}: no {kind} happened: the soak did not test it"
                 ));
             }
+        }
+        if get("failed_upgrades") > 0 {
+            problems.push(format!(
+                "{name}: {} upgrades failed",
+                get("failed_upgrades")
+            ));
         }
         if !o.left.is_empty() {
             problems.push(format!(

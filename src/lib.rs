@@ -54,3 +54,20 @@ pub(crate) mod metrics;
 pub mod os;
 pub(crate) mod status;
 pub(crate) mod systemd;
+
+/// The parsers of untrusted input that live in crate-private modules (the
+/// control protocol and its server's line framing, the notify socket, the
+/// readiness probe, an upgrade's handover state and manifest) and the spec
+/// `check` and `run` build from a config, reachable for `tests/fuzz` only:
+/// not an API, hidden from the docs.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::control::{
+        parse_request, Call, Command, ControlSocket, ErrorKind, Request, Response, Server,
+        MAX_REQUEST,
+    };
+    pub use crate::edge::notify::{parse as parse_notify, Message, NotifySocket};
+    pub use crate::edge::probe::{once as probe_once, parse_status};
+    pub use crate::edge::spec_of;
+    pub use crate::edge::{adopt_state, Entry, Manifest};
+}

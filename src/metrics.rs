@@ -307,12 +307,12 @@ pub fn render(s: &Snapshot) -> String {
     if let Some(k) = &s.kernel {
         r.register(
             "kernel_listen_overflows",
-            "TcpExt ListenOverflows (system-wide)",
+            "TcpExt ListenOverflows (every socket of this network namespace)",
             ConstCounter::new(k.listen_overflows),
         );
         r.register(
             "kernel_listen_drops",
-            "TcpExt ListenDrops (system-wide)",
+            "TcpExt ListenDrops (every socket of this network namespace)",
             ConstCounter::new(k.listen_drops),
         );
     }

@@ -17,13 +17,14 @@
 //! worker's exit.
 
 mod common;
+use common::examples::{apps_dir, example_config, examples_dir, replace_once};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -64,42 +65,6 @@ fn require_puma() {
         "ruby cannot load sd_notify: run `apt-get install ruby-sd-notify` (without it Puma never sends READY=1): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
-}
-
-fn apps_dir() -> String {
-    examples_dir().join("apps").to_string_lossy().into_owned()
-}
-
-/// `text` with the one occurrence of `from` replaced; panics if it occurs
-/// other than once (the example changed under the test).
-fn replace_once(text: &str, from: &str, to: &str) -> String {
-    let n = text.matches(from).count();
-    assert_eq!(
-        n, 1,
-        "expected `{from}` exactly once, found {n} times in:\n{text}"
-    );
-    text.replacen(from, to, 1)
-}
-
-/// `examples/NAME` ready to run in a test's temp dir: its listener on
-/// `{port}` and its `cwd` made absolute. Everything else is the example.
-fn example_config(name: &str) -> String {
-    let path = examples_dir().join(name);
-    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let text = replace_once(
-        &text,
-        "address = \"127.0.0.1:8080\"",
-        "address = \"127.0.0.1:{port}\"",
-    );
-    replace_once(
-        &text,
-        "cwd = \"apps\"",
-        &format!("cwd = \"{}\"", apps_dir()),
-    )
 }
 
 // ---------------------------------------------------------------------------
@@ -662,7 +627,7 @@ drain_signal = "TERM"
 drain_timeout = "35s"
 {ready_listeners}
 "#,
-        apps = apps_dir()
+        apps = apps_dir().display()
     )
 }
 
@@ -754,7 +719,7 @@ ready_timeout = "60s"
 drain_signal = "TERM"
 drain_timeout = "35s"
 "#,
-        apps = apps_dir()
+        apps = apps_dir().display()
     )
 }
 

@@ -28,6 +28,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::observe::{established_inodes, poll, socket_inodes, Problems, POLL};
 use common::{
     has_tag, http_get, pid_alive, proc_ids, tagged_pids, FailKind, Holdfast, Launch, Load,
     LoadReport, LoadSpec, Response, Swept, DEADLINE,
@@ -38,7 +39,6 @@ use serde_json::Value;
 
 /// The control socket of every test here (next to the config).
 const SOCK: &str = "{dir}/holdfast.sock";
-const POLL: Duration = Duration::from_millis(20);
 
 /// Every test here runs real workers, most under load: two at once on a
 /// 2-core box starve each other and the timings they check.
@@ -47,53 +47,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn serial() -> MutexGuard<'static, ()> {
     // A failed test must not fail the others.
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Everything wrong a test saw, reported together at the end.
-#[derive(Default)]
-struct Problems(Vec<String>);
-
-impl Problems {
-    /// Records `what()` unless `ok`; returns `ok`.
-    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
-        if !ok {
-            self.0.push(what());
-        }
-        ok
-    }
-
-    fn push(&mut self, what: String) {
-        self.0.push(what);
-    }
-
-    /// The value, or `None` with the error recorded.
-    fn note<T>(&mut self, r: Result<T, String>) -> Option<T> {
-        r.map_err(|e| self.0.push(e)).ok()
-    }
-
-    fn assert_none(&self) {
-        assert!(
-            self.0.is_empty(),
-            "{} problem(s):\n- {}",
-            self.0.len(),
-            self.0.join("\n- ")
-        );
-    }
-}
-
-/// Calls `cond` every 20 ms until it returns `Ok`; after `deadline`, the
-/// last `Err` (prefixed with the time waited).
-fn poll<T>(deadline: Duration, mut cond: impl FnMut() -> Result<T, String>) -> Result<T, String> {
-    let start = Instant::now();
-    loop {
-        match cond() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= deadline => {
-                return Err(format!("after {deadline:?}: {e}"))
-            }
-            Err(_) => std::thread::sleep(POLL),
-        }
-    }
 }
 
 /// A config with a TCP listener `http` on `{port}` and a unix listener
@@ -238,45 +191,12 @@ impl Traffic {
     }
 }
 
-/// Established connections to `port` held by each of `pids` (from
-/// /proc/net/tcp and the pids' `socket:[INODE]` links).
+/// Established connections to `port` held by each of `pids`.
 fn connections_held(pids: &BTreeSet<u32>, port: u16) -> BTreeMap<u32, usize> {
-    let local = format!(":{port:04X}");
-    let established: BTreeSet<u64> = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| {
-            t.lines()
-                .skip(1)
-                .filter_map(|l| {
-                    let c: Vec<&str> = l.split_whitespace().collect();
-                    (c.len() > 9 && c[1].ends_with(&local) && c[3] == "01")
-                        .then(|| c[9].parse().ok())?
-                })
-                .collect::<Vec<u64>>()
-        })
-        .collect();
+    let established = established_inodes(port);
     pids.iter()
         .map(|&p| (p, socket_inodes(p).intersection(&established).count()))
         .collect()
-}
-
-/// Socket inodes `pid` holds open.
-fn socket_inodes(pid: u32) -> BTreeSet<u64> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let link = std::fs::read_link(e.path()).ok()?;
-                    link.to_str()?
-                        .strip_prefix("socket:[")?
-                        .strip_suffix(']')?
-                        .parse()
-                        .ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 type InFlight = Vec<JoinHandle<Result<Response, FailKind>>>;

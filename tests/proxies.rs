@@ -16,9 +16,9 @@
 //! the kernel counts the upstream connections).
 
 mod common;
+use common::examples::{apps_dir, examples_dir, replace_once};
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::netns::PrivateNet;
@@ -41,24 +41,6 @@ const BETWEEN: u64 = 100;
 
 /// Readiness deadline for a generation of Puma, and any wait including one.
 const READY: Duration = Duration::from_secs(90);
-
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
-}
-
-fn apps_dir() -> String {
-    examples_dir().join("apps").to_string_lossy().into_owned()
-}
-
-/// `text` with the one occurrence of `from` replaced; panics otherwise.
-fn replace_once(text: &str, from: &str, to: &str) -> String {
-    let n = text.matches(from).count();
-    assert_eq!(
-        n, 1,
-        "expected `{from}` exactly once, found {n} times in:\n{text}"
-    );
-    text.replacen(from, to, 1)
-}
 
 /// examples/nginx.conf, listening on the proxy's port, upstream `upstream`
 /// (`127.0.0.1:PORT` or `unix:/path`).
@@ -346,7 +328,7 @@ ready_timeout = "60s"
 drain_signal = "TERM"
 drain_timeout = "35s"
 "#,
-        apps = apps_dir()
+        apps = apps_dir().display()
     )
 }
 

@@ -10,9 +10,10 @@
 //! up as refused or timed-out requests.
 
 mod common;
+use common::examples::{examples_dir, replace_once};
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::netns::PrivateNet;
@@ -22,19 +23,6 @@ use nix::sys::signal::Signal;
 
 /// Deadline for a Rails boot, and any wait that includes one.
 const BOOT: Duration = Duration::from_secs(120);
-
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
-}
-
-fn replace_once(text: &str, from: &str, to: &str) -> String {
-    let n = text.matches(from).count();
-    assert_eq!(
-        n, 1,
-        "expected `{from}` exactly once, found {n} times in:\n{text}"
-    );
-    text.replacen(from, to, 1)
-}
 
 /// examples/rails.toml with the port, `cwd`, the log file and `-C` made
 /// absolute, `puma_args` added (cluster mode), and the memory sampling

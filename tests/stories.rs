@@ -26,6 +26,7 @@
 //! other test can take.
 
 mod common;
+use common::examples::{apps_dir, example_config, examples_dir, replace_once};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -48,38 +49,6 @@ use nix::unistd::Pid;
 
 /// Deadline for a Ruby server to boot, and any wait that includes one.
 const BOOT: Duration = Duration::from_secs(90);
-
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
-}
-
-fn apps_dir() -> PathBuf {
-    examples_dir().join("apps")
-}
-
-fn replace_once(text: &str, from: &str, to: &str) -> String {
-    let n = text.matches(from).count();
-    assert_eq!(
-        n, 1,
-        "expected `{from}` exactly once, found {n} times in:\n{text}"
-    );
-    text.replacen(from, to, 1)
-}
-
-/// `examples/NAME` for a test: listener on `{port}`, `cwd` absolute.
-fn example_config(name: &str) -> String {
-    let text = fs::read_to_string(examples_dir().join(name)).expect("read example");
-    let text = replace_once(
-        &text,
-        "address = \"127.0.0.1:8080\"",
-        "address = \"127.0.0.1:{port}\"",
-    );
-    replace_once(
-        &text,
-        "cwd = \"apps\"",
-        &format!("cwd = \"{}\"", apps_dir().display()),
-    )
-}
 
 fn field_u32(line: &str, key: &str) -> Option<u32> {
     line.split(|c: char| c.is_whitespace() || c == ',')

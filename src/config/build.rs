@@ -20,11 +20,11 @@ impl Config {
         let path = absolute_path.as_deref();
         let file = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                let bytes = std::fs::read(p).map_err(|source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                Some(parse(p, &text)?)
+                Some(parse(p, &utf8(p, bytes)?)?)
             }
             None => None,
         };
@@ -48,11 +48,11 @@ impl Config {
                 path: p.to_path_buf(),
                 line,
                 column,
-                message,
+                message: one_line(message),
             },
             _ => ConfigError::Invalid {
                 origin: origin.clone(),
-                message,
+                message: one_line(message),
             },
         };
         let base = path
@@ -75,6 +75,9 @@ impl Config {
                 )))
             }
         };
+        if let (false, Some(p)) = (o.command.is_empty(), argv_problem(&o.command)) {
+            return Err(refuse(Refusal::cli(format!("the command after `--` {p}"))));
+        }
         set_workers(&mut app, o.workers, &places).map_err(refuse)?;
         let listeners = if o.listen.is_empty() {
             Listeners {
@@ -379,13 +382,38 @@ pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             path: path.to_path_buf(),
             line,
             column,
-            message,
+            message: one_line(message),
         }
     })?;
     raw.check(&Source {
         path,
         text,
         base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    })
+}
+
+/// The file's text; bytes that are not UTF-8 (TOML files are UTF-8) are an
+/// error at their line and column, like any other.
+pub(super) fn utf8(path: &Path, bytes: Vec<u8>) -> Result<String, ConfigError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        let text = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
+        let (line, column) = line_col(text, valid);
+        let bad: Vec<String> = bytes[valid..]
+            .iter()
+            .take(e.utf8_error().error_len().unwrap_or(bytes.len() - valid).min(4))
+            .map(|b| format!("0x{b:02x}"))
+            .collect();
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: format!(
+                "byte {} is not UTF-8; a TOML file is UTF-8 text (was it saved in another encoding?)",
+                bad.join(" ")
+            ),
+        }
     })
 }
 
@@ -416,6 +444,26 @@ pub(super) fn place(text: &str, offset: usize, message: &str) -> Option<String> 
         (None, Some(t)) => Some(format!("in {t}")),
         (None, None) => None,
     }
+}
+
+/// `message` on one line: control characters (a `"\n"` in a TOML string is
+/// a newline in the value a message quotes) and line separators written as
+/// Rust escapes, so an error is one line in a terminal, a log and journald.
+pub(super) fn one_line(message: String) -> String {
+    if !message.chars().any(breaks_line) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| match breaks_line(c) {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
+fn breaks_line(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{85}')
 }
 
 pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {

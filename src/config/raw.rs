@@ -71,7 +71,7 @@ impl Source<'_> {
             path: self.path.to_path_buf(),
             line,
             column,
-            message,
+            message: one_line(message),
         }
     }
 

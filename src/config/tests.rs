@@ -105,3 +105,81 @@ fn defaults_and_names() {
     assert_eq!(c.app.ready, ReadyMode::Notify);
     assert_eq!(c.app.max_surge, 1);
 }
+
+/// Found by tests/fuzz (config_mutated): `holdfast run -- ''` was taken, and
+/// failed later as "exec : not found in PATH (...)", naming neither the
+/// command nor where it came from; the file's `command` refused the same
+/// argv as empty. The command line's argv now meets the file's rules.
+#[test]
+fn the_command_lines_argv_meets_the_files_rules() {
+    let text = "[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"x\"]\n";
+    let f = parse(Path::new("/etc/h.toml"), text).expect("parses");
+    for (argv, says) in [
+        (vec![""], "the command after `--` is empty"),
+        (vec!["", "-x"], "the command after `--` is empty"),
+        (
+            vec!["sh", "a\0b"],
+            "the command after `--` argv[1] \"a\\0b\" contains a NUL byte",
+        ),
+    ] {
+        let o = Overrides {
+            command: argv.iter().map(|a| a.to_string()).collect(),
+            ..Overrides::default()
+        };
+        let e = Config::build(Some(Path::new("/etc/h.toml")), Some(f.clone()), &o)
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains(says), "{e}");
+    }
+    let e = err("[[listen]]\naddress = \"127.0.0.1:1\"\n[app]\ncommand = [\"\"]\n");
+    assert!(e.contains("h.toml:4:11: command is empty;"), "{e}");
+}
+
+/// Found by tests/fuzz (config_arbitrary): a file that is not UTF-8 (here
+/// the single byte 0x80) was "config PATH: stream did not contain valid
+/// UTF-8", with no line or column to find it by.
+#[test]
+fn bytes_that_are_not_utf8_are_positioned() {
+    let p = Path::new("/etc/h.toml");
+    let e = utf8(p, vec![0x80]).expect_err("not UTF-8").to_string();
+    assert_eq!(
+        e,
+        "config /etc/h.toml:1:1: byte 0x80 is not UTF-8; a TOML file is UTF-8 text (was it saved in another encoding?)"
+    );
+    let e = utf8(p, b"[app]\ncommand = [\"caf\xe9\"]\n".to_vec())
+        .expect_err("Latin-1")
+        .to_string();
+    assert!(
+        e.starts_with("config /etc/h.toml:2:16: byte 0xe9 is"),
+        "{e}"
+    );
+    let ok = utf8(p, "é\n".as_bytes().to_vec()).map(|t| t.len());
+    assert_eq!(ok.ok(), Some(3), "valid text passes");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("h.toml");
+    std::fs::write(&file, b"# caf\xe9\n").expect("write");
+    let e = Config::load(Some(&file), &Overrides::default())
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("h.toml:1:6: byte 0xe9"), "{e}");
+}
+
+/// Found by tests/fuzz (config_mutated): a value or key with a newline in it
+/// (`address = "systemd:\n"`, TOML's `\n` escape) was quoted as is, so the
+/// error came out on two lines ("`systemd:` then "`: a FileDescriptorName
+/// ..."), which a log or journald splits into two records. Control
+/// characters are now written as escapes.
+#[test]
+fn an_error_quoting_a_newline_is_one_line() {
+    let base = "[app]\ncommand = [\"x\"]\n[[listen]]\n";
+    let e = err(&format!("{base}address = \"systemd:\\n\"\n"));
+    assert_eq!(
+        e,
+        "config h.toml:4:11: `systemd:\\n`: a FileDescriptorName must not contain a control character (key `address` in [[listen]])"
+    );
+    let e = err(&format!(
+        "{base}address = \"127.0.0.1:1\"\n\"a\\nb\u{2028}\" = 1\n"
+    ));
+    assert!(!e.contains('\n') && !e.contains('\u{2028}'), "{e}");
+    assert!(e.contains("unknown field `a\\nb\\u{2028}`"), "{e}");
+}

@@ -199,18 +199,46 @@ pub struct Argv(pub Vec<String>);
 impl<'de> Deserialize<'de> for Argv {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = Vec::<String>::deserialize(d)?;
-        if v.is_empty() || v[0].is_empty() {
-            return Err(D::Error::custom(
-                "command is empty; give the program and its arguments, e.g. [\"bundle\", \"exec\", \"puma\"]",
-            ));
+        match argv_problem(&v) {
+            Some(p @ ArgvProblem::Empty) => Err(D::Error::custom(format!("command {p}"))),
+            Some(p) => Err(D::Error::custom(format!("`command` {p}"))),
+            None => Ok(Argv(v)),
         }
-        if let Some((i, arg)) = v.iter().enumerate().find(|(_, a)| a.contains('\0')) {
-            return Err(D::Error::custom(format!(
-                "`command` argv[{i}] {arg:?} contains a NUL byte; execve(2) takes C strings, which end at the first NUL"
-            )));
-        }
-        Ok(Argv(v))
     }
+}
+
+/// Why an argv cannot be exec'd, if it cannot: the file's `command` and the
+/// command line's (after `--`) are held to the same rules.
+pub(super) enum ArgvProblem {
+    Empty,
+    Nul { index: usize, arg: String },
+}
+
+impl fmt::Display for ArgvProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgvProblem::Empty => f.write_str(
+                "is empty; give the program and its arguments, e.g. [\"bundle\", \"exec\", \"puma\"]",
+            ),
+            ArgvProblem::Nul { index, arg } => write!(
+                f,
+                "argv[{index}] {arg:?} contains a NUL byte; execve(2) takes C strings, which end at the first NUL"
+            ),
+        }
+    }
+}
+
+pub(super) fn argv_problem(v: &[String]) -> Option<ArgvProblem> {
+    if v.first().map_or(true, String::is_empty) {
+        return Some(ArgvProblem::Empty);
+    }
+    v.iter()
+        .enumerate()
+        .find(|(_, a)| a.contains('\0'))
+        .map(|(index, arg)| ArgvProblem::Nul {
+            index,
+            arg: arg.clone(),
+        })
 }
 
 /// A unix file mode written as an octal string, e.g. "0660": octal digits

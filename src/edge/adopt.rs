@@ -29,7 +29,7 @@
 //! drop (listener paths, the control socket path, the run directory) last:
 //! an adoption that fails halfway leaves the fallback everything intact.
 
-use super::handover::{Entry, Envelope, Handover, Manifest, MAX_STATE, READS};
+use super::handover::{Entry, Envelope, Handover, Manifest, MAX_STATE};
 use super::upgrade::VERSION;
 use super::*;
 use crate::control::ControlRecord;
@@ -149,30 +149,11 @@ fn read_state(
     let file = bank.claim(fd, "the handover state")?;
     let bytes =
         read_all(file, MAX_STATE).map_err(|e| format!("reading the handover state: {e}"))?;
-    let env: Envelope = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("the handover state is not readable: {e}"))?;
-    if !READS.contains(&env.format) {
-        return Err(format!(
-            "the handover state is in format {} (written by holdfast {}); this holdfast ({VERSION}) reads format(s) {READS:?}",
-            env.format, env.from_version
-        ));
-    }
-    if env.pid != std::process::id() {
-        return Err(format!(
-            "the handover state was written by pid {}, not by this process ({})",
-            env.pid,
-            std::process::id()
-        ));
-    }
+    let env = Envelope::read(&bytes, std::process::id())?;
     if let Some((n, e)) = missing.first() {
         return Err(format!("fd {n}, named in {MANIFEST_VAR}, is not open: {e}"));
     }
-    serde_json::from_slice::<Handover>(&bytes).map_err(|e| {
-        format!(
-            "the handover state of holdfast {} (format {}) cannot be read: {e}",
-            env.from_version, env.format
-        )
-    })
+    env.decode(&bytes)
 }
 
 /// Whether `pid` is a child of this process (a zombie still is).

@@ -63,6 +63,83 @@ pub struct Handover {
     pub edge: EdgeRecord,
 }
 
+impl Envelope {
+    /// Reads the version fields of a state and checks them: a format this
+    /// image reads, written by `pid` (this process). Any error makes the
+    /// new image fall back to a rolling restart.
+    pub fn read(bytes: &[u8], pid: u32) -> Result<Envelope, String> {
+        let env: Envelope = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the handover state is not readable: {e}"))?;
+        if !READS.contains(&env.format) {
+            return Err(format!(
+                "the handover state is in format {} (written by holdfast {}); this holdfast ({}) reads format(s) {READS:?}",
+                env.format,
+                env.from_version,
+                super::upgrade::VERSION
+            ));
+        }
+        if env.pid != pid {
+            return Err(format!(
+                "the handover state was written by pid {}, not by this process ({pid})",
+                env.pid
+            ));
+        }
+        Ok(env)
+    }
+
+    /// The whole state of the format [`Envelope::read`] accepted.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Handover, String> {
+        serde_json::from_slice::<Handover>(bytes).map_err(|e| {
+            format!(
+                "the handover state of holdfast {} (format {}) cannot be read: {e}",
+                self.from_version, self.format
+            )
+        })
+    }
+}
+
+/// For `tests/fuzz` (through `holdfast::fuzzing`): what an image exec'd by
+/// an upgrade makes of the handover state `bytes` before it touches an fd:
+/// the envelope checked (format, and written by `pid`), the state decoded,
+/// the supervisor restored from it
+/// (`Supervisor::restore`) and run through the steps that follow an
+/// adoption (the upgrade's answer, the timers now and an hour on, every
+/// worker's exit, a scale and a stop). `Ok`: how many workers it
+/// adopted; `Err`: why the image falls back to a rolling restart.
+#[doc(hidden)]
+pub fn adopt_state(bytes: &[u8], pid: u32) -> Result<usize, String> {
+    use crate::core::{Event, ExitReason, Request, Scale, Supervisor};
+    let h = Envelope::read(bytes, pid)?.decode(bytes)?;
+    let now = std::time::Instant::now();
+    let mut sv = Supervisor::restore(h.core, now)?;
+    let pids: Vec<_> = sv.workers().filter_map(|w| w.pid).collect();
+    let _ = sv.step(
+        now,
+        Event::Upgraded {
+            message: "upgraded".into(),
+        },
+    );
+    let _ = sv.step(now, Event::Tick);
+    let _ = sv.status_line();
+    if let Some(at) = sv.next_deadline() {
+        let _ = sv.step(at, Event::Tick);
+    }
+    let later = now + std::time::Duration::from_secs(3600);
+    let _ = sv.step(later, Event::Tick);
+    for pid in &pids {
+        let reason = ExitReason::Code(1);
+        let _ = sv.step(later, Event::Exited { pid: *pid, reason });
+    }
+    let request = |request| Event::Request {
+        request,
+        reply: None,
+    };
+    let _ = sv.step(later, request(Request::Scale(Scale::Up)));
+    let _ = sv.step(later, request(Request::Stop));
+    let _ = sv.step(later + std::time::Duration::from_secs(3600), Event::Tick);
+    Ok(pids.len())
+}
+
 /// The edge's state: every fd by the number it has in the new image.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct EdgeRecord {
@@ -181,10 +258,11 @@ impl Manifest {
     }
 
     /// Reads what [`Manifest::render`] wrote; a line it does not understand
-    /// (a role of a newer image) is skipped, its fd kept as `other`.
+    /// (a role of a newer image) is skipped, its fd kept as `other`. Lines
+    /// end at `\n` only, as written: a `\r` is part of a name or path.
     pub fn parse(text: &str) -> Manifest {
         let mut out = Vec::new();
-        for line in text.lines() {
+        for line in text.split('\n') {
             let mut words = line.splitn(3, ' ');
             let role = words.next().unwrap_or_default();
             let Some(fd) = words.next().and_then(|w| w.parse::<i32>().ok()) else {
@@ -289,5 +367,35 @@ mod tests {
         let parsed = Manifest::parse(&newer);
         assert_eq!(parsed.0.last(), Some(&Entry::Other { fd: 13 }));
         assert_eq!(parsed.0.len(), 10);
+    }
+
+    /// Found by tests/fuzz (handover_manifest_round_trips): a control
+    /// socket or run directory path ending in `\r` (a legal file name) was
+    /// written as `control 7 /run/x\r\n` and read back as `/run/x`, since
+    /// `str::lines` also ends a line at `\r\n`: the new image would have
+    /// guarded, repaired and finally removed another path than its socket's.
+    #[test]
+    fn a_carriage_return_in_a_path_or_name_is_kept() {
+        let m = Manifest(vec![
+            Entry::Control {
+                fd: 7,
+                path: "/run/x\r".into(),
+            },
+            Entry::Rundir {
+                path: "/run/y\r".into(),
+            },
+            Entry::Listen {
+                fd: 5,
+                name: "a\r".into(),
+            },
+        ]);
+        assert_eq!(Manifest::parse(&m.render()), m);
+        assert_eq!(
+            Manifest::parse("control 7 /run/x\r"),
+            Manifest(vec![Entry::Control {
+                fd: 7,
+                path: "/run/x\r".into()
+            }])
+        );
     }
 }

@@ -62,6 +62,7 @@ use crate::systemd::{ActivationError, Inherited, Notifier};
 use notify::NotifySocket;
 
 pub use adopt::{Fallback, Incoming};
+pub use handover::{adopt_state, Entry, Manifest};
 pub use handover::{MANIFEST_VAR, STATE_VAR};
 use input::ReloadWaiter;
 pub use input::{Input, Prepared};

@@ -113,12 +113,16 @@ impl NotifySocket {
     }
 }
 
+/// The most fds one datagram can carry (`SCM_MAX_FD`, include/net/scm.h).
+const SCM_MAX_FD: usize = 253;
+
 fn recv_one(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<Option<Message>> {
     let mut buf = vec![0u8; 4096];
-    // Room for fds too: a datagram that carries any (BARRIER=1 from
-    // sd_notify_barrier(3), FDSTORE=1) would otherwise fail with ENOBUFS and
-    // be lost together with its READY=1.
-    let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 16]);
+    // Room for as many fds as a datagram can carry (BARRIER=1 from
+    // sd_notify_barrier(3) and FDSTORE=1 carry some): with less, the kernel
+    // sets MSG_CTRUNC, `cmsgs()` refuses to walk the fds it did install, and
+    // they leak while the datagram and its READY=1 are lost.
+    let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; SCM_MAX_FD]);
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(
         fd.as_raw_fd(),

@@ -74,6 +74,8 @@ enum Stage {
         until: Instant,
         exit: Option<ExitReason>,
         output: Option<TrialOutput>,
+        /// SIGKILLed because a stop cancelled the upgrade.
+        killed: bool,
     },
     /// Checked: exec at the first quiet moment before `until`.
     Ready { version: String, until: Instant },
@@ -151,6 +153,7 @@ impl Runtime {
                         until: Instant::now() + TRIAL_WITHIN,
                         exit: None,
                         output: None,
+                        killed: false,
                     },
                 });
             }
@@ -352,7 +355,28 @@ impl Runtime {
     }
 
     /// Execs a checked upgrade once the loop is quiet (see the module).
+    /// An upgrade a stop cancelled is dropped; its trial run, if still
+    /// going, is killed (the loop reaps it as usual), or it would outlive
+    /// a holdfast that exits before the trial's deadline.
     pub(super) fn upgrade_if_quiet(&mut self) {
+        if let Some(Job {
+            stage:
+                Stage::Trial {
+                    pid,
+                    exit: None,
+                    killed: killed @ false,
+                    ..
+                },
+            ..
+        }) = &mut self.upgrade
+        {
+            if !self.sv.is_upgrading() {
+                // Not reaped yet, so the group is still the trial's.
+                info!(trial_pid = *pid, "upgrade cancelled: killing its trial run");
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL);
+                *killed = true;
+            }
+        }
         let Some(Job {
             stage: Stage::Ready { .. },
             ..

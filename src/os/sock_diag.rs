@@ -198,7 +198,8 @@ fn walk(
 
 /// The TCP sockets of an inet dump's replies, by inode (0, a socket being
 /// torn down, is left out).
-pub(crate) fn parse_inet(datagrams: &[Vec<u8>]) -> io::Result<TcpTable> {
+#[doc(hidden)]
+pub fn parse_inet(datagrams: &[Vec<u8>]) -> io::Result<TcpTable> {
     let mut out = HashMap::new();
     walk(datagrams, INET_MSG, |msg, _| {
         // inet_diag_msg: family, state, timer, retrans, sockid {sport be16,
@@ -227,7 +228,8 @@ pub(crate) fn parse_inet(datagrams: &[Vec<u8>]) -> io::Result<TcpTable> {
 }
 
 /// The accept queues (now, max) of a unix dump's replies, by inode.
-pub(crate) fn parse_unix(datagrams: &[Vec<u8>]) -> io::Result<HashMap<u64, (u32, u32)>> {
+#[doc(hidden)]
+pub fn parse_unix(datagrams: &[Vec<u8>]) -> io::Result<HashMap<u64, (u32, u32)>> {
     let mut out = HashMap::new();
     walk(datagrams, UNIX_MSG, |msg, attrs| {
         // unix_diag_msg: family, type, state, pad, ino u32, cookie [u32; 2].

@@ -24,7 +24,8 @@ use nix::unistd::Pid;
 /// Why a spawn failed, naming the program and the step.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("exec {program}: {reason}")]
+    /// The program of `command` (the file's, or the one after `--`).
+    #[error("exec {program}: {reason} (the program of `command`)")]
     NotFound { program: String, reason: String },
     #[error("{stage} for {program}: {source}")]
     Child {
@@ -674,4 +675,31 @@ pub(crate) fn pidfd_send_signal(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by tests/fuzz (config_mutated): `check` of a config whose
+    /// program is missing said "exec holdfast-no-such-program: not found in
+    /// PATH (...)", naming no key, unlike every other config error; with a
+    /// program after `--` a reader could not tell which `command` was meant.
+    #[test]
+    fn a_missing_program_names_the_command_key() {
+        let reason = resolve(
+            "holdfast-no-such-program",
+            Some(OsStr::new("/nonexistent")),
+            None,
+        )
+        .expect_err("no such program");
+        let e = SpawnError::NotFound {
+            program: "holdfast-no-such-program".into(),
+            reason,
+        };
+        assert_eq!(
+            e.to_string(),
+            "exec holdfast-no-such-program: not found in PATH (/nonexistent) (the program of `command`)"
+        );
+    }
 }

@@ -63,7 +63,7 @@ pub fn enrich(s: &mut Snapshot, baseline: Option<(u64, u64)>) {
             listen_drops_since_start: d,
             warning: (o > 0 || d > 0).then(|| {
                 format!(
-                    "the kernel dropped connections at full accept queues since holdfast started ({o} overflows, {d} drops, system-wide): workers are not accepting fast enough or the backlog is too small"
+                    "the kernel dropped connections at full accept queues since holdfast started ({o} overflows, {d} drops, all sockets of this network namespace): workers are not accepting fast enough or the backlog is too small"
                 )
             }),
         }

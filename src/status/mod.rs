@@ -36,7 +36,7 @@ pub struct Snapshot {
     pub holdfast: Holdfast,
     pub workers: Vec<WorkerStatus>,
     pub listeners: Vec<ListenerStatus>,
-    /// System-wide listen-queue drop counters; `None` when /proc/net/netstat is unreadable.
+    /// Listen-queue drop counters of holdfast's network namespace (every socket in it); `None` when /proc/net/netstat is unreadable.
     pub kernel: Option<KernelCounters>,
     pub counters: Counters,
     /// What holdfast's own per-event work cost in /proc reads (for tests

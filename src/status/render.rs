@@ -193,7 +193,7 @@ pub fn render(s: &Snapshot) -> String {
         Some(k) => {
             let _ = writeln!(
                 out,
-                "kernel (system-wide): ListenOverflows {} (+{} since start)  ListenDrops {} (+{} since start)",
+                "kernel (this network namespace): ListenOverflows {} (+{} since start)  ListenDrops {} (+{} since start)",
                 k.listen_overflows,
                 k.listen_overflows_since_start,
                 k.listen_drops,

@@ -13,8 +13,10 @@
 #![allow(dead_code)]
 
 pub mod cgroup;
+pub mod examples;
 pub mod load;
 pub mod netns;
+pub mod observe;
 pub mod proxy;
 pub mod sandbox;
 
@@ -393,7 +395,13 @@ impl Holdfast {
         for var in SCRUBBED_ENV {
             cmd.env_remove(var);
         }
-        cmd.env(tag_key, tag_value).env("NO_COLOR", "1").envs(env);
+        // The run directory inside the test's temp dir (a test may say
+        // otherwise): a holdfast the harness SIGKILLs cannot remove it, and
+        // in /tmp those would pile up.
+        cmd.env(tag_key, tag_value)
+            .env("NO_COLOR", "1")
+            .env("XDG_RUNTIME_DIR", h.dir.path())
+            .envs(env);
         match launch.stdin {
             Some(fd) => cmd.stdin(Stdio::from(fd)),
             None => cmd.stdin(Stdio::null()),

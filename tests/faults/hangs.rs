@@ -182,6 +182,21 @@ fn a_worker_that_closes_stdout_and_stderr_keeps_serving() {
     p.assert_none();
 }
 
+/// Opens idle side connections until `pid` holds one (`others` stopped
+/// meanwhile: see [`hold_connections_until`]), so that it has
+/// connections to be stuck with once stopped. Keep the result until the end.
+fn give_connections(
+    h: &crate::common::Holdfast,
+    pid: u32,
+    others: &[u32],
+) -> Vec<std::net::TcpStream> {
+    hold_connections_until(h, h.port2, others, || {
+        (established_on(pid, h.port2) > 0)
+            .then_some(())
+            .ok_or(format!("worker {pid} holds no side connection"))
+    })
+}
+
 /// Waits (a precondition) until `pid`, stopped, holds at least one
 /// connection on the side port: its side requests are stuck.
 fn stuck_with_connections(h: &crate::common::Holdfast, pid: u32) {
@@ -247,6 +262,7 @@ fn a_stopped_worker_is_visible_in_status() {
     .start();
     let first = wait_consistent(&h, 2);
     let hung = first[&1];
+    let _held = give_connections(&h, hung, &[first[&0]]);
     let traffic = Traffic::start(&h, true);
     let mut p = Problems::default();
 
@@ -299,6 +315,7 @@ fn a_stopped_worker_is_drained_not_killed_when_replaced() {
     .start();
     let first = wait_consistent(&h, 2);
     let hung = first[&1];
+    let _held = give_connections(&h, hung, &[first[&0]]);
     let traffic = Traffic::start(&h, true);
     let mut p = Problems::default();
 
@@ -416,11 +433,10 @@ fn a_worker_out_of_fds_leaves_its_connections_to_the_others() {
     .start();
     let first = wait_consistent(&h, 2);
     let starved = first[&1];
-    let traffic = Traffic::start(&h, true);
-    let mut p = Problems::default();
-
-    // The fault happened: the worker says its accept failed with EMFILE.
-    poll(Duration::from_secs(5), || {
+    // The fault happens: idle side connections (the other worker stopped
+    // meanwhile) until the worker says its accept failed with EMFILE; the
+    // connection it could not take goes to the other worker.
+    let _held = hold_connections_until(&h, h.port2, &[first[&0]], || {
         let said = log_lines(
             &h,
             &[
@@ -428,11 +444,14 @@ fn a_worker_out_of_fds_leaves_its_connections_to_the_others() {
                 "Too many open files",
             ],
         );
-        (!said.is_empty())
-            .then_some(())
-            .ok_or(format!("worker {starved} has not hit its fd limit"))
-    })
-    .unwrap_or_else(|e| panic!("precondition: {e}"));
+        (!said.is_empty()).then_some(()).ok_or(format!(
+            "worker {starved} has not hit its fd limit ({} side connections, other {})",
+            established_on(starved, h.port2),
+            established_on(first[&0], h.port2)
+        ))
+    });
+    let traffic = Traffic::start(&h, true);
+    let mut p = Problems::default();
     // Two more seconds of load at the limit.
     let until = traffic.healthy_so_far() + 1000;
     p.note(poll(Duration::from_secs(10), || {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::common::{http_get, tagged_pids, Target, DEADLINE};
+use crate::common::{http_get, tagged_pids, Swept, Target, DEADLINE};
 use crate::support::*;
 
 /// Sends `signals` to holdfast, one every `gap`.
@@ -430,6 +430,338 @@ fn usr1_during_rollouts_reopens_and_loses_no_line() {
             || format!("want log_lines_lost 0, log_reopens >= 3: {}", s["counters"]),
         );
     }
+    traffic.stop(&mut p, 100);
+    stop_and_check_nothing_left(&mut h, &mut p);
+    p.assert_none();
+}
+
+/// The config of the upgrade storms: 2 workers, a drain that takes 300 ms
+/// (the lame duck), room for requests of 800 ms in flight at the stop.
+fn upgrade_cfg() -> Cfg<'static> {
+    Cfg {
+        app: "drain_timeout = \"5s\"\nready_timeout = \"10s\"",
+        ..Cfg::default()
+    }
+}
+
+/// The test worker copied to `{dir}/name`, executable: a stand-in new
+/// holdfast chosen by its name (`src/bin/holdfast-test-worker/impostor.rs`).
+fn stand_in(h: &crate::common::Holdfast, name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dst = h.dir.path().join(name);
+    std::fs::copy(crate::common::test_worker_bin(), &dst).expect("copy the test worker");
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dst
+}
+
+/// `upgrade --wait --binary BINARY` on a thread of its own (bounded:
+/// the harness kills it after its deadline).
+fn upgrade_client(
+    h: &crate::common::Holdfast,
+    binary: &std::path::Path,
+) -> std::thread::JoinHandle<std::process::Output> {
+    let sock = h.fill(SOCK);
+    let binary = binary.to_string_lossy().into_owned();
+    std::thread::spawn(move || {
+        crate::common::run_holdfast(&["upgrade", "--wait", "--binary", &binary, "--control", &sock])
+    })
+}
+
+type InFlight =
+    Vec<std::thread::JoinHandle<Result<crate::common::Response, crate::common::FailKind>>>;
+
+/// Four requests of 800 ms each, once the `workers` hold all four.
+fn requests_in_flight(
+    h: &crate::common::Holdfast,
+    workers: &std::collections::BTreeMap<u32, u32>,
+) -> InFlight {
+    let target = h.tcp();
+    let inflight: InFlight = (0..4)
+        .map(|_| {
+            let t: Target = target.clone();
+            std::thread::spawn(move || http_get(&t, "/?sleep=800"))
+        })
+        .collect();
+    poll(DEADLINE, || {
+        let held: usize = workers
+            .values()
+            .map(|&pid| established_on(pid, h.port))
+            .sum();
+        (held >= 4)
+            .then_some(())
+            .ok_or(format!("{held} requests accepted"))
+    })
+    .unwrap_or_else(|e| panic!("precondition: {e}"));
+    inflight
+}
+
+/// What every stop during an upgrade must end with: each request in
+/// flight at the SIGTERM answered 200, each worker of `workers` drained
+/// (`worker exited ... reason=exit status 0`, once), holdfast exited 0,
+/// nothing left behind.
+fn stopped_clean(h: &mut Swept, workers: &[u32], inflight: InFlight, p: &mut Problems) {
+    let tag = h.tag().to_string();
+    let code = h.wait_exit(DEADLINE).code();
+    p.check(code == Some(0), || format!("holdfast exited with {code:?}"));
+    for (i, r) in inflight.into_iter().enumerate() {
+        match r.join().expect("request thread") {
+            Ok(resp) if resp.status == 200 => {}
+            other => p.push(format!("request {i} in flight at SIGTERM: {other:?}")),
+        }
+    }
+    for pid in workers {
+        let exits = log_lines(h, &["worker exited", &format!("pid={pid} ")]);
+        p.check(
+            exits.len() == 1 && exits[0].contains("reason=exit status 0"),
+            || format!("worker {pid}: want one `worker exited ... reason=exit status 0`, got {exits:?}"),
+        );
+    }
+    nothing_left(h, &tag, p);
+}
+
+/// SIGTERM while an upgrade's new binary is on trial (`BINARY version
+/// --json` runs; this one never answers: `holdfast-hang`). The stop
+/// cancels the upgrade: its `upgrade --wait` client is told so (exit 1,
+/// `holdfast is stopping; upgrade cancelled`), nothing is exec'd, the
+/// workers drain (requests in flight answered, exit status 0), holdfast
+/// exits 0 without waiting out the trial's 10 s, and the trial run is gone
+/// with it.
+///
+/// (Failed before its fix:) holdfast exited 0 and left the trial run
+/// behind, an orphan with holdfast's environment, alive for as long as the
+/// binary hung (an hour here; under systemd's `KillMode=process`, nobody
+/// kills it). The stop answered the upgrade's waiters, but the edge kept
+/// the trial until its own deadline, which the exit came before. The fix
+/// (src/edge/upgrade.rs, `upgrade_if_quiet`): once the core no longer
+/// wants the upgrade, a trial run still going is SIGKILLed (its group, not
+/// yet reaped) and reaped as usual.
+#[test]
+fn term_while_an_upgrade_checks_its_binary_cancels_it_and_leaves_nothing() {
+    let _serial = serial();
+    let mut h = upgrade_cfg().start();
+    let first = wait_consistent(&h, 2);
+    let traffic = Traffic::start(&h, false);
+    let mut p = Problems::default();
+    let hang = stand_in(&h, "holdfast-hang");
+    let client = upgrade_client(&h, &hang);
+    // Inside the window: the trial runs (and would for an hour).
+    let trial: u32 = poll(DEADLINE, || {
+        log_lines(&h, &["checking the new holdfast binary"])
+            .first()
+            .and_then(|l| {
+                l.split("trial_pid=")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .ok_or("no trial run started".to_string())
+    })
+    .unwrap_or_else(|e| panic!("precondition: {e}"));
+    assert!(
+        crate::common::pid_alive(trial),
+        "precondition: trial run {trial} alive"
+    );
+    let inflight = requests_in_flight(&h, &first);
+    traffic.stop(&mut p, 100);
+    h.signal(Signal::SIGTERM);
+
+    let o = client.join().expect("upgrade client");
+    p.check(
+        o.status.code() == Some(1)
+            && String::from_utf8_lossy(&o.stderr)
+                .contains("holdfast is stopping; upgrade cancelled"),
+        || {
+            format!(
+                "upgrade --wait: want exit 1, `holdfast is stopping; upgrade cancelled`; got {}",
+                text(&o)
+            )
+        },
+    );
+    let workers: Vec<u32> = first.values().copied().collect();
+    stopped_clean(&mut h, &workers, inflight, &mut p);
+    p.check(!crate::common::pid_alive(trial), || {
+        format!("the trial run {trial} ({}) outlived holdfast", comm(trial))
+    });
+    let log = h.log();
+    for (want, what) in [
+        (true, "upgrade of holdfast cancelled: holdfast is stopping"),
+        (true, "upgrade cancelled: killing its trial run"),
+        (false, "did not finish within"),
+        (false, "handing over to the new holdfast"),
+    ] {
+        p.check(log.contains(what) == want, || {
+            format!("want {what:?} in the log: {want}; {}", log_tail(&h, 30))
+        });
+    }
+    p.check(h.worker_pids().len() == 2, || {
+        format!(
+            "workers spawned: {:?}, want only the first 2",
+            h.worker_pids()
+        )
+    });
+    p.assert_none();
+}
+
+/// SIGTERM in the middle of an upgrade's exec: the old image is gone (it
+/// blocked its signals and exec'd), the new one has not adopted yet. The
+/// stand-in `holdfast-relay` holds the pid there until the test opens its
+/// gate, then execs the real holdfast. The SIGTERM, sent in that window,
+/// stays pending and is the new image's: it adopts everything, answers the
+/// `upgrade --wait` client (`upgraded from ... 2 workers adopted`), and
+/// only then stops: the same workers drain (requests in flight answered,
+/// exit status 0), holdfast exits 0, nothing is left, and no worker was
+/// started by the upgrade.
+#[test]
+fn term_in_the_middle_of_an_upgrade_exec_is_the_new_images_which_adopts_then_stops() {
+    let _serial = serial();
+    let mut h = upgrade_cfg().start_with_env(&[
+        ("HOLDFAST_IMPOSTOR_REAL", "{holdfast}"),
+        ("HOLDFAST_RELAY_GATE", "{dir}/gate"),
+    ]);
+    let first = wait_consistent(&h, 2);
+    let traffic = Traffic::start(&h, false);
+    let mut p = Problems::default();
+    let relay = stand_in(&h, "holdfast-relay");
+    let client = upgrade_client(&h, &relay);
+    let gate = h.dir.path().join("gate");
+    let waiting = h.dir.path().join("gate.waiting");
+    // Inside the window: holdfast's pid runs the relay.
+    let held_by = poll(DEADLINE, || {
+        std::fs::read_to_string(&waiting).map_err(|e| format!("{}: {e}", waiting.display()))
+    })
+    .unwrap_or_else(|e| panic!("precondition: the exec never reached the relay: {e}"));
+    assert_eq!(
+        held_by.trim(),
+        h.pid().to_string(),
+        "precondition: the relay runs in holdfast's pid"
+    );
+    let inflight = requests_in_flight(&h, &first);
+    traffic.stop(&mut p, 100);
+    h.signal(Signal::SIGTERM);
+    std::fs::write(&gate, "").expect("open the gate");
+
+    let o = client.join().expect("upgrade client");
+    let said = String::from_utf8_lossy(&o.stdout);
+    p.check(
+        o.status.code() == Some(0)
+            && said.contains("upgraded from")
+            && said.contains(&format!("(pid {}, 2 workers adopted)", h.pid())),
+        || format!("upgrade --wait: want exit 0, `upgraded from ... (pid {}, 2 workers adopted)`; got {}", h.pid(), text(&o)),
+    );
+    let workers: Vec<u32> = first.values().copied().collect();
+    stopped_clean(&mut h, &workers, inflight, &mut p);
+    let log = h.log();
+    let upgraded = log.find("upgraded from");
+    let stop = log.find("stop requested");
+    p.check(
+        matches!((upgraded, stop), (Some(u), Some(s)) if u < s),
+        || {
+            format!(
+                "want `upgraded from` before `stop requested`: {}",
+                log_tail(&h, 40)
+            )
+        },
+    );
+    p.check(log.matches("stop requested").count() == 1, || {
+        format!("want one `stop requested`: {}", log_tail(&h, 40))
+    });
+    p.check(h.worker_pids().len() == 2, || {
+        format!(
+            "workers spawned: {:?}, want only the first 2",
+            h.worker_pids()
+        )
+    });
+    p.assert_none();
+}
+
+/// 20 SIGUSR2 in a second under load, then 20 in 40 ms, then 20 back to
+/// back. Each one
+/// handled asks for an upgrade to the same binary; one under way refuses
+/// the next ("another upgrade of holdfast is under way"); signals that
+/// come during an exec wait, blocked, for the new image (and coalesce).
+/// After each storm: every SIGUSR2 handled was either an upgrade or a
+/// refusal as busy, every upgrade asked for was adopted and counted, none
+/// failed, and nothing else moved: the same holdfast pid, the same two
+/// workers, generation 1, no worker spawned, no request failed; then
+/// holdfast stops clean.
+#[test]
+fn sigusr2_storms_upgrade_in_place_and_move_nothing_else() {
+    let _serial = serial();
+    let mut h = upgrade_cfg().start();
+    let first = wait_consistent(&h, 2);
+    let traffic = Traffic::start(&h, false);
+    let mut p = Problems::default();
+    for (shape, gap) in [
+        ("20 in a second", Duration::from_millis(50)),
+        ("20 in 40 ms", Duration::from_millis(2)),
+        ("20 back to back", Duration::ZERO),
+    ] {
+        storm(&h, &[Signal::SIGUSR2; 20], gap);
+        // Over once nothing is upgrading and every upgrade asked for is adopted.
+        let end = poll(DEADLINE, || {
+            let s = status(&h)?;
+            let requested = log_lines(&h, &["upgrade of holdfast requested"]).len();
+            let upgraded = log_lines(&h, &["upgraded from"]).len();
+            (s["holdfast"]["upgrading"] == false && requested == upgraded)
+                .then_some(s)
+                .ok_or(format!(
+                    "{shape}: {requested} upgrades asked for, {upgraded} adopted"
+                ))
+        });
+        let handled = log_lines(&h, &["SIGUSR2: upgrading holdfast in place"]).len();
+        let requested = log_lines(&h, &["upgrade of holdfast requested"]).len();
+        let busy = log_lines(
+            &h,
+            &["upgrade refused: another upgrade of holdfast is under way"],
+        )
+        .len();
+        let upgraded = log_lines(&h, &["upgraded from"]).len();
+        p.check(handled >= 2 && requested >= 1, || {
+            format!("{shape}: {handled} SIGUSR2 handled, {requested} upgrades: the storm did not happen")
+        });
+        p.check(requested + busy == handled, || {
+            format!("{shape}: {handled} SIGUSR2 handled: {requested} upgrades asked for + {busy} refused as busy")
+        });
+        if let Some(s) = p.note(end) {
+            p.check(
+                counter(&s, "upgrades") == upgraded as u64 && counter(&s, "failed_upgrades") == 0,
+                || {
+                    format!(
+                        "{shape}: want upgrades {upgraded}, failed_upgrades 0: {}",
+                        s["counters"]
+                    )
+                },
+            );
+            p.check(
+                s["holdfast"]["pid"].as_u64() == Some(u64::from(h.pid())),
+                || {
+                    format!(
+                        "{shape}: holdfast's pid {} became {}",
+                        h.pid(),
+                        s["holdfast"]["pid"]
+                    )
+                },
+            );
+            p.check(s["holdfast"]["generation"].as_u64() == Some(1), || {
+                format!("{shape}: generation {}", s["holdfast"]["generation"])
+            });
+        }
+        let now = p.note(consistent(&h, 2));
+        p.check(now.as_ref() == Some(&first), || {
+            format!("{shape}: workers {first:?} became {now:?}")
+        });
+        eprintln!(
+            "SIGUSR2 storms so far ({shape}): {handled} handled, {upgraded} upgrades, {busy} refused as busy"
+        );
+    }
+    p.check(h.worker_pids().len() == 2, || {
+        format!(
+            "workers spawned: {:?}, want only the first 2",
+            h.worker_pids()
+        )
+    });
     traffic.stop(&mut p, 100);
     stop_and_check_nothing_left(&mut h, &mut p);
     p.assert_none();

@@ -17,7 +17,7 @@
 //! worker (same pid, so `LISTEN_PID` holds) with extra flags when
 //! `HOLDFAST_WORKER_ID` (and, if set, `HOLDFAST_GENERATION`) match.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub use crate::common::observe::{established_on, poll, socket_inodes, Problems, POLL};
 use crate::common::{
     pid_alive, tagged_pids, Holdfast, Launch, Load, LoadReport, LoadSpec, Swept, Target, DEADLINE,
 };
 
 /// The control socket of every test here (next to the config).
 pub const SOCK: &str = "{dir}/holdfast.sock";
-pub const POLL: Duration = Duration::from_millis(20);
 
 /// Every test here runs real workers under load: two at once on a 2-core
 /// box starve each other and the timings they check.
@@ -40,56 +40,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 pub fn serial() -> MutexGuard<'static, ()> {
     // A failed test must not fail the others.
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Everything wrong a test saw, reported together at the end.
-#[derive(Default)]
-pub struct Problems(pub Vec<String>);
-
-impl Problems {
-    /// Records `what()` unless `ok`; returns `ok`.
-    pub fn check(&mut self, ok: bool, what: impl FnOnce() -> String) -> bool {
-        if !ok {
-            self.0.push(what());
-        }
-        ok
-    }
-
-    pub fn push(&mut self, what: String) {
-        self.0.push(what);
-    }
-
-    /// The value, or `None` with the error recorded.
-    pub fn note<T>(&mut self, r: Result<T, String>) -> Option<T> {
-        r.map_err(|e| self.0.push(e)).ok()
-    }
-
-    pub fn assert_none(&self) {
-        assert!(
-            self.0.is_empty(),
-            "{} problem(s):\n- {}",
-            self.0.len(),
-            self.0.join("\n- ")
-        );
-    }
-}
-
-/// Calls `cond` every 20 ms until it returns `Ok`; after `deadline`, the
-/// last `Err` (prefixed with the time waited).
-pub fn poll<T>(
-    deadline: Duration,
-    mut cond: impl FnMut() -> Result<T, String>,
-) -> Result<T, String> {
-    let start = Instant::now();
-    loop {
-        match cond() {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= deadline => {
-                return Err(format!("after {deadline:?}: {e}"))
-            }
-            Err(_) => std::thread::sleep(POLL),
-        }
-    }
 }
 
 /// A config: listeners `http` (`{port}`) and `side` (`{port2}`), the test
@@ -174,6 +124,24 @@ env = {{ FAULT_SLOT = "{slot}", FAULT_GEN = "{generation}", FAULT_FLAGS = '{flag
     /// Writes the config and starts holdfast on it.
     pub fn start(&self) -> Swept {
         start_config(&self.render())
+    }
+
+    /// [`Cfg::start`] with `env` added to holdfast's environment
+    /// (placeholders filled).
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Swept {
+        let env: Vec<(&str, &str)> = [("XDG_RUNTIME_DIR", "{dir}")]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        Swept::new(Holdfast::launch(
+            Launch {
+                program: "{holdfast}",
+                args: &["run", "--config", "{config}"],
+                env: &env,
+                stdin: None,
+            },
+            Some(&self.render()),
+        ))
     }
 }
 
@@ -503,24 +471,6 @@ pub fn proc_state(pid: u32) -> Option<char> {
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
-/// Socket inodes `pid` holds open.
-pub fn socket_inodes(pid: u32) -> BTreeSet<u64> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| {
-                    let link = fs::read_link(e.path()).ok()?;
-                    link.to_str()?
-                        .strip_prefix("socket:[")?
-                        .strip_suffix(']')?
-                        .parse()
-                        .ok()
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The inode of listener `name` from status.
 pub fn listener_inode(s: &Value, name: &str) -> Option<u64> {
     s["listeners"]
@@ -539,25 +489,81 @@ pub fn signal_ours(h: &Holdfast, pid: u32, sig: nix::sys::signal::Signal) -> Res
         .map_err(|e| format!("{sig:?} to {pid}: {e}"))
 }
 
-/// Established TCP connections to local `port` that `pid` holds (from
-/// /proc/net/tcp and the pid's `socket:[INODE]` links).
-pub fn established_on(pid: u32, port: u16) -> usize {
+/// The accept queue of the TCP listener on local `port` (a LISTEN row's
+/// rx_queue in /proc/net/tcp is its count of connections not yet accepted).
+pub fn accept_queue(port: u16) -> Option<u64> {
     let local = format!(":{port:04X}");
-    let established: BTreeSet<u64> = ["/proc/net/tcp", "/proc/net/tcp6"]
+    ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|f| fs::read_to_string(f).ok())
-        .flat_map(|t| {
-            t.lines()
-                .skip(1)
-                .filter_map(|l| {
-                    let c: Vec<&str> = l.split_whitespace().collect();
-                    (c.len() > 9 && c[1].ends_with(&local) && c[3] == "01")
-                        .then(|| c[9].parse().ok())?
-                })
-                .collect::<Vec<u64>>()
+        .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .find_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            (c.len() > 4 && c[1].ends_with(&local) && c[3] == "0A")
+                .then(|| u64::from_str_radix(c[4].split(':').nth(1)?, 16).ok())?
         })
-        .collect();
-    socket_inodes(pid).intersection(&established).count()
+}
+
+/// Opens idle connections to local `port`, one at a time, each until it
+/// was accepted, until `done` holds (a precondition: panics after 64
+/// connections or 10 s), with the workers `others` stopped (SIGSTOP, then
+/// SIGCONT) meanwhile, so that the connections go to the rest. Which of
+/// the workers sharing a listener wins an accept is not for a test to
+/// leave to chance: all are woken, and the one first in the listener's
+/// wait queue (the oldest) wins nearly every race while it is idle.
+/// A connection no worker can take (EMFILE) is left for `others` once
+/// they run again. The connections stay open, idle (the test worker keeps
+/// them for minutes), until the returned streams are dropped.
+pub fn hold_connections_until(
+    h: &Holdfast,
+    port: u16,
+    others: &[u32],
+    mut done: impl FnMut() -> Result<(), String>,
+) -> Vec<std::net::TcpStream> {
+    use nix::sys::signal::Signal;
+    for &pid in others {
+        signal_ours(h, pid, Signal::SIGSTOP).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let started = Instant::now();
+    let mut held = Vec::new();
+    let outcome = loop {
+        let why = match done() {
+            Ok(()) => break Ok(()),
+            Err(why) => why,
+        };
+        if held.len() >= 64 || started.elapsed() > Duration::from_secs(10) {
+            break Err(format!(
+                "{} idle connections to port {port}: {why}",
+                held.len()
+            ));
+        }
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => held.push(c),
+            Err(e) => break Err(format!("connect to 127.0.0.1:{port}: {e}")),
+        }
+        let accepted = poll(Duration::from_secs(2), || {
+            if accept_queue(port) == Some(0) || done().is_ok() {
+                return Ok(());
+            }
+            Err(format!(
+                "accept queue of port {port}: {:?}",
+                accept_queue(port)
+            ))
+        });
+        if let Err(e) = accepted {
+            break Err(e);
+        }
+    };
+    for &pid in others {
+        signal_ours(h, pid, Signal::SIGCONT).unwrap_or_else(|e| panic!("{e}"));
+    }
+    outcome.unwrap_or_else(|e| panic!("precondition: {e}"));
+    poll(Duration::from_secs(5), || match accept_queue(port) {
+        Some(0) => Ok(()),
+        q => Err(format!("accept queue of port {port} after SIGCONT: {q:?}")),
+    })
+    .unwrap_or_else(|e| panic!("precondition: {e}"));
+    held
 }
 
 /// A counter of `status --json` (`counters.NAME`, or `counters.replacements.NAME`

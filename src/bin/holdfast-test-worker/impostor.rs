@@ -11,7 +11,14 @@
 //!   check (claims to read format 1) but, when exec'd by the upgrade, hands
 //!   the real holdfast (`$HOLDFAST_IMPOSTOR_REAL`) a state in format 99 or a
 //!   truncated one: an adoption that fails after the exec, which must fall
-//!   back to a rolling restart.
+//!   back to a rolling restart;
+//! - `holdfast-relay*`: the real holdfast (`$HOLDFAST_IMPOSTOR_REAL`),
+//!   but slow to exec: exec'd by the upgrade, it writes `GATE.waiting`
+//!   (`$HOLDFAST_RELAY_GATE`) and holds the pid, between the old image and
+//!   the new one, until the file `GATE` exists (at most 60 s), then execs
+//!   the real holdfast with everything as it came. A test can act inside
+//!   the exec window, deterministically (signals sent then stay pending:
+//!   the old image blocked them).
 //!
 //! Any other name: `None`, the test worker runs as usual.
 
@@ -38,6 +45,15 @@ pub(crate) fn run() -> Option<ExitCode> {
             return Some(ExitCode::SUCCESS);
         }
         return Some(ExitCode::from(64));
+    }
+    if name.starts_with("holdfast-relay") {
+        if !version {
+            if let Err(e) = hold_at_the_gate() {
+                eprintln!("holdfast-relay: {e}");
+                return Some(ExitCode::from(70));
+            }
+        }
+        return Some(exec_real());
     }
     if name.starts_with("holdfast-impostor") {
         if version {
@@ -86,6 +102,31 @@ fn hand_on(corrupt: bool) -> ExitCode {
     if written.is_err() {
         return fail("cannot rewrite the state");
     }
+    exec_real()
+}
+
+/// Says it is waiting (`GATE.waiting`), then waits for `GATE` to exist.
+fn hold_at_the_gate() -> Result<(), String> {
+    let gate = std::env::var_os("HOLDFAST_RELAY_GATE").ok_or("no HOLDFAST_RELAY_GATE")?;
+    let gate = std::path::PathBuf::from(gate);
+    let mut waiting = gate.clone().into_os_string();
+    waiting.push(".waiting");
+    std::fs::write(&waiting, std::process::id().to_string())
+        .map_err(|e| format!("write {}: {e}", waiting.to_string_lossy()))?;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !gate.exists() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Execs the real holdfast (`$HOLDFAST_IMPOSTOR_REAL`) in this pid, with
+/// this process's arguments and environment; returns only if that fails.
+fn exec_real() -> ExitCode {
+    let fail = |what: &str| {
+        eprintln!("holdfast-impostor: {what}");
+        ExitCode::from(70)
+    };
     let Some(real) = std::env::var_os("HOLDFAST_IMPOSTOR_REAL") else {
         return fail("no HOLDFAST_IMPOSTOR_REAL");
     };

@@ -24,7 +24,8 @@ const DELEGATE_XATTRS: [&str; 2] = ["trusted.delegate", "user.delegate"];
 
 /// The cgroup v2 path (`0::PATH`) in a `/proc/PID/cgroup` text, relative to
 /// the reader's cgroup namespace. `None` on a cgroup-v1-only host.
-pub(crate) fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
+#[doc(hidden)]
+pub fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -33,7 +34,7 @@ pub(crate) fn parse_cgroup_v2_path(proc_cgroup: &str) -> Option<&str> {
 
 /// The cgroup v2 path of `pid` (see [`parse_cgroup_v2_path`]).
 pub fn cgroup_v2_path(pid: i32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let text = super::read_text(format!("/proc/{pid}/cgroup")).ok()?;
     parse_cgroup_v2_path(&text).map(str::to_string)
 }
 
@@ -94,7 +95,8 @@ fn unescape_octal(s: &str) -> String {
 /// The directory of cgroup `path` (as /proc/PID/cgroup shows it) under the
 /// cgroup2 mount that contains it: of the mounts whose root is an ancestor
 /// of `path`, the one with the longest root, the first listed on a tie.
-pub(crate) fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf> {
+#[doc(hidden)]
+pub fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf> {
     let under = |root: &str| -> Option<String> {
         let root = root.trim_end_matches('/');
         let rest = path.strip_prefix(root)?;
@@ -122,7 +124,8 @@ pub(crate) fn cgroup_dir(path: &str, mounts: &[Cgroup2Mount]) -> Option<PathBuf>
 
 /// The serial of the worker cgroup that `path` (a process's cgroup path) is
 /// in, when it is at or below `own/worker-N`.
-pub(crate) fn worker_serial_in(own: &str, path: &str) -> Option<u64> {
+#[doc(hidden)]
+pub fn worker_serial_in(own: &str, path: &str) -> Option<u64> {
     let rest = if own == "/" {
         path.strip_prefix('/')?
     } else {
@@ -194,8 +197,8 @@ impl Cgroups {
     /// info log line; holdfast then accounts for escaped processes through
     /// [`adopted`] only.
     pub fn detect() -> Result<Cgroups, String> {
-        let own = fs::read_to_string("/proc/self/cgroup")
-            .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+        let own =
+            super::read_text("/proc/self/cgroup").map_err(|e| format!("/proc/self/cgroup: {e}"))?;
         let path = parse_cgroup_v2_path(&own)
             .ok_or("no cgroup v2 entry in /proc/self/cgroup (a cgroup v1 only host)")?;
         if path.ends_with(" (deleted)") {
@@ -208,7 +211,7 @@ impl Cgroups {
                     .into(),
             );
         }
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        let mountinfo = super::read_text("/proc/self/mountinfo")
             .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
         let mounts = parse_cgroup2_mounts(&mountinfo);
         if mounts.is_empty() {

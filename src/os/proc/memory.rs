@@ -90,11 +90,7 @@ fn children_of(pid: i32) -> Vec<i32> {
     };
     tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|c| c.parse().ok())
-                .collect::<Vec<i32>>()
-        })
+        .flat_map(|list| crate::os::proc::parse_children(&list).collect::<Vec<i32>>())
         .collect()
 }
 
@@ -102,7 +98,7 @@ fn children_of(pid: i32) -> Vec<i32> {
 pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
     match metric {
         Metric::Rss => {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let status = crate::os::proc::read_text(format!("/proc/{pid}/status")).ok()?;
             Some(Usage {
                 rss: kib_field(&status, "VmRSS:")?,
                 pss: None,
@@ -110,7 +106,7 @@ pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
             })
         }
         Metric::Pss | Metric::Uss => {
-            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            let rollup = crate::os::proc::read_text(format!("/proc/{pid}/smaps_rollup")).ok()?;
             parse_smaps_rollup(&rollup)
         }
     }
@@ -118,10 +114,12 @@ pub(crate) fn read_usage(pid: i32, metric: Metric) -> Option<Usage> {
 
 /// Rss, Pss and Private_Clean + Private_Dirty of an `smaps_rollup` text.
 /// A kernel thread or a zombie has an empty one: `None`.
-pub(crate) fn parse_smaps_rollup(text: &str) -> Option<Usage> {
+#[doc(hidden)]
+pub fn parse_smaps_rollup(text: &str) -> Option<Usage> {
     let rss = kib_field(text, "Rss:")?;
     let pss = kib_field(text, "Pss:")?;
-    let private = kib_field(text, "Private_Clean:")? + kib_field(text, "Private_Dirty:")?;
+    let private =
+        kib_field(text, "Private_Clean:")?.checked_add(kib_field(text, "Private_Dirty:")?)?;
     Some(Usage {
         rss,
         pss: Some(pss),
@@ -129,12 +127,14 @@ pub(crate) fn parse_smaps_rollup(text: &str) -> Option<Usage> {
     })
 }
 
-/// The `NAME:   123 kB` line of a /proc text, in bytes.
+/// The `NAME:   123 kB` line of a /proc text, in bytes; `None` when it is
+/// missing, not a number, or more bytes than a u64 holds (a figure wrapped
+/// around to a small one is a wrong one).
 fn kib_field(text: &str, name: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(name))?;
     let mut words = line[name.len()..].split_whitespace();
     let kib: u64 = words.next()?.parse().ok()?;
-    Some(kib * 1024)
+    kib.checked_mul(1024)
 }
 
 /// Whether `pid` descends from `ancestor` right now (its parent chain reaches
@@ -221,6 +221,25 @@ Swap:                  0 kB
     #[test]
     fn empty_rollup_is_none() {
         assert_eq!(parse_smaps_rollup(""), None);
+    }
+
+    /// Found by tests/fuzz (proc_smaps_rollup): 2^54 kB is more bytes than a
+    /// u64 holds; `kib * 1024` wrapped to 0 in release (and panicked in
+    /// debug), so the figure read as 0 bytes.
+    #[test]
+    fn a_figure_past_u64_bytes_is_no_figure() {
+        let huge =
+            "Rss: 0 kB\nPss: 0 kB\nPrivate_Clean: 0 kB\nPrivate_Dirty: 18014398509481984 kB\n";
+        assert_eq!(parse_smaps_rollup(huge), None);
+        let sum = format!(
+            "Rss: 1 kB\nPss: 1 kB\nPrivate_Clean: {0} kB\nPrivate_Dirty: {0} kB\n",
+            u64::MAX / 1024
+        );
+        assert_eq!(parse_smaps_rollup(&sum), None);
+        assert_eq!(
+            kib_field("VmRSS: 18014398509481983 kB", "VmRSS:"),
+            Some(u64::MAX - 1023)
+        );
     }
 
     #[test]

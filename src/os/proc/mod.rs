@@ -99,15 +99,29 @@ pub fn counting<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (out, THREAD_READS.with(std::cell::Cell::get) - before)
 }
 
+/// A /proc (or cgroupfs) file as text. The kernel prints command names and
+/// paths as the bytes they are, so a file may hold bytes that are not UTF-8:
+/// they become U+FFFD instead of failing the whole read (one process named
+/// in Latin-1, or one socket path anywhere on the host, would otherwise hide
+/// a process or a whole table).
+pub(crate) fn read_text(path: impl AsRef<std::path::Path>) -> std::io::Result<String> {
+    let bytes = fs::read(path)?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
 /// `/proc/PID/stat` of `pid`, or `None` if it is gone (or unreadable).
 pub fn stat(pid: i32) -> Option<Stat> {
     count_read();
-    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    parse_stat(&read_text(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// Parses a `/proc/PID/stat` line. The command name may contain spaces and
 /// `)`, so the fields are read after the *last* `)`.
-pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
+#[doc(hidden)]
+pub fn parse_stat(text: &str) -> Option<Stat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let pid = text[..open].trim().parse().ok()?;
@@ -146,12 +160,20 @@ pub fn children(pid: i32) -> Option<Vec<i32>> {
             continue;
         };
         found = true;
-        out.extend(
-            list.split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok()),
-        );
+        out.extend(parse_children(&list));
     }
     found.then(|| out.into_iter().collect())
+}
+
+/// The pids of a `/proc/PID/task/TID/children` file (space-separated);
+/// anything that is not a pid is skipped.
+#[doc(hidden)]
+pub fn parse_children(list: &str) -> impl Iterator<Item = i32> + '_ {
+    // Only pids: 0 or a negative number ("-0", "-1") given to kill(2) would
+    // signal a process group or every process.
+    list.split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .filter(|&p| p > 0)
 }
 
 /// The children of `pid` found by one pass over every `/proc/*/stat`: the
@@ -172,7 +194,8 @@ pub fn children_by_scan(pid: i32) -> Vec<i32> {
 
 /// The value of `name` in an environment block (`/proc/PID/environ`: entries
 /// separated by NUL), the first if it occurs twice, as getenv(3) would.
-pub(crate) fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
+#[doc(hidden)]
+pub fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
     environ.split(|&b| b == 0).find_map(|entry| {
         entry
             .strip_prefix(name.as_bytes())?
@@ -181,7 +204,8 @@ pub(crate) fn env_value<'a>(environ: &'a [u8], name: &str) -> Option<&'a [u8]> {
 }
 
 /// [`SERIAL_VAR`] in an environment block, if present and a `u64`.
-pub(crate) fn parse_serial(environ: &[u8]) -> Option<u64> {
+#[doc(hidden)]
+pub fn parse_serial(environ: &[u8]) -> Option<u64> {
     std::str::from_utf8(env_value(environ, SERIAL_VAR)?)
         .ok()?
         .parse()
@@ -404,6 +428,51 @@ mod tests {
         assert_eq!(parse_stat(""), None);
         assert_eq!(parse_stat("12 (x) S 1 2"), None);
         assert_eq!(parse_stat("12 x S 1 2 3"), None);
+    }
+
+    /// Found by tests/fuzz (proc_children_list): "-0" (and "0", "-1")
+    /// parsed as pids.
+    #[test]
+    fn a_children_list_gives_only_pids() {
+        let got: Vec<i32> = parse_children("-0\t12 0 -1 +7 x 2147483648 3\n").collect();
+        assert_eq!(got, vec![12, 7, 3]);
+    }
+
+    /// A process whose name is not UTF-8 (here "sl\xe9ep", Latin-1) was
+    /// invisible: /proc/PID/stat and /proc/PID/status print the name as its
+    /// bytes, `read_to_string` refused the whole file, and `stat` said the
+    /// process was gone (so an adopted daemon of that name was never
+    /// stopped) and its memory was never read. Arbitrary file contents in
+    /// tests/fuzz (procfs.rs) are what the readers must take.
+    #[test]
+    fn a_process_whose_name_is_not_utf8_is_seen() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = dir.path().join(std::ffi::OsStr::from_bytes(b"sl\xe9ep"));
+        fs::copy("/bin/sleep", &exe).expect("copy sleep");
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Another test's fork may briefly hold the copy's write fd (ETXTBSY).
+        let mut tries = 0;
+        let mut child = loop {
+            match std::process::Command::new(&exe).arg("30").spawn() {
+                Ok(c) => break c,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("spawn {}: {e}", exe.display()),
+            }
+        };
+        let pid = child.id() as i32;
+        let seen = stat(pid);
+        let rss = crate::os::proc::memory::read_usage(pid, crate::config::Metric::Rss);
+        let _ = child.kill();
+        let _ = child.wait();
+        let seen = seen.expect("the process is seen");
+        assert_eq!(seen.comm, "sl\u{fffd}ep");
+        assert_eq!(seen.ppid, std::process::id() as i32);
+        assert!(rss.is_some_and(|u| u.rss > 0), "{rss:?}");
     }
 
     #[test]

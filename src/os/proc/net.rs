@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// A TCP socket from /proc/net/tcp{,6}: local address and state.
-pub(crate) type TcpTable = HashMap<u64, (SocketAddr, u8)>;
+pub type TcpTable = HashMap<u64, (SocketAddr, u8)>;
 /// A unix socket from /proc/net/unix: bound path and state.
-pub(crate) type UnixTable = HashMap<u64, (String, u8)>;
+pub type UnixTable = HashMap<u64, (String, u8)>;
 
 pub(crate) const TCP_LISTEN: u8 = 0x0A;
 /// `SS_CONNECTED` in /proc/net/unix's `St` column.
@@ -37,7 +37,8 @@ pub(crate) fn tcp_sockets() -> TcpTable {
 }
 
 /// Parses /proc/net/tcp or tcp6 (proc_net_tcp(5)); inode 0 (TIME_WAIT) is skipped.
-pub(crate) fn parse_proc_net_tcp(text: &str) -> Vec<(u64, (SocketAddr, u8))> {
+#[doc(hidden)]
+pub fn parse_proc_net_tcp(text: &str) -> Vec<(u64, (SocketAddr, u8))> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -76,14 +77,17 @@ fn parse_hex_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-pub(crate) fn unix_sockets() -> UnixTable {
-    std::fs::read_to_string("/proc/net/unix")
+/// Sockets with a path from /proc/net/unix, by inode; empty when unreadable.
+#[doc(hidden)]
+pub fn unix_sockets() -> UnixTable {
+    crate::os::proc::read_text("/proc/net/unix")
         .map(|t| parse_proc_net_unix(&t).into_iter().collect())
         .unwrap_or_default()
 }
 
 /// Parses /proc/net/unix (unix(7)): sockets with a path, by inode.
-pub(crate) fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
+#[doc(hidden)]
+pub fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
     text.lines()
         .skip(1)
         .filter_map(|line| {
@@ -105,12 +109,13 @@ pub(crate) fn parse_proc_net_unix(text: &str) -> Vec<(u64, (String, u8))> {
         .collect()
 }
 
-/// `ListenOverflows` and `ListenDrops` from /proc/net/netstat (system-wide).
+/// `ListenOverflows` and `ListenDrops` from /proc/net/netstat (for every socket of holdfast's network namespace).
 pub(crate) fn listen_counters() -> Option<(u64, u64)> {
     parse_netstat(&std::fs::read_to_string("/proc/net/netstat").ok()?)
 }
 
-pub(crate) fn parse_netstat(text: &str) -> Option<(u64, u64)> {
+#[doc(hidden)]
+pub fn parse_netstat(text: &str) -> Option<(u64, u64)> {
     let mut lines = text.lines();
     while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
         if !names.starts_with("TcpExt:") {
@@ -151,6 +156,31 @@ mod tests {
                 (62296, ("/run/app.sock".to_string(), 3)),
                 (62298, ("/tmp/a b.sock".to_string(), 3)),
             ]
+        );
+    }
+
+    /// One unix socket anywhere on the host bound to a path that is not
+    /// UTF-8 made /proc/net/unix unreadable as a whole, and every unix
+    /// listener's connection count vanished from `holdfast status`.
+    #[test]
+    fn a_socket_path_that_is_not_utf8_hides_no_other_socket() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"\xff.sock"));
+        let plain = dir.path().join("plain.sock");
+        let _odd = std::os::unix::net::UnixListener::bind(&odd).expect("bind odd");
+        let plain_listener = std::os::unix::net::UnixListener::bind(&plain).expect("bind");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&plain_listener);
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .expect("fd")
+            .ino();
+        let table = unix_sockets();
+        assert_eq!(
+            table.get(&inode).map(|(p, _)| p.as_str()),
+            plain.to_str(),
+            "{} sockets",
+            table.len()
         );
     }
 
