@@ -503,7 +503,28 @@ impl Supervisor {
                 ));
             }
         }
-        if state.wanted == 0 || state.slots.len() != state.wanted as usize {
+        // Counts no config allows would make slots by the billion (a
+        // failed rollout scales back to `workers_before`).
+        let ceiling = crate::config::WORKERS_CEILING;
+        let deferred = state.deferred.iter().map(|(s, _)| (state.newest, s));
+        for (g, s) in specs.iter().map(|(g, s)| (*g, s)).chain(deferred) {
+            let (w, max) = (s.app.workers.get(), s.app.max_workers.get());
+            if w > ceiling || max > ceiling {
+                return Err(format!(
+                    "generation {g} asks for {w} workers (max_workers {max}): above the {ceiling} any config allows"
+                ));
+            }
+        }
+        if let Some(r) = &state.rollout {
+            if r.workers_before == 0 || r.workers_before > ceiling {
+                return Err(format!(
+                    "the rollout would return to {} workers: not 1 to {ceiling}",
+                    r.workers_before
+                ));
+            }
+        }
+        if state.wanted == 0 || state.wanted > ceiling || state.slots.len() != state.wanted as usize
+        {
             return Err(format!(
                 "{} slot(s) for {} wanted worker(s)",
                 state.slots.len(),
