@@ -66,6 +66,8 @@ mod schema;
 mod values;
 
 pub use build::*;
+/// The most workers any config may ask for (a handover's restore refuses more).
+pub(crate) use checked::WORKERS_CEILING;
 use checked::*;
 use raw::*;
 pub use schema::*;

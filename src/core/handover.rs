@@ -376,10 +376,10 @@ impl Supervisor {
         }
         sv.wanted = old.len() as u32;
         sv.slots = vec![SlotInfo::new(Generation(1)); old.len()];
+        sv.workers.set_slots(sv.wanted);
         for (i, (id, pid)) in old.into_iter().enumerate() {
             sv.next_id = sv.next_id.max(id.0 + 1);
             sv.workers.insert(
-                id,
                 Worker {
                     id,
                     slot: Slot(i as u32),
@@ -391,9 +391,12 @@ impl Supervisor {
                     memory: MemoryState::default(),
                     not_serving: 0,
                 },
+                super::rules!(sv),
             );
         }
         sv.phase = Phase::Running;
+        #[cfg(test)]
+        sv.check_indexes();
         sv
     }
 
@@ -512,7 +515,28 @@ impl Supervisor {
                 ));
             }
         }
-        if state.wanted == 0 || state.slots.len() != state.wanted as usize {
+        // Counts no config allows would make slots by the billion (a
+        // failed rollout scales back to `workers_before`).
+        let ceiling = crate::config::WORKERS_CEILING;
+        let deferred = state.deferred.iter().map(|(s, _)| (state.newest, s));
+        for (g, s) in specs.iter().map(|(g, s)| (*g, s)).chain(deferred) {
+            let (w, max) = (s.app.workers.get(), s.app.max_workers.get());
+            if w > ceiling || max > ceiling {
+                return Err(format!(
+                    "generation {g} asks for {w} workers (max_workers {max}): above the {ceiling} any config allows"
+                ));
+            }
+        }
+        if let Some(r) = &state.rollout {
+            if r.workers_before == 0 || r.workers_before > ceiling {
+                return Err(format!(
+                    "the rollout would return to {} workers: not 1 to {ceiling}",
+                    r.workers_before
+                ));
+            }
+        }
+        if state.wanted == 0 || state.wanted > ceiling || state.slots.len() != state.wanted as usize
+        {
             return Err(format!(
                 "{} slot(s) for {} wanted worker(s)",
                 state.slots.len(),
@@ -590,7 +614,7 @@ impl Supervisor {
                 )
             })
             .collect();
-        Ok(Supervisor {
+        let mut sv = Supervisor {
             settings: Settings {
                 seed: state.seed,
                 reopen_signal: state.reopen_signal.map(|s| s.0),
@@ -608,7 +632,7 @@ impl Supervisor {
                 waiters: r.waiters,
             }),
             last_rollout: state.last_rollout,
-            workers,
+            workers: super::Workers::default(),
             slots,
             queue: state.queue.into_iter().collect(),
             inflight: state
@@ -644,7 +668,15 @@ impl Supervisor {
             manual: state.manual.into_iter().collect(),
             foreign: state.foreign.into_iter().collect(),
             counters: state.counters,
-        })
+        };
+        // The indexes are derived, not handed over: rebuilt here.
+        sv.workers.set_slots(sv.wanted);
+        for w in workers.into_values() {
+            sv.workers.insert(w, super::rules!(sv));
+        }
+        #[cfg(test)]
+        sv.check_indexes();
+        Ok(sv)
     }
 }
 

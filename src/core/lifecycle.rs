@@ -7,8 +7,8 @@ use std::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    later, round, Action, ExitReason, MemoryState, ReadyVia, Reason, Replacement, Supervisor,
-    Worker, WorkerState, BACKOFF_RESET, BACKOFF_START,
+    later, round, rules, Action, ExitReason, MemoryState, ReadyVia, Reason, Replacement,
+    Supervisor, Worker, WorkerState, BACKOFF_RESET, BACKOFF_START,
 };
 use crate::config::ReadyMode;
 use crate::ids::{Generation, Pid, Slot, WorkerId};
@@ -24,7 +24,6 @@ impl Supervisor {
         let id = WorkerId(self.next_id);
         self.next_id += 1;
         self.workers.insert(
-            id,
             Worker {
                 id,
                 slot,
@@ -36,6 +35,7 @@ impl Supervisor {
                 memory: MemoryState::default(),
                 not_serving: 0,
             },
+            rules!(self),
         );
         out.push(Action::Spawn {
             id,
@@ -60,25 +60,26 @@ impl Supervisor {
             let spec = self.spec_of(w);
             (spec.drain_signal(), spec.drain_timeout())
         };
-        let Some(w) = self.workers.get_mut(&id) else {
-            return;
-        };
         let kill_at = later(now, timeout);
-        match (w.pid, &w.state) {
+        match (w.pid, w.state.clone()) {
             (_, WorkerState::Killed) => {}
             (_, WorkerState::Draining { kill_at } | WorkerState::Stopping { kill_at })
                 if stopping =>
             {
-                w.state = WorkerState::Stopping { kill_at: *kill_at };
+                self.workers.update(&id, rules!(self), |w| {
+                    w.state = WorkerState::Stopping { kill_at }
+                });
             }
             (_, WorkerState::Draining { .. } | WorkerState::Stopping { .. }) => {}
             (Some(pid), _) => {
                 info!(slot = %w.slot, %pid, generation = %w.generation, %signal, "draining worker");
-                w.state = if stopping {
-                    WorkerState::Stopping { kill_at }
-                } else {
-                    WorkerState::Draining { kill_at }
-                };
+                self.workers.update(&id, rules!(self), |w| {
+                    w.state = if stopping {
+                        WorkerState::Stopping { kill_at }
+                    } else {
+                        WorkerState::Draining { kill_at }
+                    }
+                });
                 out.push(Action::Drain { id, pid, signal });
             }
             (None, _) => {
@@ -91,12 +92,13 @@ impl Supervisor {
 
     /// SIGKILL to the worker's group, and to every descendant attributed to it.
     pub(super) fn kill(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.workers.get(&id) else {
             return;
         };
         match w.pid {
             Some(pid) if w.state != WorkerState::Killed => {
-                w.state = WorkerState::Killed;
+                self.workers
+                    .update(&id, rules!(self), |w| w.state = WorkerState::Killed);
                 out.push(Action::Kill { id, pid });
                 self.kill_strays_of(id, now, out);
             }
@@ -123,12 +125,12 @@ impl Supervisor {
             return;
         };
         let ready_by = later(now, self.spec_of(w).ready_timeout());
-        if let Some(w) = self.workers.get_mut(&id) {
+        self.workers.update(&id, rules!(self), |w| {
             w.pid = Some(pid);
             w.started = now;
             w.state = WorkerState::Starting { ready_by };
             info!(slot = %w.slot, %pid, generation = %w.generation, "worker spawned");
-        }
+        });
     }
 
     pub(super) fn on_spawn_failed(
@@ -184,9 +186,9 @@ impl Supervisor {
                 _ => {
                     let retry = self.spec_of(&w).app.restart_backoff_max;
                     warn!(slot = %r.slot, reason = %r.reason, error = %why, retry_in = ?retry, "replacement worker failed; the old worker keeps serving");
-                    if let Some(old) = self.workers.get_mut(&r.old) {
-                        old.memory.replacement_failed(later(now, retry));
-                    }
+                    self.workers.update(&r.old, rules!(self), |old| {
+                        old.memory.replacement_failed(later(now, retry))
+                    });
                 }
             }
             return;
@@ -261,9 +263,9 @@ impl Supervisor {
             return self.become_ready(id, now, out);
         }
         let generation = w.generation;
-        if let Some(w) = self.workers.get_mut(&id) {
-            w.state = WorkerState::Checking { ready_by };
-        }
+        self.workers.update(&id, rules!(self), |w| {
+            w.state = WorkerState::Checking { ready_by }
+        });
         out.push(Action::CheckSockets {
             id,
             pid,
@@ -301,13 +303,15 @@ impl Supervisor {
     }
 
     pub(super) fn become_ready(&mut self, id: WorkerId, now: Instant, out: &mut Vec<Action>) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.workers.get(&id) else {
             return;
         };
         let Some(pid) = w.pid else { return };
-        w.state = WorkerState::Ready { since: now };
         let (slot, generation) = (w.slot, w.generation);
         info!(%slot, %pid, %generation, took = ?now.saturating_duration_since(w.started), "worker ready");
+        self.workers.update(&id, rules!(self), |w| {
+            w.state = WorkerState::Ready { since: now }
+        });
         if let Some(info) = self.slots.get_mut(slot.0 as usize) {
             info.generation = generation;
         }
@@ -426,11 +430,14 @@ impl Supervisor {
         true
     }
 
+    /// The workers whose deadline passed (from the ordered deadlines, not
+    /// a walk of every worker): ready delays, ready timeouts, drain timeouts.
     pub(super) fn expire(&mut self, now: Instant, out: &mut Vec<Action>) {
         let mut timed_out = Vec::new();
         let mut ready = Vec::new();
         let mut kill = Vec::new();
-        for w in self.workers.values() {
+        let due = self.workers.due(now);
+        for w in due.iter().filter_map(|id| self.workers.get(id)) {
             let spec = self.spec_of(w);
             match w.state {
                 WorkerState::Starting { ready_by } => {
@@ -499,7 +506,7 @@ impl Supervisor {
     /// [`NOT_SERVING_AFTER`] checks in a row without its listeners it is
     /// replaced, start-before-stop (the others serve the queue meanwhile).
     fn recheck_answered(&mut self, id: WorkerId, missing: Vec<String>) {
-        let Some(w) = self.workers.get_mut(&id) else {
+        let Some(w) = self.workers.get_mut_unindexed(&id) else {
             return;
         };
         if missing.is_empty() {

@@ -25,7 +25,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::config::ReadyMode;
 use crate::ids::{Generation, Pid, ReplyTo, Slot, WorkerId};
 
 mod actions;
@@ -37,6 +36,7 @@ mod rollout;
 mod spec;
 mod state;
 mod strays;
+mod table;
 pub use actions::SampleTarget;
 pub(crate) use actions::{Action, ServiceState};
 pub use events::{Event, Usage};
@@ -49,6 +49,19 @@ pub use state::Worker;
 pub use state::WorkerState;
 pub(crate) use state::{Counters, Reason, Rollout, Settings, SlotInfo};
 use state::{Phase, Replacement, Upgrade};
+use table::Workers;
+
+/// The [`Rules`] a worker's deadline is computed with, borrowed from the
+/// supervisor's fields (so `self.workers` can be borrowed mutably beside it).
+macro_rules! rules {
+    ($sv:expr) => {
+        &crate::core::table::Rules {
+            specs: &$sv.specs,
+            seed: $sv.settings.seed,
+        }
+    };
+}
+pub(crate) use rules;
 pub use strays::AdoptedProc;
 pub(crate) use strays::Stray;
 
@@ -87,7 +100,7 @@ pub(crate) struct Supervisor {
     wanted: u32,
     rollout: Option<Rollout>,
     last_rollout: Option<(Generation, Result<(), String>)>,
-    workers: BTreeMap<WorkerId, Worker>,
+    workers: Workers,
     slots: Vec<SlotInfo>,
     /// Replacements waiting for surge budget; memory/age entries name their worker.
     queue: VecDeque<(Slot, Reason, Option<WorkerId>)>,
@@ -132,6 +145,8 @@ impl Supervisor {
         let slots = vec![SlotInfo::new(Generation(1)); wanted as usize];
         let mut specs = BTreeMap::new();
         specs.insert(Generation(1), spec);
+        let mut workers = Workers::default();
+        workers.set_slots(wanted);
         Supervisor {
             settings,
             specs,
@@ -140,7 +155,7 @@ impl Supervisor {
             wanted,
             rollout: None,
             last_rollout: None,
-            workers: BTreeMap::new(),
+            workers,
             slots,
             queue: VecDeque::new(),
             inflight: Vec::new(),
@@ -201,7 +216,6 @@ impl Supervisor {
     pub fn workers(&self) -> impl Iterator<Item = &Worker> {
         self.workers.values()
     }
-    #[cfg(test)]
     pub(crate) fn worker(&self, id: WorkerId) -> Option<&Worker> {
         self.workers.get(&id)
     }
@@ -245,7 +259,7 @@ impl Supervisor {
     }
     /// Workers that are ready now.
     pub(crate) fn ready_count(&self) -> usize {
-        self.workers.values().filter(|w| w.state.is_ready()).count()
+        self.workers.ready_count()
     }
     /// Whether every slot has a ready worker of the current generation and
     /// holdfast is not stopping (what an orchestrator's readiness probe asks).
@@ -266,11 +280,12 @@ impl Supervisor {
         }
         let current = [self.stable, self.target()];
         let total = self.slots.len();
+        // O(workers): a probe's answer is about every slot.
         let ready = (0..total as u32)
             .filter(|&s| {
-                self.workers.values().any(|w| {
-                    w.slot == Slot(s) && w.state.is_ready() && current.contains(&w.generation)
-                })
+                self.workers
+                    .in_slot(Slot(s))
+                    .any(|w| w.state.is_ready() && current.contains(&w.generation))
             })
             .count();
         let generation = match &self.rollout {
@@ -289,6 +304,14 @@ impl Supervisor {
             ))
         }
     }
+    /// Recomputes the workers' indexes and panics if they differ (the
+    /// table tests run it after every step).
+    #[cfg(test)]
+    pub(crate) fn check_indexes(&self) {
+        if let Err(e) = self.workers.check(rules!(self)) {
+            panic!("{e}");
+        }
+    }
     fn target(&self) -> Generation {
         self.rollout.as_ref().map_or(self.stable, |r| r.generation)
     }
@@ -297,27 +320,22 @@ impl Supervisor {
     }
 
     /// The earliest deadline in the state: when the edge must send `Tick`.
+    /// O(log N) in the workers: their deadlines (state and age) are kept
+    /// ordered; a restart is pending only in an empty slot.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let workers = self.workers.values().filter_map(|w| match w.state {
-            WorkerState::Starting { ready_by } => {
-                let spec = self.spec_of(w);
-                let delay = (spec.ready() == ReadyMode::Delay)
-                    .then(|| later(w.started, spec.app.ready_delay));
-                Some(delay.map_or(ready_by, |d| d.min(ready_by)))
-            }
-            WorkerState::Checking { ready_by } => Some(ready_by),
-            WorkerState::Draining { kill_at } | WorkerState::Stopping { kill_at } => Some(kill_at),
-            _ => None,
-        });
-        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        let restarts = self
+            .workers
+            .empty_slots()
+            .filter_map(|s| self.slots.get(s.0 as usize)?.restart_at);
         let sampling = self
             .sample_at
             .into_iter()
             .chain(self.sampling.map(|t| later(t, SAMPLE_LOST_AFTER)))
             .chain(self.recheck_at);
-        workers
+        self.workers
+            .next_deadline()
+            .into_iter()
             .chain(restarts)
-            .chain(self.age_deadlines())
             .chain(self.stray_deadlines())
             .chain(sampling)
             .min()
@@ -335,7 +353,7 @@ impl Supervisor {
             Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error, now, &mut out),
             Event::Ready { id, via } => self.on_ready_claim(id, Some(via), now, &mut out),
             Event::Status { id, status } => {
-                if let Some(w) = self.workers.get_mut(&id) {
+                if let Some(w) = self.workers.get_mut_unindexed(&id) {
                     w.status = Some(status);
                 }
             }
@@ -365,6 +383,8 @@ impl Supervisor {
         self.recheck_if_due(now, &mut out);
         self.retire(&mut out);
         self.tell(&mut out);
+        #[cfg(test)]
+        self.check_indexes();
         out
     }
 
@@ -378,16 +398,14 @@ impl Supervisor {
     }
 
     fn worker_by_pid(&self, pid: Pid) -> Option<WorkerId> {
-        self.workers
-            .values()
-            .find(|w| w.pid == Some(pid))
-            .map(|w| w.id)
+        self.workers.by_pid(pid)
     }
 
+    /// The active workers of `slot`, by id: O(log N + workers in the slot).
     fn active_in(&self, slot: Slot) -> Vec<WorkerId> {
         self.workers
-            .values()
-            .filter(|w| w.slot == slot && w.state.is_active())
+            .in_slot(slot)
+            .filter(|w| w.state.is_active())
             .map(|w| w.id)
             .collect()
     }
@@ -446,11 +464,7 @@ impl Supervisor {
             return line;
         }
         if let Some(r) = &self.rollout {
-            let done = self
-                .workers
-                .values()
-                .filter(|w| w.generation == r.generation && w.state.is_ready())
-                .count();
+            let done = self.workers.ready_in_generation(r.generation);
             let kind = if r.rollback { "rollback" } else { "rollout" };
             line.push_str(&format!(
                 ", {kind} {done}/{workers} to generation {}",
@@ -480,15 +494,20 @@ impl Supervisor {
     /// Every [`RECHECK_EVERY`], the listeners each ready worker must hold
     /// are checked again: ready means serving for as long as it runs, not
     /// only at READY=1.
+    ///
+    /// Per step it costs O(generations); the walk of every ready worker
+    /// happens once per [`RECHECK_EVERY`], when the checks are due.
     fn recheck_if_due(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let due: Vec<(WorkerId, Pid, Generation)> = self
-            .workers
-            .values()
-            .filter(|w| w.state.is_ready())
-            .filter(|w| self.spec_of(w).required_listeners().next().is_some())
-            .filter_map(|w| Some((w.id, w.pid?, w.generation)))
-            .collect();
-        if due.is_empty() || self.is_stopping() {
+        let checked = |g: Generation| {
+            self.specs
+                .get(&g)
+                .unwrap_or_else(|| self.current_spec())
+                .required_listeners()
+                .next()
+                .is_some()
+        };
+        let any = self.workers.ready_generations().any(checked);
+        if !any || self.is_stopping() {
             self.recheck_at = None;
             return;
         }
@@ -499,6 +518,13 @@ impl Supervisor {
             return;
         }
         self.recheck_at = Some(later(now, RECHECK_EVERY));
+        let due: Vec<(WorkerId, Pid, Generation)> = self
+            .workers
+            .values()
+            .filter(|w| w.state.is_ready())
+            .filter(|w| self.spec_of(w).required_listeners().next().is_some())
+            .filter_map(|w| Some((w.id, w.pid?, w.generation)))
+            .collect();
         for (id, pid, generation) in due {
             out.push(Action::CheckSockets {
                 id,

@@ -134,22 +134,17 @@ impl Supervisor {
         Some(w.memory.retry_at.map_or(due, |t| t.max(due)))
     }
 
-    /// Age deadlines still to act on: ready workers not yet queued for age.
-    pub(super) fn age_deadlines(&self) -> impl Iterator<Item = Instant> + '_ {
-        self.workers
-            .values()
-            .filter(|w| matches!(w.state, WorkerState::Ready { .. }) && !w.memory.aged)
-            .filter_map(|w| self.age_deadline(w.id))
-    }
-
-    /// Queues every ready worker whose age deadline has passed.
+    /// Queues every ready worker whose age deadline has passed (the age
+    /// deadlines are among the workers' ordered deadlines, see `table.rs`).
     pub(super) fn expire_ages(&mut self, now: Instant) {
         if self.is_stopping() {
             return;
         }
         let due: Vec<(WorkerId, Instant)> = self
             .workers
-            .values()
+            .due(now)
+            .iter()
+            .filter_map(|id| self.workers.get(id))
             .filter(|w| matches!(w.state, WorkerState::Ready { .. }) && !w.memory.aged)
             .filter_map(|w| Some((w.id, self.age_deadline(w.id)?)))
             .filter(|(_, at)| *at <= now)
@@ -170,9 +165,8 @@ impl Supervisor {
                 fmt_duration(r.max_lifetime.unwrap_or_default()),
                 fmt_duration(r.jitter(w.slot, self.settings.seed)),
             );
-            if let Some(w) = self.workers.get_mut(&id) {
-                w.memory.aged = true;
-            }
+            self.workers
+                .update(&id, super::rules!(self), |w| w.memory.aged = true);
             self.queue_replacement(id, Reason::Age, detail);
         }
     }
@@ -197,7 +191,8 @@ impl Supervisor {
             let spec = self.spec_of(w);
             let Some(r) = spec.recycle() else { continue };
             let resignal_after = spec.drain_timeout();
-            let Some(w) = self.workers.get_mut(&s.id) else {
+            // Neither `aged` nor `retry_at` changes here: no index moves.
+            let Some(w) = self.workers.get_mut_unindexed(&s.id) else {
                 continue;
             };
             if w.pid != Some(s.pid) {

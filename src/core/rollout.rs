@@ -284,6 +284,7 @@ impl Supervisor {
         }
         info!(from = old, to = workers, "scaling");
         self.wanted = workers;
+        self.workers.set_slots(workers);
         if workers > old {
             let g = self.target();
             self.slots.resize(workers as usize, SlotInfo::new(g));
@@ -294,8 +295,7 @@ impl Supervisor {
         self.inflight.retain(|r| r.slot.0 < workers);
         let gone: Vec<WorkerId> = self
             .workers
-            .values()
-            .filter(|w| w.slot.0 >= workers)
+            .in_slots_from(Slot(workers))
             .map(|w| w.id)
             .collect();
         for id in gone {
@@ -430,13 +430,16 @@ impl Supervisor {
             Phase::Starting | Phase::Running => {}
         }
         let target = self.target();
-        // Empty slots: first start, crash restart, scale-up, stop-first replacement aftermath.
-        for s in 0..self.slots.len() as u32 {
-            let slot = Slot(s);
-            if !self.active_in(slot).is_empty() || self.inflight.iter().any(|r| r.slot == slot) {
+        // Empty slots: first start, crash restart, scale-up, stop-first
+        // replacement aftermath (kept as a set: no walk of every slot).
+        let empty: Vec<Slot> = self.workers.empty_slots().collect();
+        for slot in empty {
+            if self.inflight.iter().any(|r| r.slot == slot) {
                 continue;
             }
-            let info = &mut self.slots[s as usize];
+            let Some(info) = self.slots.get_mut(slot.0 as usize) else {
+                continue;
+            };
             if info.restart_at.is_some_and(|t| t > now) {
                 continue;
             }
@@ -511,12 +514,7 @@ impl Supervisor {
         self.check_rollout_done(now, out);
         // Every slot has a ready worker; a replacement already under way
         // (memory, age) does not hold back the first READY=1.
-        let all_slots_ready = (0..self.slots.len() as u32).all(|s| {
-            self.active_in(Slot(s))
-                .iter()
-                .any(|id| self.workers.get(id).is_some_and(|w| w.state.is_ready()))
-        });
-        if self.phase == Phase::Starting && all_slots_ready {
+        if self.phase == Phase::Starting && self.workers.all_slots_ready() {
             info!(workers = self.slots.len(), generation = %self.stable, "all workers ready");
             self.phase = Phase::Running;
         }
@@ -562,6 +560,10 @@ impl Supervisor {
                 .inflight
                 .iter()
                 .any(|x| matches!(x.reason, Reason::Rollout | Reason::Rollback));
+        // The walk of every slot only once nothing of the rollout is pending.
+        if pending || self.workers.ready_in_generation(generation) < self.slots.len() {
+            return;
+        }
         let all_new = (0..self.slots.len() as u32).all(|s| {
             let active = self.active_in(Slot(s));
             active.len() == 1
@@ -600,7 +602,7 @@ impl Supervisor {
     /// Drops the specs nothing uses any more: neither the stable generation,
     /// the rollout's target, nor any worker.
     pub(super) fn retire(&mut self, out: &mut Vec<Action>) {
-        let mut keep: BTreeSet<Generation> = self.workers.values().map(|w| w.generation).collect();
+        let mut keep: BTreeSet<Generation> = self.workers.generations().collect();
         keep.insert(self.stable);
         keep.insert(self.target());
         let gone: Vec<Generation> = self

@@ -587,3 +587,33 @@ fn a_reload_of_the_same_config_during_a_rollout_runs_once_it_ends() {
 }
 
 mod recycle;
+
+/// A worker's crash, restart, spawn, readiness, a scale-down and its
+/// drained worker's exit cost no walk of every worker, with 4 workers as
+/// with 64: each event's cost must not grow with the table (a walk is left
+/// to answers about every worker: status, a rollout's plan, a stop).
+#[test]
+fn a_workers_life_walks_no_table_whatever_its_size() {
+    for n in [4u32, 64] {
+        let mut sv = running(n, 1);
+        sv.workers.walks.set(0);
+        let next = u64::from(n) + 1;
+        let last = 100 + n as i32 - 1;
+        let script = vec![
+            (10, exited_with(100, ExitReason::Code(3)), vec![]),
+            (200, Event::Tick, vec![spawn(next, 0, 1)]),
+            (201, spawned(next, 5000), vec![]),
+            (202, ready(next), vec![]),
+        ];
+        play(&mut sv, script);
+        let down = Event::Request {
+            request: Request::Scale(Scale::Down),
+            reply: None,
+        };
+        assert_eq!(step(&mut sv, 300, down), vec![term(u64::from(n), last)]);
+        assert_eq!(step(&mut sv, 301, exited(last)), vec![]);
+        assert_eq!(sv.workers.walks.get(), 0, "{n} workers");
+        assert_eq!(sv.ready_count(), n as usize - 1);
+        assert!(sv.all_current_ready());
+    }
+}

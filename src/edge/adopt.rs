@@ -340,6 +340,9 @@ impl Runtime {
                 idle,
                 kind: AdoptedKind::State { message },
             }),
+            socket_checks: Vec::new(),
+            senders: HashMap::new(),
+            cost: crate::status::Cost::default(),
         })
     }
 

@@ -18,14 +18,22 @@ pub enum Input {
     Event(Event),
     /// A reload prepared off the loop.
     Prepared(Box<Prepared>),
-    /// A notify datagram whose sender was found to belong to worker `id`.
-    Notified {
-        id: WorkerId,
+    /// A notify datagram from a descendant outside its worker's process
+    /// group, with the parents of `sender.0` (started at `sender.1`),
+    /// nearest first, read off the loop in `reads` /proc reads.
+    NotifyAncestry {
+        sender: (i32, u64),
+        ancestors: Vec<i32>,
+        reads: u64,
         fields: Vec<(String, String)>,
     },
-    /// A notify datagram from a process that belongs to no worker.
-    NotifyStranger {
-        sender: i32,
+    /// Which required listeners worker `id`'s tree does not hold; `claim`:
+    /// the check of a READY=1 (not a periodic recheck); `reads`: its /proc reads.
+    SocketsChecked {
+        id: WorkerId,
+        missing: Vec<String>,
+        claim: bool,
+        reads: u64,
     },
     /// A worker reaped before it was ready, reported once the log threads
     /// read its last lines (see `Runtime::reaped`).

@@ -278,6 +278,15 @@ pub struct Runtime {
     pause: control::Pause,
     /// In an image exec'd by an upgrade: what `run` tells the core first.
     adopted: Option<adopt::Adopted>,
+    /// Socket checks the actions of this step asked for: one blocking task
+    /// runs them all after the step (a recheck of every ready worker is one
+    /// thread, not one per worker).
+    socket_checks: Vec<workers::SocketCheck>,
+    /// Which worker a descendant that sent a notify datagram belongs to, by
+    /// (pid, start time): found once by a walk up its parents. Bounded.
+    senders: HashMap<(i32, u64), WorkerId>,
+    /// The /proc cost of the per-worker paths, for `status --json`.
+    cost: crate::status::Cost,
 }
 
 /// Where holdfast's run directory goes: systemd's `RuntimeDirectory=`
@@ -452,6 +461,9 @@ impl Runtime {
             early: HashSet::new(),
             pause: control::Pause::new(),
             adopted: None,
+            socket_checks: Vec::new(),
+            senders: HashMap::new(),
+            cost: crate::status::Cost::default(),
         };
         if let Some(f) = fallback {
             rt.adopted = Some(f.into_adopted());
@@ -631,18 +643,27 @@ impl Runtime {
             Input::Event(e) => self.feed(e),
             Input::Prepared(p) => self.prepared(*p),
             Input::Trial(t) => self.trial_output(t),
-            Input::Notified { id, fields } => self.notified(id, fields),
             Input::Exited(e) => {
                 self.feed(e);
                 self.housekeeping(true);
             }
-            Input::NotifyStranger { sender } => {
-                if self.ignored_senders.insert(sender) {
-                    warn!(
-                        sender,
-                        "ignoring notify messages from a process that is not a worker of holdfast"
-                    );
+            Input::NotifyAncestry {
+                sender,
+                ancestors,
+                reads,
+                fields,
+            } => self.notify_ancestry(sender, ancestors, reads, fields),
+            Input::SocketsChecked {
+                id,
+                missing,
+                claim,
+                reads,
+            } => {
+                if claim {
+                    self.cost.ready_checks += 1;
+                    self.cost.ready_check_reads += reads;
                 }
+                self.feed(Event::SocketsChecked { id, missing });
             }
         }
     }
@@ -693,6 +714,7 @@ impl Runtime {
             started: self.started,
             now: Instant::now(),
             log_stats: self.logs.stats(),
+            cost: self.cost.clone(),
         })
     }
 
@@ -720,6 +742,7 @@ impl Runtime {
                 self.act(action);
             }
         }
+        self.run_socket_checks();
         // Reports of execs that succeeded are done with: their pipes close
         // now, not at the next housekeeping (a non-blocking read each).
         self.execs

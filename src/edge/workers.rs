@@ -4,6 +4,22 @@
 
 use super::*;
 
+/// How far up its parents a notify sender is followed to find its worker.
+const ANCESTRY_DEPTH: usize = 32;
+/// Notify senders outside their worker's group remembered at most.
+const SENDER_CACHE: usize = 4096;
+
+/// One queued check of the listeners a worker's tree must hold.
+pub(super) struct SocketCheck {
+    id: WorkerId,
+    /// (address, socket inode) of each listener it must hold.
+    want: Vec<(String, u64)>,
+    /// Its pid and its adopted descendants'.
+    roots: Vec<i32>,
+    /// The check of a READY=1 claim (else a periodic recheck).
+    claim: bool,
+}
+
 pub(super) struct Probe {
     path: PathBuf,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -254,8 +270,10 @@ impl Runtime {
         }
     }
 
-    /// After READY: which required listeners does the worker's tree (with
-    /// its adopted descendants) not hold? Off the loop; answers as an event.
+    /// After READY, and every `RECHECK_EVERY`: which required listeners
+    /// does the worker's tree (with its adopted descendants) not hold?
+    /// Queued here, run off the loop by [`Self::run_socket_checks`] after the
+    /// step; answers as an event.
     pub(super) fn check_sockets(&mut self, id: WorkerId, pid: Pid, generation: Generation) {
         let want: Vec<(String, u64)> = match self.sv.spec(generation) {
             Some(spec) => spec
@@ -267,30 +285,67 @@ impl Runtime {
                 .collect(),
             None => Vec::new(),
         };
-        let extra: Vec<i32> = self
+        let mut roots = vec![pid.0];
+        roots.extend(
+            self.sv
+                .strays()
+                .filter(|s| s.worker == Some(id))
+                .map(|s| s.pid.0),
+        );
+        let claim = self
             .sv
-            .strays()
-            .filter(|s| s.worker == Some(id))
-            .map(|s| s.pid.0)
-            .collect();
+            .worker(id)
+            .is_some_and(|w| matches!(w.state, crate::core::WorkerState::Checking { .. }));
+        self.socket_checks.push(SocketCheck {
+            id,
+            want,
+            roots,
+            claim,
+        });
+    }
+
+    /// Runs the socket checks queued by this step on one blocking thread.
+    /// Each walks its worker's tree down from its root(s): its /proc reads
+    /// grow with that tree, not with the number of workers.
+    pub(super) fn run_socket_checks(&mut self) {
+        if self.socket_checks.is_empty() {
+            return;
+        }
         self.repair_paths();
+        let checks = std::mem::take(&mut self.socket_checks);
         let tx = self.tx.clone();
         let guard = self.in_flight.enter();
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
-            let mut held = crate::os::proc::socket_inodes(pid.0);
-            for p in extra {
-                held.extend(crate::os::proc::socket_inodes(p));
+            for c in checks {
+                let (held, reads) = crate::os::proc::counting(|| {
+                    c.roots
+                        .iter()
+                        .flat_map(|&p| crate::os::proc::socket_inodes(p))
+                        .collect::<HashSet<u64>>()
+                });
+                let missing: Vec<String> = c
+                    .want
+                    .into_iter()
+                    .filter(|(_, inode)| !held.contains(inode))
+                    .map(|(a, _)| a)
+                    .collect();
+                let _ = tx.send(Input::SocketsChecked {
+                    id: c.id,
+                    missing,
+                    claim: c.claim,
+                    reads,
+                });
             }
-            let missing: Vec<String> = want
-                .into_iter()
-                .filter(|(_, inode)| !held.contains(inode))
-                .map(|(a, _)| a)
-                .collect();
-            let _ = tx.send(Input::Event(Event::SocketsChecked { id, missing }));
         });
     }
 
+    /// A datagram on the workers' notify socket. The sender is the pid the
+    /// kernel attached: a worker's own pid is one lookup; a descendant in
+    /// its worker's process group one read of its stat; any other
+    /// descendant a walk up its parents (off the loop, at most
+    /// [`ANCESTRY_DEPTH`] reads), remembered by pid and start time. Never a
+    /// listing of /proc.
     pub(super) fn on_notify(&mut self, m: notify::Message) {
         if m.fields.iter().all(|(k, _)| k == "BARRIER") {
             // sd_notify_barrier(3): receiving it (and closing its fd) is the answer.
@@ -299,33 +354,65 @@ impl Runtime {
         if let Some(&id) = self.pids.get(&m.pid) {
             return self.notified(id, m.fields);
         }
-        // A descendant in its worker's process group (most are): one small
-        // read, here and now, before a sender that exits at once is gone.
-        let group = crate::os::proc::stat(m.pid).and_then(|s| self.pids.get(&s.pgrp).copied());
-        if let Some(id) = group {
+        // One small read, here and now, before a sender that exits at once is gone.
+        let (stat, reads) = crate::os::proc::counting(|| crate::os::proc::stat(m.pid));
+        self.cost.notify_lookups += 1;
+        self.cost.notify_lookup_reads += reads;
+        let Some(stat) = stat else {
+            return self.notify_stranger(m.pid, &m.fields);
+        };
+        // A descendant in its worker's process group (most are).
+        if let Some(&id) = self.pids.get(&stat.pgrp) {
             return self.notified(id, m.fields);
         }
-        // Elsewhere: which worker it belongs to is a walk of /proc, off the loop.
-        let workers: HashMap<i32, WorkerId> = self.pids.clone();
-        let tx = self.tx.clone();
+        let sender = (m.pid, stat.starttime);
+        if let Some(&id) = self.senders.get(&sender) {
+            return self.notified(id, m.fields);
+        }
+        let (tx, parent) = (self.tx.clone(), stat.ppid);
         let guard = self.in_flight.enter();
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
-            match crate::os::proc::owning_worker(m.pid, |p| workers.contains_key(&p)) {
-                Some(owner) => {
-                    if let Some(&id) = workers.get(&owner) {
-                        let _ = tx.send(Input::Notified {
-                            id,
-                            fields: m.fields,
-                        });
-                    }
-                }
-                None => {
-                    debug!(sender = m.pid, message = ?m.fields, "notify message from a process that is not a worker's");
-                    let _ = tx.send(Input::NotifyStranger { sender: m.pid });
-                }
-            }
+            let (ancestors, reads) = crate::os::proc::counting(|| {
+                crate::os::proc::ancestors(parent, ANCESTRY_DEPTH, std::process::id() as i32)
+            });
+            let _ = tx.send(Input::NotifyAncestry {
+                sender,
+                ancestors,
+                reads,
+                fields: m.fields,
+            });
         });
+    }
+
+    /// The parents of a notify sender came back: the nearest that is a
+    /// live worker owns it.
+    pub(super) fn notify_ancestry(
+        &mut self,
+        sender: (i32, u64),
+        ancestors: Vec<i32>,
+        reads: u64,
+        fields: Vec<(String, String)>,
+    ) {
+        self.cost.notify_lookup_reads += reads;
+        let Some(id) = ancestors.iter().find_map(|p| self.pids.get(p).copied()) else {
+            return self.notify_stranger(sender.0, &fields);
+        };
+        if self.senders.len() >= SENDER_CACHE {
+            self.senders.clear();
+        }
+        self.senders.insert(sender, id);
+        self.notified(id, fields);
+    }
+
+    fn notify_stranger(&mut self, sender: i32, fields: &[(String, String)]) {
+        debug!(sender, message = ?fields, "notify message from a process that is not a worker's");
+        if self.ignored_senders.insert(sender) {
+            warn!(
+                sender,
+                "ignoring notify messages from a process that is not a worker of holdfast"
+            );
+        }
     }
 
     pub(super) fn notified(&mut self, id: WorkerId, fields: Vec<(String, String)>) {

@@ -13,6 +13,8 @@ use crate::os::proc::{self, net};
 /// `ListenDrops` when holdfast started.
 pub fn enrich(s: &mut Snapshot, baseline: Option<(u64, u64)>) {
     let parents = proc::parents();
+    // Built once for every worker's tree (not once per worker).
+    let children = proc::children_map(&parents);
     let tcp = net::tcp_sockets();
     let unix = net::unix_sockets();
     for w in &mut s.workers {
@@ -20,9 +22,9 @@ pub fn enrich(s: &mut Snapshot, baseline: Option<(u64, u64)>) {
         if !parents.contains_key(&pid) {
             continue; // exited since the loop's half was taken
         }
-        let mut tree = proc::descendants_in(pid, &parents);
+        let mut tree = proc::descendants_of(pid, &children);
         for &p in &w.escaped_pids {
-            tree.extend(proc::descendants_in(p, &parents));
+            tree.extend(proc::descendants_of(p, &children));
         }
         w.descendants = Some(tree.len().saturating_sub(1) as u64);
         w.process_state = proc::stat(pid).and_then(|s| unusual_state(s.state));

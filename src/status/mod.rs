@@ -39,6 +39,10 @@ pub struct Snapshot {
     /// Listen-queue drop counters of holdfast's network namespace (every socket in it); `None` when /proc/net/netstat is unreadable.
     pub kernel: Option<KernelCounters>,
     pub counters: Counters,
+    /// What holdfast's own per-event work cost in /proc reads (for tests
+    /// and benchmarks that check it does not grow with the worker count).
+    #[serde(default)]
+    pub cost: Cost,
     /// How memory is measured (from `[memory]`); not part of the protocol.
     #[serde(skip)]
     pub sampling: Sampling,
@@ -72,6 +76,25 @@ pub struct Holdfast {
     /// Why not, in one line (`holdfast status --ready`, `/readyz`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_ready: Option<String>,
+}
+
+/// holdfast's own /proc reads, in total and on the two paths each worker's
+/// start takes: the check that a worker that said READY=1 holds its
+/// listeners, and finding the worker of a notify datagram sent by a
+/// descendant. Each path's reads per event must not grow with the number of
+/// workers or of processes on the machine.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Cost {
+    /// Opens of /proc files, directories and links since holdfast started
+    /// (this image).
+    pub proc_reads: u64,
+    /// Socket checks of a READY=1 claim that finished, and their /proc reads.
+    pub ready_checks: u64,
+    pub ready_check_reads: u64,
+    /// Notify datagrams whose sender was not a worker's own pid, and the
+    /// /proc reads that found its worker.
+    pub notify_lookups: u64,
+    pub notify_lookup_reads: u64,
 }
 
 /// A rollout under way.

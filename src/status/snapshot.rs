@@ -20,6 +20,8 @@ pub struct Sources<'a> {
     pub now: Instant,
     /// (log reopens, log write errors) from the logs module, once there is one.
     pub log_stats: crate::logs::LogCounters,
+    /// The edge's /proc cost counters (`proc_reads` is filled in here).
+    pub cost: Cost,
 }
 
 /// The cheap half, run inside the loop: no /proc reads, one `getsockopt`
@@ -32,6 +34,7 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
         started,
         now,
         log_stats,
+        cost,
     } = src;
     let secs = |since: Instant| now.saturating_duration_since(since).as_secs_f64();
     let rollout = sv.rollout().map(|r| {
@@ -84,8 +87,9 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
         })
         .collect();
     // Slots with no worker: a crash loop shows every slot, with its next start.
+    let occupied: std::collections::HashSet<u32> = workers.iter().map(|w| w.slot).collect();
     for (slot, info) in sv.slots() {
-        if sv.workers().any(|w| w.slot == slot) {
+        if occupied.contains(&slot.0) {
             continue;
         }
         workers.push(WorkerStatus {
@@ -180,6 +184,10 @@ pub fn snapshot(src: Sources<'_>) -> Snapshot {
             strays_stopped: sv.counters.strays_stopped,
             upgrades: sv.counters.upgrades,
             failed_upgrades: sv.counters.failed_upgrades,
+        },
+        cost: Cost {
+            proc_reads: crate::os::proc::reads(),
+            ..cost
         },
         sampling: config
             .memory

@@ -307,6 +307,26 @@ fn a_state_that_cannot_be_right_is_refused_with_the_reason() {
             "a replacement of slot 7 beyond the 3 slot(s)",
             Box::new(|s| s.inflight[0].slot = Slot(7)),
         ),
+        // Found by tests/fuzz: a failed rollout scaled back to this count,
+        // making slots by the billion.
+        (
+            "the rollout would return to 4294967295 workers",
+            Box::new(|s| {
+                if let Some(r) = &mut s.rollout {
+                    r.workers_before = u32::MAX;
+                }
+            }),
+        ),
+        (
+            "generation 2 asks for 100000 workers",
+            Box::new(|s| {
+                for (g, spec) in &mut s.specs {
+                    if *g == Generation(2) {
+                        spec.app.workers = std::num::NonZeroU32::new(100_000).expect("nonzero");
+                    }
+                }
+            }),
+        ),
     ];
     for (want, corrupt) in cases {
         let mut s = good.clone();

@@ -27,6 +27,14 @@
 //! microseconds, but still a syscall per file): the edge runs it off its event
 //! loop or on a tick, never per datagram. A process that vanishes between
 //! listing and reading is normal and left out.
+//!
+//! What a worker's event costs here must not grow with the number of
+//! workers or of processes on the machine: a tree is walked down from its
+//! root through the kernel's children lists ([`descendants`]), never by
+//! listing all of /proc (only [`parents`], for a whole-table answer such as
+//! `holdfast status`, and the fallback of a kernel without children files,
+//! do). Every open of a /proc file or directory is counted ([`reads`],
+//! [`counting`]), so a test can assert that cost.
 
 pub mod cgroup;
 pub mod memory;
@@ -66,6 +74,31 @@ impl Stat {
     }
 }
 
+static READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    static THREAD_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one open of a /proc file, directory or link.
+fn count_read() {
+    READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    THREAD_READS.with(|c| c.set(c.get() + 1));
+}
+
+/// Opens of /proc files, directories and links by this process so far.
+pub fn reads() -> u64 {
+    READS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs `f` and returns what it returned with the /proc opens it made on
+/// this thread (other threads' reads meanwhile are not counted).
+pub fn counting<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let before = THREAD_READS.with(std::cell::Cell::get);
+    let out = f();
+    (out, THREAD_READS.with(std::cell::Cell::get) - before)
+}
+
 /// A /proc (or cgroupfs) file as text. The kernel prints command names and
 /// paths as the bytes they are, so a file may hold bytes that are not UTF-8:
 /// they become U+FFFD instead of failing the whole read (one process named
@@ -81,6 +114,7 @@ pub(crate) fn read_text(path: impl AsRef<std::path::Path>) -> std::io::Result<St
 
 /// `/proc/PID/stat` of `pid`, or `None` if it is gone (or unreadable).
 pub fn stat(pid: i32) -> Option<Stat> {
+    count_read();
     parse_stat(&read_text(format!("/proc/{pid}/stat")).ok()?)
 }
 
@@ -116,10 +150,12 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
 /// (CONFIG_PROC_CHILDREN) or `pid` is gone. Racy by nature: a child forked or
 /// reaped meanwhile may be missed or listed.
 pub fn children(pid: i32) -> Option<Vec<i32>> {
+    count_read();
     let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut found = false;
     let mut out = BTreeSet::new();
     for task in tasks.flatten() {
+        count_read();
         let Ok(list) = fs::read_to_string(task.path().join("children")) else {
             continue;
         };
@@ -144,6 +180,7 @@ pub fn parse_children(list: &str) -> impl Iterator<Item = i32> + '_ {
 /// fallback when [`children`] has no children files. Costs one read per
 /// process on the machine.
 pub fn children_by_scan(pid: i32) -> Vec<i32> {
+    count_read();
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -180,6 +217,7 @@ pub fn parse_serial(environ: &[u8]) -> Option<u64> {
 /// with a cleaned environment has none). `None` if absent or unreadable
 /// (another user's process, a zombie).
 pub fn serial(pid: i32) -> Option<u64> {
+    count_read();
     parse_serial(&fs::read(format!("/proc/{pid}/environ")).ok()?)
 }
 
@@ -238,31 +276,27 @@ pub(crate) fn pgrp_and_parent(pid: i32) -> Option<(i32, i32)> {
     stat(pid).map(|s| (s.pgrp, s.ppid))
 }
 
-/// Finds which of `is_worker`'s pids `pid` belongs to: itself, its process
-/// group leader, or an ancestor (up to 32 levels).
-pub(crate) fn owning_worker(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
-    if is_worker(pid) {
-        return Some(pid);
-    }
-    let (pgrp, mut parent) = pgrp_and_parent(pid)?;
-    if is_worker(pgrp) {
-        return Some(pgrp);
-    }
-    for _ in 0..32 {
-        if parent <= 1 {
-            return None;
+/// `pid` and its parents, nearest first: at most `depth` pids, one stat
+/// read each, ending before pid 1 and before `stop` (holdfast itself: nothing
+/// above it is a worker) or where a parent is gone.
+pub(crate) fn ancestors(pid: i32, depth: usize, stop: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut p = pid;
+    while out.len() < depth && p > 1 && p != stop {
+        out.push(p);
+        match stat(p) {
+            Some(s) => p = s.ppid,
+            None => break,
         }
-        if is_worker(parent) {
-            return Some(parent);
-        }
-        parent = pgrp_and_parent(parent)?.1;
     }
-    None
+    out
 }
 
 // ---------------------------------------------------------------- trees --
-/// All live pids with their parent, from one pass over /proc.
+/// All live pids with their parent, from one pass over /proc: one read per
+/// process on the machine, for answers about every worker at once.
 pub fn parents() -> HashMap<i32, i32> {
+    count_read();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return HashMap::new();
     };
@@ -271,17 +305,44 @@ pub fn parents() -> HashMap<i32, i32> {
         .collect()
 }
 
-/// `root` and every descendant of it, root first.
+/// `root` and every descendant of it, root first, walked down through the
+/// kernel's children lists ([`children`]): reads in proportion to the tree,
+/// not to the machine. Without children files (a kernel without
+/// CONFIG_PROC_CHILDREN) it falls back to one pass over /proc.
 pub fn descendants(root: i32) -> Vec<i32> {
-    descendants_in(root, &parents())
+    let Some(first) = children(root) else {
+        return descendants_in(root, &parents());
+    };
+    let mut out = vec![root];
+    let mut seen: HashSet<i32> = HashSet::from([root]);
+    let mut next = first;
+    // A pid reused inside the tree while it is read could make a cycle; `seen` ends it.
+    while let Some(pid) = next.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        out.push(pid);
+        next.extend(children(pid).unwrap_or_default());
+    }
+    out
 }
 
 /// Like [`descendants`], over a parent map already read.
 pub(crate) fn descendants_in(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32> {
+    descendants_of(root, &children_map(parents))
+}
+
+/// Each pid's children, from a parent map: built once for many trees.
+pub(crate) fn children_map(parents: &HashMap<i32, i32>) -> HashMap<i32, Vec<i32>> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for (&pid, &ppid) in parents {
         children.entry(ppid).or_default().push(pid);
     }
+    children
+}
+
+/// `root` and every descendant of it, root first, over a [`children_map`].
+pub(crate) fn descendants_of(root: i32, children: &HashMap<i32, Vec<i32>>) -> Vec<i32> {
     let mut out = vec![root];
     let mut i = 0;
     while i < out.len() {
@@ -295,10 +356,12 @@ pub(crate) fn descendants_in(root: i32, parents: &HashMap<i32, i32>) -> Vec<i32>
 
 /// Socket inodes held open by `pid` (from the `socket:[N]` links in /proc/PID/fd).
 pub(crate) fn process_socket_inodes(pid: i32) -> HashSet<u64> {
+    count_read();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return HashSet::new();
     };
     dir.filter_map(|e| {
+        count_read();
         let link = std::fs::read_link(e.ok()?.path()).ok()?;
         let s = link.to_str()?;
         s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
@@ -465,8 +528,41 @@ mod tests {
     #[test]
     fn own_pid_has_a_group_and_parent() {
         let me = std::process::id() as i32;
-        assert!(pgrp_and_parent(me).is_some());
-        assert_eq!(owning_worker(me, |p| p == me), Some(me));
+        let (_, parent) = pgrp_and_parent(me).expect("own stat");
+        // Itself, then its parent, nearest first; nothing at or above `stop`.
+        let (chain, reads) = counting(|| ancestors(me, 32, parent));
+        assert_eq!(chain, vec![me]);
+        assert_eq!(reads, 1);
+        assert_eq!(ancestors(me, 0, parent), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn descendants_walk_the_tree_not_the_machine() {
+        // sh → sleep: a grandchild found through the children lists.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("read the grandchild's pid");
+        let grandchild: i32 = line.trim().parse().expect("a pid");
+        let pid = child.id() as i32;
+        let (tree, reads) = counting(|| descendants(pid));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(grandchild),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tree, vec![pid, grandchild]);
+        // Two processes of one thread each: a task listing and a children
+        // file per process, whatever else runs on the machine.
+        assert_eq!(reads, 4);
     }
 
     #[test]
