@@ -28,7 +28,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use toml::Value;
 
-use crate::support::{ensure, fuzz};
+use crate::support::{ensure, fuzz, Splice};
 
 /// The seeds: the examples, and a config that sets every key.
 fn seeds() -> Vec<String> {
@@ -562,15 +562,6 @@ fn apply(root: &mut toml::Table, e: &Edit) {
     }
 }
 
-/// One edit of the text (bytes) after the structural edits.
-#[derive(Debug, Clone)]
-enum Splice {
-    Insert { at: usize, bytes: Vec<u8> },
-    Delete { at: usize, len: usize },
-    Truncate { at: usize },
-    RepeatLine { line: usize },
-}
-
 const TOKENS: &[&str] = &[
     "[",
     "]",
@@ -625,35 +616,6 @@ fn splice() -> impl Strategy<Value = Splice> {
         1 => at.prop_map(|at| Splice::Truncate { at }),
         1 => (0usize..100).prop_map(|line| Splice::RepeatLine { line }),
     ]
-}
-
-fn apply_splice(text: &mut Vec<u8>, s: &Splice) {
-    let n = text.len();
-    match s {
-        Splice::Insert { at, bytes } => {
-            let at = at % (n + 1);
-            text.splice(at..at, bytes.iter().copied());
-        }
-        Splice::Delete { at, len } => {
-            let at = at % (n + 1);
-            text.drain(at..(at + len).min(n));
-        }
-        Splice::Truncate { at } => text.truncate(at % (n + 1)),
-        Splice::RepeatLine { line } => {
-            let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
-            let l = lines[line % lines.len()].to_vec();
-            let mut out = Vec::new();
-            for (i, x) in lines.iter().enumerate() {
-                out.extend_from_slice(x);
-                out.push(b'\n');
-                if i == line % lines.len() {
-                    out.extend_from_slice(&l);
-                    out.push(b'\n');
-                }
-            }
-            *text = out;
-        }
-    }
 }
 
 /// What `--workers`, `--listen` and the command after `--` may add.
@@ -725,7 +687,7 @@ fn mutated() -> impl Strategy<Value = Input> {
                 .unwrap_or_else(|_| seeds[seed].clone())
                 .into_bytes();
             for s in &splices {
-                apply_splice(&mut text, s);
+                s.apply(&mut text);
             }
             Input { text, overrides }
         })

@@ -36,7 +36,7 @@ use proptest::test_runner::TestCaseError;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{ensure, fuzz};
+use crate::support::{ensure, fuzz, Splice};
 
 fn command() -> impl Strategy<Value = Command> {
     let binary = prop_oneof![
@@ -122,14 +122,6 @@ fn edit() -> impl Strategy<Value = Edit> {
     ]
 }
 
-/// A change to a line's bytes.
-#[derive(Debug, Clone)]
-enum Splice {
-    Insert { at: usize, bytes: Vec<u8> },
-    Delete { at: usize, len: usize },
-    Truncate { at: usize },
-}
-
 const TOKENS: &[&str] = &[
     "{",
     "}",
@@ -167,21 +159,6 @@ fn splice() -> impl Strategy<Value = Splice> {
     ]
 }
 
-fn apply_splice(text: &mut Vec<u8>, s: &Splice) {
-    let n = text.len();
-    match s {
-        Splice::Insert { at, bytes } => {
-            let at = at % (n + 1);
-            text.splice(at..at, bytes.iter().copied());
-        }
-        Splice::Delete { at, len } => {
-            let at = at % (n + 1);
-            text.drain(at..(at + len).min(n));
-        }
-        Splice::Truncate { at } => text.truncate(at % (n + 1)),
-    }
-}
-
 fn encode(command: Command) -> Value {
     serde_json::to_value(Request { v: 1, command }).expect("a request encodes")
 }
@@ -210,7 +187,7 @@ fn line() -> impl Strategy<Value = Vec<u8>> {
             }
             let mut text = v.to_string().into_bytes();
             for s in &splices {
-                apply_splice(&mut text, s);
+                s.apply(&mut text);
             }
             text
         });

@@ -25,7 +25,7 @@ use holdfast::ids::{Pid, Slot};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use crate::support::{ensure, fuzz};
+use crate::support::{ensure, fuzz, Splice};
 
 const STATES: &[(&str, &str, usize)] = &[
     ("idle", include_str!("handover/state-idle.json"), 2),
@@ -219,14 +219,6 @@ fn apply(root: &mut Value, e: &Edit) {
     }
 }
 
-/// A change to the text after the edits.
-#[derive(Debug, Clone)]
-enum Splice {
-    Insert { at: usize, bytes: Vec<u8> },
-    Delete { at: usize, len: usize },
-    Truncate { at: usize },
-}
-
 fn splice() -> impl Strategy<Value = Splice> {
     let at = 0usize..8000;
     let bytes = prop_oneof![
@@ -241,21 +233,6 @@ fn splice() -> impl Strategy<Value = Splice> {
         2 => (at.clone(), 1usize..20).prop_map(|(at, len)| Splice::Delete { at, len }),
         1 => at.prop_map(|at| Splice::Truncate { at }),
     ]
-}
-
-fn apply_splice(text: &mut Vec<u8>, s: &Splice) {
-    let n = text.len();
-    match s {
-        Splice::Insert { at, bytes } => {
-            let at = at % (n + 1);
-            text.splice(at..at, bytes.iter().copied());
-        }
-        Splice::Delete { at, len } => {
-            let at = at % (n + 1);
-            text.drain(at..(at + len).min(n));
-        }
-        Splice::Truncate { at } => text.truncate(at % (n + 1)),
-    }
 }
 
 /// A state's bytes, shown as text.
@@ -305,7 +282,7 @@ fn handover_state_mutated() {
         }
         let mut text = serde_json::to_vec(&v).expect("encode");
         for s in &splices {
-            apply_splice(&mut text, s);
+            s.apply(&mut text);
         }
         State(text)
     });

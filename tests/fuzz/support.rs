@@ -185,3 +185,56 @@ pub fn ensure(cond: bool, why: impl FnOnce() -> String) -> Result<(), TestCaseEr
         Err(TestCaseError::fail(why()))
     }
 }
+
+/// One byte-level edit of a text, after any structural ones: the config,
+/// control and handover fuzzers each draw them with their own tokens and
+/// ranges (offsets wrap around the text's length).
+#[derive(Debug, Clone)]
+pub enum Splice {
+    Insert {
+        at: usize,
+        bytes: Vec<u8>,
+    },
+    Delete {
+        at: usize,
+        len: usize,
+    },
+    Truncate {
+        at: usize,
+    },
+    /// The line at that index (wrapping) written twice.
+    RepeatLine {
+        line: usize,
+    },
+}
+
+impl Splice {
+    pub fn apply(&self, text: &mut Vec<u8>) {
+        let n = text.len();
+        match self {
+            Splice::Insert { at, bytes } => {
+                let at = at % (n + 1);
+                text.splice(at..at, bytes.iter().copied());
+            }
+            Splice::Delete { at, len } => {
+                let at = at % (n + 1);
+                text.drain(at..(at + len).min(n));
+            }
+            Splice::Truncate { at } => text.truncate(at % (n + 1)),
+            Splice::RepeatLine { line } => {
+                let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+                let l = lines[line % lines.len()].to_vec();
+                let mut out = Vec::new();
+                for (i, x) in lines.iter().enumerate() {
+                    out.extend_from_slice(x);
+                    out.push(b'\n');
+                    if i == line % lines.len() {
+                        out.extend_from_slice(&l);
+                        out.push(b'\n');
+                    }
+                }
+                *text = out;
+            }
+        }
+    }
+}
