@@ -53,12 +53,7 @@ fn sock(h: &Holdfast) -> PathBuf {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::describe(o)
 }
 
 fn stdout(o: &Output) -> String {

@@ -38,19 +38,12 @@ drain_timeout = "10s"
 "#;
 
 fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::describe(o)
 }
 
 /// `holdfast ARGS --control {dir}/holdfast.sock`.
 fn ctl(h: &Holdfast, args: &[&str]) -> Output {
-    let mut all = args.to_vec();
-    all.extend(["--control", "{dir}/holdfast.sock"]);
-    h.cli(&all)
+    h.ctl(args)
 }
 
 fn status(h: &Holdfast) -> Value {

@@ -23,18 +23,11 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::describe(o)
 }
 
 fn ctl(h: &Holdfast, args: &[&str]) -> Output {
-    let mut all = args.to_vec();
-    all.extend(["--control", "{dir}/holdfast.sock"]);
-    let o = h.cli(&all);
+    let o = h.ctl(args);
     assert_eq!(o.status.code(), Some(0), "holdfast {args:?}: {}", text(&o));
     o
 }

@@ -414,6 +414,12 @@ impl Holdfast {
         h
     }
 
+    /// `holdfast ARGS --control {dir}/holdfast.sock`: the control socket
+    /// the tests' configs put next to the config file.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        self.cli(&[args, &["--control", "{dir}/holdfast.sock"]].concat())
+    }
+
     /// Replaces the placeholders in `s`.
     pub fn fill(&self, s: &str) -> String {
         s.replace("{dir}", &self.dir.path().to_string_lossy())
@@ -655,6 +661,16 @@ pub fn run_logged(label: &str, cmd: &mut Command) -> std::process::Output {
 pub fn output_text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A finished command's exit code, stdout and stderr, for a failure message.
+pub fn describe(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
