@@ -637,6 +637,12 @@ impl Drop for Holdfast {
             self.kill_group_if_ours(self.pid);
         }
         let _ = child.wait();
+        // Descendants that left every group above (a setsid daemon of a
+        // worker) outlive a SIGKILLed holdfast: they carry this instance's
+        // tag, so they are ours, and nothing else would ever stop them.
+        for pid in tagged_pids(&self.tag) {
+            let _ = kill(pid_of(pid), Signal::SIGKILL);
+        }
     }
 }
 
